@@ -1,0 +1,40 @@
+"""``gkd bench``: benchmarks. Each subcommand lives in its own module and is imported only when invoked."""
+from __future__ import annotations
+
+import importlib
+
+import click
+
+__all__ = ["bench"]
+
+# name -> ("module:attribute", short help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "op": ("bench.op:op", "Time the prototype-projection operator: C++/CUDA extension vs the PyTorch versions."),
+    "distill": ("bench.distill_step:distill_step", "Time a training step: student alone, + teacher forward, gkd."),
+    "latency": ("bench.latency:latency", "Latency and mAP of a model on PyTorch / ONNX Runtime / TensorRT."),
+}
+
+
+class _LazyBench(click.Group):
+    def list_commands(self, ctx):
+        return list(SUBCOMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in SUBCOMMANDS:
+            return None
+        module, attr = SUBCOMMANDS[name][0].split(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.split(".")[0] in {"bench", "export", "kd"}:
+                return None
+            raise
+
+    def format_commands(self, ctx, formatter):
+        with formatter.section("Commands"):
+            formatter.write_dl([(n, h) for n, (_, h) in SUBCOMMANDS.items()])
+
+
+@click.group(cls=_LazyBench)
+def bench() -> None:
+    """Benchmarks that print side-by-side timings and ratios measured in one run (never timed unit tests)."""

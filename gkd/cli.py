@@ -1,0 +1,104 @@
+"""The ``gkd`` command: a thin root group that lazily loads each stage's commands.
+
+Each package owns its commands (``kd/cli.py``, ``kd/data/cli.py``, ``export/cli.py``, ``bench/cli.py``); this group
+only gathers them by import path, so ``gkd --help`` stays fast and ``kd`` never imports ``export`` or ``bench``.
+User errors (``kd.GkdError``) are printed as one line, ``gkd: error: ...``, with exit status 2.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+__all__ = ["cli", "main"]
+
+# name -> ("module:attribute", one-line help shown by `gkd --help` without importing the module)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("kd.data.cli:data", "Generate the embedded synthetic dataset or convert VOC / YOLO labels to COCO JSON."),
+    "train": ("kd.cli:train", "Train a detector (a teacher, or a student without distillation) from a YAML config."),
+    "eval": ("kd.cli:evaluate", "Evaluate a checkpoint on a COCO-format dataset (COCO mAP + detections JSON)."),
+    "distill": ("kd.distill.cli:distill", "Train a student from a teacher with global-knowledge distillation."),
+    "export": ("export.cli:export", "Export a checkpoint to ONNX (FP32/FP16/INT8) and TensorRT, with parity checks."),
+    "bench": ("bench.cli:bench", "Benchmarks: latency and accuracy of exported models, the custom operator, KD steps."),
+    "run": ("gkd.pipeline:run", "The whole pipeline in one command: data -> teacher -> distill -> export -> bench."),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported only when invoked (click docs, "Lazily Loading Subcommands")."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        target, _ = COMMANDS[cmd_name]
+        module_name, attr = target.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.split(".")[0] in {"kd", "export", "bench", "gkd"}:
+                # The stage is not built yet: say so instead of crashing `gkd --help`.
+                return _unavailable(cmd_name, COMMANDS[cmd_name][1])
+            raise
+        return getattr(module, attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Short help from the table: listing commands must not import torch-heavy modules.
+        rows = [(name, help_) for name, (_, help_) in COMMANDS.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+def _unavailable(name: str, help_: str) -> click.Command:
+    @click.command(name=name, help=f"{help_}\n\n(Not available in this build.)",
+                   context_settings={"ignore_unknown_options": True})
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def _cmd(args):
+        raise click.ClickException(f"'gkd {name}' is not available in this version of gkd")
+
+    return _cmd
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="gkd", prog_name="gkd")
+def cli() -> None:
+    """gkd: distill object detectors with global knowledge, then ship them.
+
+    \b
+    Typical use on the embedded synthetic dataset (everything runs offline on a CPU):
+      gkd data synth --out data/synth            # make a small COCO-format dataset
+      gkd train kd/configs/teacher.yaml           # train a teacher
+      gkd eval runs/teacher/checkpoints/last.pt --data data/synth/val.json
+      gkd run                                     # or the whole pipeline in one command
+
+    Every command has its own --help. Config values can be overridden on the command line as key=value,
+    e.g. `gkd train CONFIG train.epochs=2 model.backbone=resnet18`.
+    """
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``gkd`` console script."""
+    from kd.errors import GkdError
+
+    try:
+        rv = cli.main(args=argv, prog_name="gkd", standalone_mode=False)
+    except GkdError as exc:
+        click.echo(f"gkd: error: {exc}", err=True)
+        return 2
+    except click.exceptions.Abort:
+        click.echo("gkd: aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("gkd: interrupted (checkpoints already written are kept; rerun with --resume)", err=True)
+        return 130
+    return rv if isinstance(rv, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

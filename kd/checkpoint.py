@@ -1,0 +1,160 @@
+"""Checkpoints: written atomically, loaded with ``torch.load(weights_only=True)`` (nothing we load executes code).
+
+A gkd checkpoint is a dict of tensors and plain Python values::
+
+    {"format": "gkd-checkpoint", "version": 1,
+     "kind": "detector",                 # a bare detector: what `gkd eval` and `gkd export` take
+     "model_config": {...},              # ModelConfig as a dict, num_classes filled in
+     "classes": ["circle", ...],         # class names, index i -> label i + 1
+     "category_ids": [1, 2, ...],        # COCO category id of each class (same order)
+     "model": state_dict,
+     # training state, present in run checkpoints only:
+     "epoch": int, "optimizer": ..., "scheduler": ..., "scaler": ..., "rng": {...}, "config": {...},
+     "metrics": {...}, "extra": {...}}   # extra: stage-specific state (e.g. distillation adapters, prototypes)
+
+``load_detector`` also accepts a torchvision-format state dict (the file torchvision's model zoo ships, or
+``torch.save(model.state_dict())``) when the caller supplies the architecture.
+"""
+from __future__ import annotations
+
+import dataclasses
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ModelConfig, from_dict, to_dict
+from .errors import GkdError
+from .io import atomic_torch_save
+
+__all__ = ["FORMAT", "VERSION", "save_checkpoint", "load_checkpoint", "load_detector", "load_state_into",
+           "detector_checkpoint"]
+
+FORMAT = "gkd-checkpoint"
+VERSION = 1
+
+
+def detector_checkpoint(model: nn.Module, model_cfg: ModelConfig, classes: list[str],
+                        category_ids: list[int]) -> dict[str, Any]:
+    """The minimal checkpoint of a bare detector (what eval/export need)."""
+    cfg = dataclasses.replace(model_cfg, num_classes=len(classes), weights=None)
+    return {"format": FORMAT, "version": VERSION, "kind": "detector", "model_config": to_dict(cfg),
+            "classes": list(classes), "category_ids": [int(c) for c in category_ids],
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+
+
+def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> Path:
+    """Atomically write a checkpoint dict (temporary file + rename)."""
+    return atomic_torch_save(ckpt, path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load any ``.pt`` file safely (``weights_only=True``); one-line errors for missing or corrupt files."""
+    path = Path(path)
+    if not path.is_file():
+        raise GkdError(f"{path}: checkpoint not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise GkdError(f"{path}: not a readable checkpoint (corrupt, truncated, or not a torch file): {msg}") from None
+    except Exception as exc:  # weights_only refuses pickled code: that is a user-input problem too
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise GkdError(f"{path}: refused to load (only tensors and plain values are allowed): {msg}") from None
+    if not isinstance(obj, dict):
+        raise GkdError(f"{path}: expected a checkpoint dict or a state dict, got {type(obj).__name__}")
+    return obj
+
+
+def is_gkd_checkpoint(obj: dict) -> bool:
+    return obj.get("format") == FORMAT
+
+
+def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, arch: str) -> None:
+    """Load ``state`` into ``model`` strictly, explaining architecture or class-count mismatches in one line."""
+    from .models.detectors import head_parameter_prefixes
+
+    own = model.state_dict()
+    if not any(k in own for k in state):
+        # A classification backbone (e.g. torchvision resnet50 ImageNet weights): map into backbone.body.
+        body = {f"backbone.body.{k}": v for k, v in state.items() if f"backbone.body.{k}" in own}
+        if body and len(body) >= 0.9 * len([k for k in state if not k.startswith("fc.")]):
+            _check_shapes(own, body, source, arch)
+            model.load_state_dict(body, strict=False)
+            return
+        raise GkdError(f"{source}: none of its {len(state)} weights belong to a {arch} detector "
+                       f"(first key '{next(iter(state), '')}')")
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        what = f"missing '{missing[0]}'" if missing else f"unexpected '{unexpected[0]}'"
+        raise GkdError(f"{source}: weights do not fit this architecture ({len(missing)} missing, "
+                       f"{len(unexpected)} unexpected, e.g. {what}); check model.arch / model.backbone")
+    heads = head_parameter_prefixes(arch)
+    for k, v in state.items():
+        if own[k].shape != v.shape and k.startswith(heads):
+            raise GkdError(f"{source}: class count differs: '{k}' has shape {tuple(v.shape)}, this model expects "
+                           f"{tuple(own[k].shape)} (dataset classes + background)")
+    _check_shapes(own, state, source, arch)
+    model.load_state_dict(state, strict=True)
+
+
+def _check_shapes(own: dict, state: dict, source: str, arch: str) -> None:
+    for k, v in state.items():
+        if own[k].shape != v.shape:
+            raise GkdError(f"{source}: '{k}' has shape {tuple(v.shape)}, the {arch} model expects "
+                           f"{tuple(own[k].shape)}; check model.arch / model.backbone")
+
+
+def load_detector(path: str | Path, model_cfg: ModelConfig | None = None,
+                  num_classes: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Build a detector and load weights from a gkd checkpoint or a torchvision-format state dict.
+
+    Args:
+        path: the checkpoint file.
+        model_cfg: required for a plain state dict (it has no architecture record); for a gkd checkpoint, if given,
+            its arch/backbone/num_classes must agree with the checkpoint's.
+        num_classes: dataset class count for a plain state dict.
+
+    Returns:
+        ``(model, info)`` with the model in eval mode on CPU and ``info`` holding ``model_config`` (a ModelConfig),
+        ``classes`` and ``category_ids`` (None for a plain state dict) and the raw checkpoint dict as ``checkpoint``.
+    """
+    from .models.detectors import build_detector
+
+    ckpt = load_checkpoint(path)
+    if is_gkd_checkpoint(ckpt):
+        if ckpt.get("version", 0) > VERSION:
+            raise GkdError(f"{path}: checkpoint format version {ckpt.get('version')} is newer than this gkd "
+                           f"understands ({VERSION}); upgrade gkd")
+        if "model" not in ckpt or "model_config" not in ckpt:
+            raise GkdError(f"{path}: gkd checkpoint of kind '{ckpt.get('kind')}' holds no detector")
+        cfg = from_dict(ModelConfig, ckpt["model_config"], f"{path} (model_config)")
+        if model_cfg is not None:
+            for key in ("arch", "backbone"):
+                if getattr(model_cfg, key) != getattr(cfg, key):
+                    raise GkdError(f"{path}: checkpoint is a {cfg.arch}/{cfg.backbone} model, the config declares "
+                                   f"{model_cfg.arch}/{model_cfg.backbone} (model.{key})")
+            if num_classes is not None and num_classes != cfg.num_classes:
+                raise GkdError(f"{path}: checkpoint has {cfg.num_classes} classes, the dataset has {num_classes}")
+            # sizes and thresholds may legitimately differ (e.g. evaluate at another size)
+            cfg = dataclasses.replace(model_cfg, num_classes=cfg.num_classes, weights=None)
+        model = build_detector(cfg)
+        load_state_into(model, ckpt["model"], str(path), cfg.arch)
+        info = {"model_config": cfg, "classes": ckpt.get("classes"), "category_ids": ckpt.get("category_ids"),
+                "checkpoint": ckpt}
+    else:
+        if model_cfg is None:
+            raise GkdError(f"{path}: a plain state dict carries no architecture; give model.arch and model.backbone")
+        k = num_classes if num_classes is not None else model_cfg.num_classes
+        cfg = dataclasses.replace(model_cfg, num_classes=k, weights=None)
+        model = build_detector(cfg)
+        state = ckpt.get("model", ckpt) if isinstance(ckpt.get("model"), dict) else ckpt
+        if not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise GkdError(f"{path}: not a state dict of tensors (and not a gkd checkpoint)")
+        load_state_into(model, state, str(path), cfg.arch)
+        info = {"model_config": cfg, "classes": None, "category_ids": None, "checkpoint": None}
+    model.eval()
+    return model, info

@@ -1,0 +1,316 @@
+"""Run configuration: one YAML file per run, validated into frozen dataclasses.
+
+* Unknown keys and wrong types are rejected with a message naming the key and the allowed keys or values.
+* Any key can be overridden from the command line as ``dotted.key=value`` (the value is parsed as YAML).
+* A config may start with ``_base_: other.yaml`` (relative to itself); the file's keys override the base's.
+* The resolved config (defaults filled in, overrides applied) is saved in the run folder as ``config.yaml``.
+
+Sections are plain dataclasses; ``Literal`` fields list their allowed values. Other stages (distillation, export)
+add their own sections by defining dataclasses and passing the root class to :func:`load_config`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from .errors import GkdError
+
+__all__ = [
+    "DataConfig", "ModelConfig", "TrainConfig", "EvalConfig", "RunConfig",
+    "load_config", "from_dict", "to_dict", "apply_overrides", "dump_config", "ARCHS", "BACKBONES",
+]
+
+ARCHS = ("faster_rcnn", "retinanet")
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the COCO-format data lives. Relative paths are relative to ``root``."""
+
+    root: str = "data/synth"
+    train: str = "train.json"
+    val: str = "val.json"
+    images: str = "images"
+    num_workers: int = 0
+    #: images without any (non-crowd) box are kept for training (they teach the background)
+    keep_empty: bool = True
+
+    def path(self, name: str) -> Path:
+        p = Path(getattr(self, name))
+        return p if p.is_absolute() else Path(self.root) / p
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A torchvision detector with an FPN. ``num_classes`` is taken from the dataset when 0."""
+
+    arch: Literal["faster_rcnn", "retinanet"] = "faster_rcnn"
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large"] = "resnet50"
+    num_classes: int = 0
+    #: shorter / longer image side after the detector's internal resize (aspect kept)
+    min_size: int = 320
+    max_size: int = 320
+    #: backbone stages that train (0..5 for ResNet, 0..6 for MobileNetV3); frozen BN throughout, as torchvision
+    trainable_layers: int = 5
+    #: anchor size per FPN level, finest first (empty = torchvision's 32..512); small inputs want smaller anchors
+    anchor_sizes: tuple[int, ...] = ()
+    #: initial weights: a torchvision-format state dict or a gkd checkpoint (path), or null for random init
+    weights: Optional[str] = None
+    #: detections kept per image and score threshold at inference (COCO protocol: low threshold, 100 boxes)
+    score_thresh: float = 0.05
+    detections_per_img: int = 100
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation schedule. Iteration-based warmup, epoch-based step or cosine decay."""
+
+    epochs: int = 12
+    batch_size: int = 4
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 100
+    warmup_ratio: float = 0.001
+    schedule: Literal["step", "cosine"] = "step"
+    #: epochs (0-based, at their start) where the step schedule multiplies the lr by ``gamma``
+    steps: tuple[int, ...] = (8, 11)
+    gamma: float = 0.1
+    #: max gradient L2 norm, or null for no clipping
+    grad_clip: Optional[float] = None
+    #: mixed precision; only used on CUDA
+    amp: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    hflip: float = 0.5
+    #: evaluate on the val split every N epochs (and always after the last)
+    eval_interval: int = 1
+    #: cap on steps per epoch (null = whole split); useful for smoke runs
+    max_steps_per_epoch: Optional[int] = None
+    #: CPU threads for torch (0 = torch's default)
+    threads: int = 0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """COCO evaluation protocol (kept identical for every backend)."""
+
+    batch_size: int = 4
+    #: pycocotools maxDets for AP (raise it for images with more than 100 objects)
+    max_dets: int = 100
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A training run: ``runs/<name>/`` holds its config, checkpoints and metrics."""
+
+    name: str = "run"
+    seed: int = 0
+    runs_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# generic dataclass <-> dict machinery
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin in (tuple, list):
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it in canonical form or raise GkdError."""
+    origin = typing.get_origin(tp)
+    bad = GkdError(f"{source}: '{key}' must be {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if isinstance(value, str):
+            for a in allowed:
+                if isinstance(a, str) and a.lower() == value.lower():
+                    return a
+        if value in allowed:
+            return value
+        raise bad
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise bad
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key, source)
+            except GkdError:
+                continue
+        raise bad
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        (elem,) = typing.get_args(tp)[:1]
+        return tuple(_coerce(v, elem, f"{key}[{i}]", source) for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise GkdError(f"{source}: '{key}' must be a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, "
+                           f"got {value!r}")
+        return from_dict(tp, value, source, prefix=key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} for {key}")
+
+
+def from_dict(cls: type, data: dict, source: str = "config", prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types.
+
+    Args:
+        cls: a dataclass type whose fields are annotated with supported types.
+        data: the mapping to validate.
+        source: the file (or "command line") named in error messages.
+        prefix: dotted key prefix for error messages.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise GkdError(f"{source}: unknown key '{prefix}{unknown[0]}'; allowed keys here: {', '.join(fields)}")
+    kwargs = {name: _coerce(data[name], hints[name], prefix + name, source) for name in fields if name in data}
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass -> plain dict (tuples become lists) for YAML/JSON/checkpoints."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    import yaml
+
+    path = Path(path)
+    if path in seen:
+        raise GkdError(f"{path}: _base_ chain loops back to itself")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise GkdError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GkdError(f"{path}: cannot read config ({exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise GkdError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise GkdError(f"{path}: a config must be a mapping of keys, got {type(data).__name__}")
+    base = data.pop("_base_", None)
+    if base is not None:
+        base_path = Path(base) if Path(base).is_absolute() else path.parent / base
+        data = _merge(_read_yaml(base_path, seen + (path,)), data)
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML: ``2``, ``0.01``, ``null``, ``[8, 11]``)."""
+    import yaml
+
+    data = _merge({}, data)
+    for item in overrides:
+        if "=" not in item:
+            raise GkdError(f"command line: override '{item}' must look like key=value, e.g. train.epochs=2")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise GkdError(f"command line: '{key}': '{part}' is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), cls: type = RunConfig) -> Any:
+    """Read a YAML config (or start from defaults when ``path`` is None), apply overrides, validate.
+
+    Raises:
+        GkdError: unknown key, wrong type or value, unreadable or invalid YAML.
+    """
+    data = _read_yaml(Path(path)) if path is not None else {}
+    source = str(path) if path is not None else "config"
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source = f"{source} (with command-line overrides)"
+    return from_dict(cls, data, source)
+
+
+def dump_config(cfg: Any, path: str | Path) -> Path:
+    """Write the resolved config as YAML, atomically."""
+    import yaml
+
+    from .io import atomic_write_text
+
+    return atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,1 @@
+"""Global-knowledge distillation (see docs/method in README)."""

@@ -1,0 +1,16 @@
+"""User-facing errors.
+
+Anything a user can cause (a bad file, a bad config value, a checkpoint that does not fit) raises ``GkdError`` with a
+one-line message that names the file, field or value and what was expected. The ``gkd`` CLI prints it as
+``gkd: error: <message>`` and exits with status 2, without a traceback. Programming errors keep their tracebacks.
+"""
+
+__all__ = ["GkdError"]
+
+
+class GkdError(Exception):
+    """A problem with the user's input, reported as one line."""
+
+    def __init__(self, message: str):
+        # Keep it one line whatever the caller formatted.
+        super().__init__(" ".join(str(message).split()))

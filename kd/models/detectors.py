@@ -1,0 +1,127 @@
+"""Build torchvision detectors (Faster R-CNN, RetinaNet) with an FPN on ResNet-18/34/50/101 or MobileNetV3-Large.
+
+Nothing of torchvision is copied or edited: the detectors are torchvision's own classes, assembled from its public
+backbone helpers. Labels follow torchvision's convention: 0 is background, dataset classes are 1..K, and
+``num_classes`` passed to torchvision is K + 1 for both detector types (RetinaNet's class 0 is simply never positive).
+
+FPN levels (keys of ``model.backbone(x)`` and their strides):
+
+=====================  ================================  ===========================
+detector               ResNet backbones                  MobileNetV3-Large
+=====================  ================================  ===========================
+Faster R-CNN           '0' '1' '2' '3' 'pool': 4..64     '0' '1' 'pool': 32, 32, 64
+RetinaNet              '0' '1' '2' 'p6' 'p7': 8..128     '0' '1' 'p6' 'p7': 32, 32, 64, 128
+=====================  ================================  ===========================
+
+(torchvision's MobileNetV3 FPN taps two stride-32 layers: fast, but coarse for small objects.) The measured strides
+are in ``model.gkd_meta["strides"]``.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import GkdError
+
+__all__ = ["build_detector", "head_parameter_prefixes"]
+
+
+def _backbone(cfg: ModelConfig, retinanet: bool) -> nn.Module:
+    from torchvision.models import mobilenet_v3_large, resnet
+    from torchvision.models.detection.backbone_utils import _mobilenet_extractor, _resnet_fpn_extractor
+    from torchvision.ops import misc as misc_ops
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    if cfg.backbone.startswith("resnet"):
+        if not 0 <= cfg.trainable_layers <= 5:
+            raise GkdError(f"model.trainable_layers must be in 0..5 for ResNet, got {cfg.trainable_layers}")
+        body = getattr(resnet, cfg.backbone)(weights=None, norm_layer=misc_ops.FrozenBatchNorm2d)
+        if retinanet:
+            return _resnet_fpn_extractor(body, cfg.trainable_layers, returned_layers=[2, 3, 4],
+                                         extra_blocks=LastLevelP6P7(256, 256))
+        return _resnet_fpn_extractor(body, cfg.trainable_layers)
+    if not 0 <= cfg.trainable_layers <= 6:
+        raise GkdError(f"model.trainable_layers must be in 0..6 for MobileNetV3, got {cfg.trainable_layers}")
+    body = mobilenet_v3_large(weights=None, norm_layer=misc_ops.FrozenBatchNorm2d)
+    if retinanet:
+        return _mobilenet_extractor(body, True, cfg.trainable_layers, extra_blocks=LastLevelP6P7(256, 256))
+    return _mobilenet_extractor(body, True, cfg.trainable_layers)
+
+
+def _anchor_generator(cfg: ModelConfig, n_levels: int, retinanet: bool):
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+    if cfg.anchor_sizes:
+        base = tuple(cfg.anchor_sizes)
+    else:
+        base = (32, 64, 128, 256, 512)  # torchvision's defaults
+    if len(base) < n_levels:
+        raise GkdError(f"model.anchor_sizes needs at least {n_levels} sizes (one per FPN level), got {list(base)}")
+    base = base[-n_levels:] if n_levels < len(base) else base
+    if retinanet:  # three octave scales per level, as torchvision's RetinaNet
+        sizes = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in base)
+    else:
+        sizes = tuple((s,) for s in base)
+    return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * n_levels)
+
+
+def build_detector(cfg: ModelConfig, num_classes: int | None = None) -> nn.Module:
+    """Build a randomly initialised detector.
+
+    Args:
+        cfg: the model section of a run config.
+        num_classes: number of dataset classes K (background excluded); overrides ``cfg.num_classes``.
+
+    Returns:
+        A torchvision ``FasterRCNN`` or ``RetinaNet`` with ``num_classes = K + 1``. Its ``gkd_meta`` attribute holds
+        the FPN level names and strides.
+    """
+    from torchvision.models.detection import FasterRCNN, RetinaNet
+
+    k = num_classes if num_classes is not None else cfg.num_classes
+    if k is None or k < 1:
+        raise GkdError(f"model.num_classes must be at least 1 (the dataset's class count), got {k}")
+    if cfg.min_size < 32 or cfg.max_size < cfg.min_size:
+        raise GkdError(f"model.min_size/max_size must satisfy 32 <= min_size <= max_size, "
+                       f"got {cfg.min_size}/{cfg.max_size}")
+    retinanet = cfg.arch == "retinanet"
+    backbone = _backbone(cfg, retinanet)
+    strides = _level_strides(backbone)
+    names = list(strides)
+    common = dict(min_size=cfg.min_size, max_size=cfg.max_size)
+    anchors = _anchor_generator(cfg, len(names), retinanet)
+    if retinanet:
+        model = RetinaNet(backbone, k + 1, anchor_generator=anchors, score_thresh=cfg.score_thresh,
+                          detections_per_img=cfg.detections_per_img, **common)
+    else:
+        from torchvision.ops import MultiScaleRoIAlign
+
+        roi_levels = [n for n in names if n != "pool"][:4]
+        model = FasterRCNN(backbone, k + 1, rpn_anchor_generator=anchors,
+                           box_roi_pool=MultiScaleRoIAlign(roi_levels, output_size=7, sampling_ratio=2),
+                           box_score_thresh=cfg.score_thresh, box_detections_per_img=cfg.detections_per_img,
+                           **common)
+    model.gkd_meta = {"arch": cfg.arch, "backbone": cfg.backbone, "num_classes": k,
+                      "levels": names, "strides": strides}
+    return model
+
+
+def _level_strides(backbone: nn.Module) -> dict[str, int]:
+    """Measure each FPN level's stride with one dummy forward (the truth, whatever torchvision's layout)."""
+    size = 256
+    with torch.no_grad():
+        was = backbone.training
+        backbone.eval()
+        out = backbone(torch.zeros(1, 3, size, size))
+        backbone.train(was)
+    return OrderedDict((name, size // feat.shape[-1]) for name, feat in out.items())
+
+
+def head_parameter_prefixes(arch: str) -> tuple[str, ...]:
+    """State-dict prefixes whose shapes depend on the class count (for clear mismatch errors)."""
+    if arch == "retinanet":
+        return ("head.classification_head.cls_logits.",)
+    return ("roi_heads.box_predictor.",)

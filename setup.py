@@ -1,0 +1,106 @@
+"""Builds the optional C++/CUDA extension ``kd._C``; all metadata lives in setup.cfg.
+
+Build matrix (each case keeps the package installable):
+
+* nvcc found (``CUDA_HOME`` or ``/usr/local/cuda``) and torch built with CUDA -> CUDAExtension (CPU + CUDA kernels).
+  No GPU is needed to compile: set ``TORCH_CUDA_ARCH_LIST`` (default here "8.0;9.0").
+* no nvcc, or ``GKD_CPU_ONLY=1``                                              -> CppExtension (CPU kernel only).
+* ``GKD_NO_EXT=1`` or no sources                                             -> no extension; ``kd`` falls back to
+  its pure-PyTorch implementation at run time (with a one-line warning).
+
+Workarounds for building CUDA code on a machine without a GPU (see README, "Building the extension"):
+``CUDA_HOME`` is pinned to the real toolkit (``/usr/local/bin/nvcc`` may be a wrapper), and the CUDA math-library
+headers that ATen includes are taken from the ``nvidia`` pip packages that ship with torch.
+"""
+import glob
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join("kd", "csrc")
+
+
+def _find_cuda_home():
+    env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    candidates = [env] if env else []
+    candidates.append("/usr/local/cuda")
+    for cand in candidates:
+        if cand and os.path.isfile(os.path.join(cand, "bin", "nvcc")):
+            return cand
+    return None
+
+
+def _nvidia_include_dirs(torch):
+    """Header folders of the ``nvidia`` pip packages (cusparse.h, cublas_v2.h ... live only there)."""
+    dirs = []
+    try:
+        import nvidia  # noqa: F401  (namespace package installed with CUDA builds of torch)
+    except ImportError:
+        return dirs
+    major = (torch.version.cuda or "").split(".")[0]
+    for base in list(nvidia.__path__):
+        for sub in (f"cu{major}", ""):
+            inc = os.path.join(base, sub, "include") if sub else None
+            if inc and os.path.isdir(inc):
+                dirs.append(inc)
+        # older layouts: nvidia/<lib>/include
+        dirs.extend(sorted(glob.glob(os.path.join(base, "*", "include"))))
+    return [d for i, d in enumerate(dirs) if d not in dirs[:i]]
+
+
+def _extensions():
+    if os.environ.get("GKD_NO_EXT") == "1":
+        print("gkd: GKD_NO_EXT=1, building no extension (pure-PyTorch fallback)")
+        return [], {}
+    main_sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")))
+    if not main_sources:
+        return [], {}
+    import torch
+    from torch.utils import cpp_extension
+
+    cpu_sources = sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+    cuda_sources = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
+    cuda_home = _find_cuda_home()
+    use_cuda = (
+        os.environ.get("GKD_CPU_ONLY") != "1" and cuda_home is not None and torch.version.cuda is not None
+        and bool(cuda_sources)
+    )
+    extra_compile_args = {"cxx": ["-O3", "-fopenmp"]}
+    define_macros = [("Py_LIMITED_API", "0x03090000")]
+    if use_cuda:
+        os.environ["CUDA_HOME"] = cuda_home
+        cpp_extension.CUDA_HOME = cuda_home
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        extra_compile_args["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"]
+        ext = cpp_extension.CUDAExtension(
+            "kd._C",
+            main_sources + cpu_sources + cuda_sources,
+            include_dirs=_nvidia_include_dirs(torch),
+            extra_compile_args=extra_compile_args,
+            extra_link_args=["-fopenmp"],
+            define_macros=define_macros + [("WITH_CUDA", None)],
+            py_limited_api=True,
+        )
+        print(f"gkd: building kd._C with CUDA (CUDA_HOME={cuda_home}, "
+              f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'auto')})")
+    else:
+        ext = cpp_extension.CppExtension(
+            "kd._C",
+            main_sources + cpu_sources,
+            extra_compile_args={"cxx": extra_compile_args["cxx"]},
+            extra_link_args=["-fopenmp"],
+            define_macros=define_macros,
+            py_limited_api=True,
+        )
+        print("gkd: building kd._C for CPU only (no nvcc found or GKD_CPU_ONLY=1)")
+    return [ext], {"build_ext": cpp_extension.BuildExtension}
+
+
+ext_modules, cmdclass = _extensions()
+setup(
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},
+)
