@@ -1,0 +1,379 @@
+"""The training loop shared by ``gkd train`` and ``gkd distill``.
+
+``fit`` trains a task (see ``kd/task.py``) epoch by epoch and keeps ``runs/<name>/`` up to date:
+
+* ``config.yaml``        the resolved config
+* ``checkpoints/last.pt`` full state after the last finished epoch (model, task extra state, optimizer, scheduler,
+  AMP scaler, RNG states, epoch, config); written atomically
+* ``checkpoints/model.pt`` detector-only checkpoint of the last epoch (what ``gkd eval`` / ``gkd export`` take);
+  ``checkpoints/best.pt`` the same for the best val ``bbox_mAP``
+* ``metrics.jsonl`` / ``metrics.csv``: one record per epoch (train loss terms, lr, time, task metrics, COCO metrics)
+* ``log.txt``
+
+Reproducibility: the data order of epoch ``e`` is a permutation drawn from ``seed + e``, augmentations are decided by
+(seed, epoch, index) in the dataset, and the torch / Python RNG states are saved with every checkpoint, so a run
+killed and resumed with ``--resume`` reaches the same weights and metrics as an uninterrupted run (on CPU).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .checkpoint import FORMAT, detector_checkpoint, load_checkpoint, save_checkpoint
+from .config import RunConfig, dump_config, from_dict, to_dict
+from .errors import GkdError
+from .io import append_jsonl, atomic_write_text
+
+__all__ = ["fit", "select_device", "seed_everything", "EpochSampler", "build_optimizer", "build_lr_lambda",
+           "make_loader", "config_from_checkpoint", "RESUMABLE_KEYS"]
+
+log = logging.getLogger("gkd")
+
+#: config keys that may differ between a run and its resume (everything else must match)
+RESUMABLE_KEYS = ("train.epochs", "train.eval_interval", "train.threads", "data.num_workers", "train.device")
+
+
+def select_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU. Asking for ``cuda`` without a GPU is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise GkdError("train.device: 'cuda' requested but torch sees no CUDA GPU on this machine; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, torch (CPU and CUDA). numpy is not used in training paths."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """A shuffled order per epoch drawn from ``seed + epoch``: independent of how many epochs ran in this process."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.n))
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def make_loader(dataset, batch_size: int, num_workers: int, sampler=None, shuffle: bool = False):
+    from .data import collate
+
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle,
+                                       num_workers=num_workers, collate_fn=collate, drop_last=False,
+                                       persistent_workers=False)
+
+
+def build_optimizer(params: list[nn.Parameter], tcfg) -> torch.optim.Optimizer:
+    """SGD with momentum or AdamW over the trainable parameters."""
+    if tcfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
+    return torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+
+
+def build_lr_lambda(tcfg, iters_per_epoch: int):
+    """Multiplier of the base lr at global iteration ``it``: linear warmup, then step or cosine decay by epoch."""
+    total = max(1, tcfg.epochs * iters_per_epoch)
+
+    def factor(it: int) -> float:
+        warm = 1.0
+        if tcfg.warmup_iters > 0 and it < tcfg.warmup_iters:
+            alpha = it / tcfg.warmup_iters
+            warm = tcfg.warmup_ratio * (1 - alpha) + alpha
+        if tcfg.schedule == "cosine":
+            return warm * 0.5 * (1.0 + math.cos(math.pi * min(it, total) / total))
+        epoch = it // max(1, iters_per_epoch)
+        return warm * tcfg.gamma ** sum(1 for s in tcfg.steps if epoch >= s)
+
+    return factor
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": _py_state_to_list(random.getstate())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _py_state_to_list(st):
+    # (version, tuple_of_625_ints, gauss_next): plain ints/tuples survive weights_only loading.
+    return [st[0], list(st[1]), st[2]]
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _check_resume_config(saved: dict, cfg: RunConfig, path: Path) -> None:
+    now = to_dict(cfg)
+
+    def walk(a, b, prefix=""):
+        for k in sorted(set(a) | set(b)):
+            key = prefix + k
+            va, vb = a.get(k), b.get(k)
+            if isinstance(va, dict) and isinstance(vb, dict):
+                walk(va, vb, key + ".")
+            elif va != vb and key not in RESUMABLE_KEYS:
+                raise GkdError(f"{path}: cannot resume: '{key}' was {va!r} in the interrupted run, now {vb!r} "
+                               f"(only {', '.join(RESUMABLE_KEYS)} may change on resume)")
+
+    walk(saved, now)
+
+
+class _Progress:
+    """tqdm bar with total loss and whole-run ETA (steps still to run x mean step time so far)."""
+
+    def __init__(self, total_steps_left: int, enabled: bool):
+        self.left = total_steps_left
+        self.enabled = enabled
+        self.t0 = time.perf_counter()
+        self.done = 0
+
+    def wrap(self, iterable, epoch: int, epochs: int, n: int):
+        if not self.enabled:
+            return iterable
+        from tqdm import tqdm
+
+        self.bar = tqdm(iterable, total=n, desc=f"epoch {epoch + 1}/{epochs}", dynamic_ncols=True, leave=True)
+        return self.bar
+
+    def step(self, loss: float, lr: float) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        rate = (time.perf_counter() - self.t0) / self.done
+        eta = max(0, self.left - self.done) * rate
+        self.bar.set_postfix_str(f"loss={loss:.4f} lr={lr:.2e} run ETA {_fmt_s(eta)}", refresh=False)
+
+
+def _fmt_s(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def _write_csv(jsonl: Path, csv_path: Path) -> None:
+    import csv
+    import io
+    import json
+
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    for r in rows:
+        w.writerow(r)
+    atomic_write_text(csv_path, buf.getvalue())
+
+
+def _truncate_metrics(path: Path, last_epoch: int) -> None:
+    """Drop records of epochs after the checkpoint (a kill between writing metrics and the checkpoint)."""
+    import json
+
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("epoch", -1) <= last_epoch]
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def fit(task: nn.Module, cfg: RunConfig, train_set, val_set, *, resume: bool = False,
+        classes: list[str], category_ids: list[int], gt_json: dict | None = None,
+        progress: bool = True) -> dict[str, Any]:
+    """Train ``task`` according to ``cfg`` and keep ``cfg.run_dir`` up to date.
+
+    Args:
+        task: see ``kd/task.py``; ``task.detector`` is evaluated and saved.
+        cfg: the resolved run config (``cfg.model`` must carry the dataset's class count).
+        train_set / val_set: datasets with ``set_epoch`` (train) yielding ``(image, target)``.
+        resume: continue from ``run_dir/checkpoints/last.pt``.
+        classes / category_ids: dataset class names and COCO ids (saved in checkpoints).
+        gt_json: the val split's COCO dict for evaluation (None: no evaluation).
+        progress: show a progress bar.
+
+    Returns:
+        The last epoch's metrics record.
+    """
+    from .evaluation import CocoEvaluator, evaluate_detector
+
+    run_dir = cfg.run_dir
+    ckpt_dir = run_dir / "checkpoints"
+    last_path = ckpt_dir / "last.pt"
+    metrics_path = run_dir / "metrics.jsonl"
+    device = select_device(cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    tcfg = cfg.train
+    use_amp = tcfg.amp and device.type == "cuda"
+
+    start_epoch = 0
+    if resume:
+        if not last_path.exists():
+            raise GkdError(f"{last_path}: nothing to resume (no checkpoint from an earlier run of '{cfg.name}')")
+        state = load_checkpoint(last_path)
+        if state.get("format") != FORMAT or "optimizer" not in state:
+            raise GkdError(f"{last_path}: not a resumable gkd run checkpoint")
+        _check_resume_config(state["config"], cfg, last_path)
+        start_epoch = int(state["epoch"]) + 1
+    elif last_path.exists():
+        raise GkdError(f"{run_dir}: a run named '{cfg.name}' already exists; pass --resume to continue it, or choose "
+                       f"another name (name=...)")
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    _attach_log_file(run_dir / "log.txt")
+    seed_everything(cfg.seed)
+    task.to(device)
+
+    sampler = EpochSampler(len(train_set), cfg.seed)
+    loader = make_loader(train_set, tcfg.batch_size, cfg.data.num_workers, sampler=sampler)
+    iters_per_epoch = len(loader) if tcfg.max_steps_per_epoch is None else min(len(loader), tcfg.max_steps_per_epoch)
+    params = [p for p in task.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, tcfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, build_lr_lambda(tcfg, iters_per_epoch))
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    best = -1.0
+    if resume:
+        task.detector.load_state_dict(state["model"])
+        task.load_extra_state(state.get("extra", {}))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        _restore_rng(state["rng"])
+        best = float(state.get("best", -1.0))
+        _truncate_metrics(metrics_path, start_epoch - 1)
+        log.info("resuming '%s' at epoch %d/%d", cfg.name, start_epoch + 1, tcfg.epochs)
+        if start_epoch >= tcfg.epochs:
+            log.info("run already finished %d epochs; nothing to do (raise train.epochs to continue)", tcfg.epochs)
+
+    val_loader = make_loader(val_set, cfg.eval.batch_size, cfg.data.num_workers) if gt_json is not None else None
+    evaluator = CocoEvaluator(gt_json, category_ids, cfg.eval.max_dets) if gt_json is not None else None
+    bar = _Progress((tcfg.epochs - start_epoch) * iters_per_epoch, progress)
+    record: dict[str, Any] = {}
+    global_step = start_epoch * iters_per_epoch
+    for epoch in range(start_epoch, tcfg.epochs):
+        t_epoch = time.perf_counter()
+        task.train()
+        context = {"epoch": epoch, "device": device, "run_dir": run_dir, "train_set": train_set, "cfg": cfg}
+        task_metrics = task.on_epoch_start(epoch, context) or {}
+        task.train()
+        sampler.set_epoch(epoch)
+        if hasattr(train_set, "set_epoch"):
+            train_set.set_epoch(epoch)
+        sums: dict[str, float] = {}
+        n_steps = 0
+        for step, (images, targets) in enumerate(bar.wrap(loader, epoch, tcfg.epochs, iters_per_epoch)):
+            if step >= iters_per_epoch:
+                break
+            images = [im.to(device, non_blocking=True) for im in images]
+            targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+            with torch.autocast(device.type, enabled=use_amp):
+                out = task(images, targets)
+            _check_finite(out, global_step, epoch, task, cfg, optimizer, scheduler, scaler, classes, category_ids)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(out["loss"]).backward()
+            if tcfg.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            global_step += 1
+            n_steps += 1
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            bar.step(float(out["loss"].detach()), optimizer.param_groups[0]["lr"])
+        record = {"epoch": epoch, "step": global_step, "lr": optimizer.param_groups[0]["lr"],
+                  **{f"train/{k}": v / max(1, n_steps) for k, v in sums.items()},
+                  **{f"task/{k}": v for k, v in task_metrics.items()}}
+        record["time/train_s"] = round(time.perf_counter() - t_epoch, 3)
+        if evaluator is not None and ((epoch + 1) % tcfg.eval_interval == 0 or epoch + 1 == tcfg.epochs):
+            t_eval = time.perf_counter()
+            metrics = evaluate_detector(task.detector, val_loader, evaluator, device)
+            record.update({f"val/{k}": v for k, v in metrics.items()})
+            record["time/eval_s"] = round(time.perf_counter() - t_eval, 3)
+            log.info("epoch %d/%d  loss %.4f  val bbox_mAP %.4f  mAP_50 %.4f", epoch + 1, tcfg.epochs,
+                     record.get("train/loss", float("nan")), metrics["bbox_mAP"], metrics["bbox_mAP_50"])
+        else:
+            log.info("epoch %d/%d  loss %.4f", epoch + 1, tcfg.epochs, record.get("train/loss", float("nan")))
+        append_jsonl(metrics_path, record)
+        _write_csv(metrics_path, run_dir / "metrics.csv")
+        det = detector_checkpoint(task.detector, cfg.model, classes, category_ids)
+        det["metrics"] = record
+        save_checkpoint(det, ckpt_dir / "model.pt")
+        if record.get("val/bbox_mAP", -1.0) > best:
+            best = record["val/bbox_mAP"]
+            save_checkpoint(det, ckpt_dir / "best.pt")
+        full = _full_state(task, cfg, optimizer, scheduler, scaler, classes, category_ids, epoch)
+        full["best"] = best
+        full["metrics"] = record
+        save_checkpoint(full, last_path)
+    return record
+
+
+def _full_state(task, cfg, optimizer, scheduler, scaler, classes, category_ids, epoch) -> dict[str, Any]:
+    ckpt = detector_checkpoint(task.detector, cfg.model, classes, category_ids)
+    ckpt.update({"kind": "run", "epoch": epoch, "config": to_dict(cfg), "extra": task.extra_state(),
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "scaler": scaler.state_dict() if scaler.is_enabled() else {}, "rng": _rng_state()})
+    return ckpt
+
+
+def _check_finite(out, step, epoch, task, cfg, optimizer, scheduler, scaler, classes, category_ids) -> None:
+    bad = [k for k, v in out.items() if "loss" in k and not torch.isfinite(v.detach()).all()]
+    if not bad:
+        return
+    term = next((k for k in bad if k != "loss"), bad[0])
+    path = cfg.run_dir / "checkpoints" / f"last_good_step{step}.pt"
+    # The weights are still those before this step: they are the last good state.
+    state = _full_state(task, cfg, optimizer, scheduler, scaler, classes, category_ids, epoch - 1)
+    save_checkpoint(state, path)
+    raise GkdError(f"non-finite loss '{term}' ({float(out[term].detach())}) at step {step} (epoch {epoch + 1}); "
+                   f"last good state saved to {path}; try a lower train.lr or train.grad_clip")
+
+
+def _attach_log_file(path: Path) -> None:
+    for h in log.handlers:
+        if isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve():
+            return
+    for h in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
+        log.removeHandler(h)
+        h.close()
+    fh = logging.FileHandler(path, encoding="utf-8")
+    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(fh)
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.INFO)
+
+
+def config_from_checkpoint(ckpt: dict, cls: type = RunConfig) -> RunConfig:
+    """The resolved config stored in a run checkpoint."""
+    return from_dict(cls, ckpt["config"], "checkpoint config")
+

@@ -1,0 +1,119 @@
+"""COCO box evaluation through pycocotools, with mmdet-style metric names.
+
+One protocol for every backend (PyTorch, ONNX Runtime, TensorRT): detections are mapped back to original image
+coordinates, converted to COCO results (``[x, y, w, h]``, category id, score) and scored by pycocotools'
+``COCOeval`` with ``iouType="bbox"``. ``max_dets`` is pycocotools' ``maxDets`` cap used for AP (default 100).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+from typing import Any, Iterable, Sequence
+
+import torch
+
+__all__ = ["CocoEvaluator", "STAT_NAMES", "evaluate_detector", "coco_metrics_from_stats"]
+
+#: names of pycocotools' 12 summary numbers, mmdet-style (the KD literature's keys)
+STAT_NAMES = ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l",
+              "bbox_AR_1", "bbox_AR_10", "bbox_AR_100", "bbox_AR_s", "bbox_AR_m", "bbox_AR_l")
+
+
+def coco_metrics_from_stats(stats: Sequence[float]) -> dict[str, float]:
+    """pycocotools ``stats`` (12 floats, -1 where undefined) -> named metrics."""
+    return {name: float(v) for name, v in zip(STAT_NAMES, stats)}
+
+
+class CocoEvaluator:
+    """Accumulate detections and compute COCO box metrics.
+
+    Args:
+        gt_json: the COCO ground-truth dict (images, annotations with iscrowd/area, categories).
+        category_ids: COCO category id of each contiguous label; label ``i + 1`` -> ``category_ids[i]``.
+        max_dets: detections per image considered for AP (pycocotools ``maxDets[-1]``).
+    """
+
+    def __init__(self, gt_json: dict[str, Any], category_ids: Sequence[int], max_dets: int = 100):
+        self.gt_json = gt_json
+        self.category_ids = [int(c) for c in category_ids]
+        self.max_dets = int(max_dets)
+        self.reset()
+
+    def reset(self) -> None:
+        self.detections: list[dict[str, Any]] = []
+        self._image_ids: set[int] = set()
+
+    def process(self, targets: Iterable[dict], outputs: Iterable[dict]) -> None:
+        """Add one batch.
+
+        Args:
+            targets: per image, a dict with ``image_id`` (and optionally ``scale``: predicted boxes are divided by
+                it to return to original-image pixels).
+            outputs: per image, ``{"boxes": [n, 4] xyxy, "scores": [n], "labels": [n] in 1..K}``.
+        """
+        for tgt, out in zip(targets, outputs):
+            image_id = int(tgt["image_id"])
+            self._image_ids.add(image_id)
+            boxes = out["boxes"].detach().float().cpu()
+            scale = float(tgt.get("scale", 1.0))
+            if scale != 1.0:
+                boxes = boxes / scale
+            scores = out["scores"].detach().float().cpu().tolist()
+            labels = out["labels"].detach().cpu().tolist()
+            for (x1, y1, x2, y2), s, lab in zip(boxes.tolist(), scores, labels):
+                lab = int(lab)
+                if not 1 <= lab <= len(self.category_ids):
+                    continue  # background or out-of-range label: not a detection of a dataset class
+                self.detections.append({"image_id": image_id, "category_id": self.category_ids[lab - 1],
+                                        "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(s)})
+
+    def evaluate(self, image_ids: Iterable[int] | None = None, verbose: bool = False) -> dict[str, float]:
+        """Run COCOeval over the processed images (or ``image_ids``). Returns the 12 named metrics.
+
+        With no detections at all, every AP/AR is 0.0 (pycocotools itself would refuse an empty result list).
+        """
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+
+        ids = sorted(self._image_ids if image_ids is None else set(int(i) for i in image_ids))
+        gt = copy.deepcopy(self.gt_json)
+        gt.setdefault("info", {})
+        gt.setdefault("licenses", [])
+        quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+        with quiet:
+            coco_gt = COCO()
+            coco_gt.dataset = gt
+            coco_gt.createIndex()
+            wanted = set(ids)
+            dets = [d for d in self.detections if d["image_id"] in wanted]
+            if not dets:
+                return {name: (0.0 if _has_gt(coco_gt, ids) else -1.0) for name in STAT_NAMES}
+            coco_dt = coco_gt.loadRes(copy.deepcopy(dets))
+            ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
+            ev.params.imgIds = ids
+            ev.params.maxDets = [1, 10, self.max_dets]
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        return coco_metrics_from_stats(ev.stats)
+
+
+def _has_gt(coco_gt, ids) -> bool:
+    return any(not a.get("iscrowd", 0) for i in ids for a in coco_gt.imgToAnns.get(i, []))
+
+
+@torch.no_grad()
+def evaluate_detector(model: torch.nn.Module, loader: Iterable, evaluator: CocoEvaluator,
+                      device: torch.device | str = "cpu", progress: bool = False) -> dict[str, float]:
+    """Run ``model`` (eval mode) over ``loader`` batches ``(images, targets)`` and return COCO metrics."""
+    from tqdm import tqdm
+
+    model.eval()
+    evaluator.reset()
+    it = tqdm(loader, desc="eval", leave=False, dynamic_ncols=True) if progress else loader
+    for images, targets in it:
+        images = [im.to(device, non_blocking=True) for im in images]
+        outputs = model(images)
+        evaluator.process(targets, outputs)
+    return evaluator.evaluate()

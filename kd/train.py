@@ -1,0 +1,103 @@
+"""``gkd train`` and ``gkd eval`` as library functions: datasets + detector + loop from a resolved config."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import RunConfig
+from .errors import GkdError
+
+__all__ = ["load_splits", "build_model", "train_detector", "evaluate_checkpoint"]
+
+log = logging.getLogger("gkd")
+
+
+def load_splits(cfg: RunConfig, train: bool = True):
+    """Load and validate the train and val splits; both must have the same categories.
+
+    Returns:
+        ``(train_index, val_index)``; ``train_index`` is None when ``train`` is False.
+    """
+    from .data import load_coco
+
+    image_root = cfg.data.path("images")
+    val_index = load_coco(cfg.data.path("val"), image_root=image_root)
+    if not train:
+        return None, val_index
+    train_index = load_coco(cfg.data.path("train"), image_root=image_root)
+    if train_index.category_ids != val_index.category_ids or train_index.classes != val_index.classes:
+        raise GkdError(f"{cfg.data.path('val')}: categories differ from {cfg.data.path('train')} "
+                       f"({val_index.classes} vs {train_index.classes}); both splits need the same category list")
+    return train_index, val_index
+
+
+def build_model(cfg: RunConfig, num_classes: int) -> torch.nn.Module:
+    """Detector for ``cfg.model`` with ``num_classes`` classes, initialised from ``cfg.model.weights`` if given."""
+    from .checkpoint import load_checkpoint, load_state_into
+    from .models.detectors import build_detector
+
+    if cfg.model.num_classes and cfg.model.num_classes != num_classes:
+        raise GkdError(f"model.num_classes is {cfg.model.num_classes} but the dataset has {num_classes} classes "
+                       f"(set it to 0 to take the dataset's count)")
+    model = build_detector(cfg.model, num_classes)
+    if cfg.model.weights:
+        ckpt = load_checkpoint(cfg.model.weights)
+        state = ckpt["model"] if ckpt.get("format") == "gkd-checkpoint" else ckpt
+        load_state_into(model, state, cfg.model.weights, cfg.model.arch)
+        log.info("initialised from %s", cfg.model.weights)
+    return model
+
+
+def train_detector(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train a detector without distillation (a teacher, or the ``none`` baseline student)."""
+    from .data import CocoDetection
+    from .engine import fit, seed_everything
+    from .task import DetectionTask
+
+    train_index, val_index = load_splits(cfg)
+    k = len(train_index.classes)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=k))
+    seed_everything(cfg.seed)  # model init is part of the seeded run
+    model = build_model(cfg, k)
+    train_set = CocoDetection(train_index, train=True, min_size=cfg.model.min_size, max_size=cfg.model.max_size,
+                              hflip=cfg.train.hflip, seed=cfg.seed, keep_empty=cfg.data.keep_empty)
+    val_set = CocoDetection(val_index, train=False, min_size=cfg.model.min_size, max_size=cfg.model.max_size)
+    log.info("training %s/%s on %d images (%d classes), validating on %d images -> %s", cfg.model.arch,
+             cfg.model.backbone, len(train_set), k, len(val_set), cfg.run_dir)
+    return fit(DetectionTask(model), cfg, train_set, val_set, resume=resume, classes=train_index.classes,
+               category_ids=train_index.category_ids, gt_json=val_index.gt_json, progress=progress)
+
+
+def evaluate_checkpoint(checkpoint: Path, data: Path, images: Path | None, out_dir: Path, *,
+                        batch_size: int = 4, max_dets: int = 100, device: str = "auto", min_size: int | None = None,
+                        max_size: int | None = None, progress: bool = True) -> dict[str, float]:
+    """Evaluate a detector checkpoint on a COCO JSON; write ``detections.json`` and ``metrics.json`` to ``out_dir``.
+
+    The checkpoint's class names must match the dataset's categories (checked by name and count).
+    """
+    from .checkpoint import load_detector
+    from .data import CocoDetection, load_coco
+    from .engine import make_loader, select_device
+    from .evaluation import CocoEvaluator, evaluate_detector
+    from .io import atomic_write_json
+
+    index = load_coco(data, image_root=images)
+    model, info = load_detector(checkpoint)
+    if info["classes"] is not None and list(info["classes"]) != list(index.classes):
+        raise GkdError(f"{data}: categories {index.classes} do not match the checkpoint's classes {info['classes']}")
+    if min_size or max_size:
+        model.transform.min_size = (min_size or model.transform.min_size[0],)
+        model.transform.max_size = max_size or model.transform.max_size
+    dev = select_device(device)
+    model.to(dev)
+    dataset = CocoDetection(index, train=False, min_size=model.transform.min_size[0],
+                            max_size=model.transform.max_size)
+    evaluator = CocoEvaluator(index.gt_json, index.category_ids, max_dets)
+    metrics = evaluate_detector(model, make_loader(dataset, batch_size, 0), evaluator, dev, progress=progress)
+    atomic_write_json(out_dir / "detections.json", evaluator.detections, indent=None)
+    atomic_write_json(out_dir / "metrics.json", {"checkpoint": str(checkpoint), "data": str(data), **metrics})
+    return metrics

@@ -1,0 +1,65 @@
+import pytest
+
+from kd.config import RunConfig, apply_overrides, dump_config, load_config, to_dict
+from kd.errors import GkdError
+
+
+def write(tmp_path, text, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_nested_values(tmp_path):
+    cfg = load_config(write(tmp_path, "name: t\nmodel:\n  backbone: resnet18\ntrain:\n  steps: [3, 5]\n  lr: 1\n"))
+    assert cfg.name == "t" and cfg.model.backbone == "resnet18"
+    assert cfg.train.steps == (3, 5) and isinstance(cfg.train.lr, float) and cfg.train.lr == 1.0
+    assert cfg.model.arch == "faster_rcnn"  # default kept
+
+
+def test_typo_in_key_names_key_and_allowed(tmp_path):
+    p = write(tmp_path, "train:\n  epoch: 3\n")
+    with pytest.raises(GkdError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert str(p) in msg and "train.epoch" in msg and "epochs" in msg and "\n" not in msg
+
+
+def test_wrong_type_and_bad_choice(tmp_path):
+    with pytest.raises(GkdError, match=r"train.epochs' must be int, got 'three'"):
+        load_config(write(tmp_path, "train:\n  epochs: three\n"))
+    with pytest.raises(GkdError, match=r"model.backbone' must be one of .*resnet18.*got 'resnet19'"):
+        load_config(write(tmp_path, "model:\n  backbone: resnet19\n"))
+    with pytest.raises(GkdError, match="must be bool"):
+        load_config(write(tmp_path, "train:\n  amp: 3\n"))
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    with pytest.raises(GkdError, match="invalid YAML at line"):
+        load_config(write(tmp_path, "train: [1, 2\n"))
+    with pytest.raises(GkdError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(GkdError, match="must be a mapping"):
+        load_config(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_overrides_parse_yaml_values(tmp_path):
+    cfg = load_config(write(tmp_path, "train:\n  epochs: 3\n"),
+                      ["train.epochs=5", "train.grad_clip=null", "train.steps=[1,2]", "model.weights=w.pt"])
+    assert cfg.train.epochs == 5 and cfg.train.grad_clip is None and cfg.train.steps == (1, 2)
+    assert cfg.model.weights == "w.pt"
+    with pytest.raises(GkdError, match="key=value"):
+        apply_overrides({}, ["train.epochs"])
+    with pytest.raises(GkdError, match="unknown key 'train.epochz'"):
+        load_config(None, ["train.epochz=1"])
+
+
+def test_base_inheritance_and_roundtrip(tmp_path):
+    write(tmp_path, "train:\n  epochs: 7\n  lr: 0.1\n", "base.yaml")
+    child = write(tmp_path, "_base_: base.yaml\ntrain:\n  lr: 0.5\n")
+    cfg = load_config(child)
+    assert cfg.train.epochs == 7 and cfg.train.lr == 0.5
+    out = dump_config(cfg, tmp_path / "resolved.yaml")
+    again = load_config(out)
+    assert again == cfg and to_dict(again) == to_dict(cfg)
+    assert isinstance(again, RunConfig)
