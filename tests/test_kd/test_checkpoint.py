@@ -1,0 +1,86 @@
+import dataclasses
+
+import pytest
+import torch
+
+from kd.checkpoint import detector_checkpoint, load_checkpoint, load_detector, save_checkpoint
+from kd.config import ModelConfig
+from kd.errors import GkdError
+from kd.models.detectors import build_detector
+
+CFG = ModelConfig(arch="faster_rcnn", backbone="resnet18", min_size=64, max_size=64)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_detector(CFG, 3)
+    path = tmp_path_factory.mktemp("ck") / "model.pt"
+    save_checkpoint(detector_checkpoint(model, CFG, ["a", "b", "c"], [1, 5, 9]), path)
+    return model, path
+
+
+def test_roundtrip_restores_weights_and_metadata(saved):
+    model, path = saved
+    loaded, info = load_detector(path)
+    assert info["classes"] == ["a", "b", "c"] and info["category_ids"] == [1, 5, 9]
+    assert info["model_config"].num_classes == 3 and info["model_config"].backbone == "resnet18"
+    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert not loaded.training
+
+
+def test_declared_architecture_must_match(saved):
+    _, path = saved
+    with pytest.raises(GkdError, match="resnet18 model, the config declares faster_rcnn/resnet34"):
+        load_detector(path, dataclasses.replace(CFG, backbone="resnet34"))
+    with pytest.raises(GkdError, match="checkpoint has 3 classes, the dataset has 4"):
+        load_detector(path, CFG, num_classes=4)
+
+
+def test_plain_state_dict_needs_and_checks_architecture(saved, tmp_path):
+    model, _ = saved
+    sd_path = tmp_path / "tv.pth"
+    torch.save(model.state_dict(), sd_path)
+    loaded, info = load_detector(sd_path, CFG, num_classes=3)
+    assert info["classes"] is None
+    assert torch.equal(next(iter(loaded.state_dict().values())), next(iter(model.state_dict().values())))
+    with pytest.raises(GkdError, match="carries no architecture"):
+        load_detector(sd_path)
+    with pytest.raises(GkdError, match="class count differs: 'roi_heads.box_predictor"):
+        load_detector(sd_path, CFG, num_classes=5)
+    with pytest.raises(GkdError, match="weights do not fit this architecture"):
+        load_detector(sd_path, dataclasses.replace(CFG, arch="retinanet"), num_classes=3)
+
+
+def test_corrupt_truncated_and_code_carrying_files_refused(saved, tmp_path):
+    _, path = saved
+    trunc = tmp_path / "trunc.pt"
+    trunc.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(GkdError, match="trunc.pt: not a readable checkpoint"):
+        load_checkpoint(trunc)
+    with pytest.raises(GkdError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {}, "payload": EvilThing()}, evil)
+    with pytest.raises(GkdError, match="evil.pt: refused to load"):
+        load_checkpoint(evil)
+
+
+class EvilThing:
+    pass
+
+
+def test_save_is_atomic_no_temp_left(tmp_path):
+    save_checkpoint({"x": torch.ones(2)}, tmp_path / "a.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    (tmp_path / "b.pt").write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        save_checkpoint({"x": Boom()}, tmp_path / "b.pt")
+    assert (tmp_path / "b.pt").read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.pt"]
