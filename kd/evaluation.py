@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -68,8 +68,16 @@ class CocoEvaluator:
                 self.detections.append({"image_id": image_id, "category_id": self.category_ids[lab - 1],
                                         "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(s)})
 
-    def evaluate(self, image_ids: Iterable[int] | None = None, verbose: bool = False) -> dict[str, float]:
+    def evaluate(self, image_ids: Iterable[int] | None = None, verbose: bool = False,
+                 ann_filter: Callable[[dict], bool] | None = None) -> dict[str, float]:
         """Run COCOeval over the processed images (or ``image_ids``). Returns the 12 named metrics.
+
+        Args:
+            image_ids: restrict to these images (default: all processed images).
+            verbose: print pycocotools' summary table.
+            ann_filter: evaluate on a subset of the ground truth (e.g. occluded objects): annotations for which it
+                returns False are marked *ignore*, exactly as pycocotools treats objects outside an area range:
+                they count neither as hits nor as misses, and detections matched to them are not false positives.
 
         With no detections at all, every AP/AR is 0.0 (pycocotools itself would refuse an empty result list).
         """
@@ -88,9 +96,10 @@ class CocoEvaluator:
             wanted = set(ids)
             dets = [d for d in self.detections if d["image_id"] in wanted]
             if not dets:
-                return {name: (0.0 if _has_gt(coco_gt, ids) else -1.0) for name in STAT_NAMES}
+                return {name: (0.0 if _has_gt(coco_gt, ids, ann_filter) else -1.0) for name in STAT_NAMES}
             coco_dt = coco_gt.loadRes(copy.deepcopy(dets))
-            ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
+            ev_cls = _subset_cocoeval(ann_filter) if ann_filter is not None else COCOeval
+            ev = ev_cls(coco_gt, coco_dt, iouType="bbox")
             ev.params.imgIds = ids
             ev.params.maxDets = [1, 10, self.max_dets]
             ev.evaluate()
@@ -99,8 +108,24 @@ class CocoEvaluator:
         return coco_metrics_from_stats(ev.stats)
 
 
-def _has_gt(coco_gt, ids) -> bool:
-    return any(not a.get("iscrowd", 0) for i in ids for a in coco_gt.imgToAnns.get(i, []))
+def _subset_cocoeval(ann_filter):
+    from pycocotools.cocoeval import COCOeval
+
+    class SubsetCOCOeval(COCOeval):
+        def _prepare(self):
+            super()._prepare()
+            # pycocotools recomputes gt["ignore"] from iscrowd in _prepare; mark the excluded objects afterwards.
+            for gts in self._gts.values():
+                for gt in gts:
+                    if not ann_filter(gt):
+                        gt["ignore"] = 1
+
+    return SubsetCOCOeval
+
+
+def _has_gt(coco_gt, ids, ann_filter=None) -> bool:
+    return any(not a.get("iscrowd", 0) and (ann_filter is None or ann_filter(a))
+               for i in ids for a in coco_gt.imgToAnns.get(i, []))
 
 
 @torch.no_grad()
