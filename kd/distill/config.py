@@ -1,0 +1,115 @@
+"""Configuration of a distillation run: ``DistillRunConfig`` = ``RunConfig`` + a ``distill`` section.
+
+The defaults are the values of the authors' released Faster R-CNN COCO config (see ``docs/distill.md``), with the
+project's decisions from ``method.md`` (global loss on, weight 5, attenuated). ``cfg.model`` describes the student;
+``cfg.distill.teacher`` names the teacher checkpoint and, optionally, the architecture it must have.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from ..config import RunConfig
+
+__all__ = ["METHODS", "TeacherConfig", "PGMConfig", "DistillConfig", "DistillRunConfig", "method_parts"]
+
+#: the method menu (``distill.method``)
+METHODS = ("none", "local", "robust", "gkd", "pkd", "pkd+global")
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """The frozen teacher.
+
+    ``checkpoint`` is a gkd checkpoint (``runs/<teacher>/checkpoints/best.pt``) or a torchvision-format state dict.
+    ``arch`` / ``backbone`` declare what the checkpoint must be: for a gkd checkpoint they are checked against its
+    record (null: accept what it says); a plain state dict carries no architecture, so both are required then.
+    """
+
+    checkpoint: Optional[str] = None
+    arch: Optional[Literal["faster_rcnn", "retinanet"]] = None
+    backbone: Optional[Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large"]] = None
+    #: anchor sizes of a plain-state-dict teacher (gkd checkpoints record their own); empty = torchvision's
+    anchor_sizes: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class PGMConfig:
+    """Prototype Generation Module (method.md 2.2)."""
+
+    #: prototypes per class per level (fewer for classes with fewer density-filtered instances)
+    num_prototypes: int = 10
+    #: a GT box is a candidate only if its width and height (original image pixels) are strictly above this
+    min_box_size: float = 30.0
+    #: at most this many images per class, sampled once (seeded) and kept for every refresh
+    max_images_per_class: int = 800
+    #: joint matching pursuit: weight of the coefficient-agreement term
+    alpha: float = 10.0
+    #: density filter: bandwidth of exp(-(d / bw)^2) on cosine distances, and the percentile of the lower bound
+    density_bandwidth: float = 0.1
+    density_percentile: float = 0.4
+    #: refresh the prototypes every N epochs (from the live student, eval mode, no_grad)
+    interval: int = 1
+    #: images per forward pass during a refresh
+    batch_size: int = 8
+    #: seed of the per-class image sampling (null = the run's seed)
+    seed: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Which distillation and its weights (defaults: the released config + the project's decisions)."""
+
+    method: Literal["none", "local", "robust", "gkd", "pkd", "pkd+global"] = "gkd"
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    pgm: PGMConfig = field(default_factory=PGMConfig)
+    #: FPN strides to distill (empty = every stride both detectors have)
+    strides: tuple[int, ...] = ()
+    #: decoupled feature imitation: foreground (robust-weighted) and background weights
+    fg_weight: float = 1.0
+    bg_weight: float = 4.0
+    #: soft-label KL on positive RoIs / anchors, and its temperature
+    soft_weight: float = 1.0
+    temperature: float = 2.0
+    #: global-knowledge loss (cosine-similarity vectors against all prototypes of a level)
+    global_weight: float = 5.0
+    #: PKD (Pearson-correlation feature imitation) weight; null = mmrazor's value (6 Faster R-CNN, 10 RetinaNet)
+    pkd_weight: Optional[float] = None
+    #: multiply the feature and global losses by 1 - epoch / epochs (not the soft-label loss)
+    attenuation: bool = True
+
+
+@dataclass(frozen=True)
+class DistillRunConfig(RunConfig):
+    """A ``gkd distill`` run: the student in ``model``, the teacher and method in ``distill``."""
+
+    name: str = "distill"
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+@dataclass(frozen=True)
+class MethodParts:
+    """What a menu entry switches on."""
+
+    teacher: bool      # the teacher runs at all
+    local: bool        # decoupled fg/bg imitation + soft labels
+    robust: bool       # robust weights on the local terms (needs prototypes)
+    global_: bool      # global-knowledge loss (needs prototypes)
+    pkd: bool          # Pearson-correlation imitation
+
+    @property
+    def prototypes(self) -> bool:
+        return self.robust or self.global_
+
+
+def method_parts(method: str) -> MethodParts:
+    """The switches of a ``distill.method`` value."""
+    table = {
+        "none": MethodParts(False, False, False, False, False),
+        "local": MethodParts(True, True, False, False, False),
+        "robust": MethodParts(True, True, True, False, False),
+        "gkd": MethodParts(True, True, True, True, False),
+        "pkd": MethodParts(True, False, False, False, True),
+        "pkd+global": MethodParts(True, False, False, True, True),
+    }
+    return table[method]

@@ -1,0 +1,94 @@
+"""Pairing teacher and student FPN levels by stride, and assigning instances to levels.
+
+Teacher and student may have different backbones, so their FPNs need not expose the same levels. A level is
+distilled only where both detectors have a level of that stride. torchvision's MobileNetV3 FPN taps two stride-32
+layers ('0' and '1'); when a detector has several levels of one stride, the **first** one (in the FPN's output order)
+is paired: in torchvision's FPN it is the one the top-down path has summed the deeper level into (so imitation on it
+trains both backbone stages), and for Faster R-CNN it is the level the RoI head pools from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import GkdError
+
+__all__ = ["LevelPair", "pair_levels", "assign_levels"]
+
+
+@dataclass(frozen=True)
+class LevelPair:
+    """One distilled level: the student's and the teacher's FPN key of the same ``stride``."""
+
+    stride: int
+    student: str
+    teacher: str
+
+    @property
+    def key(self) -> str:
+        """A name usable as a module / state key (``s8``)."""
+        return f"s{self.stride}"
+
+
+def _first_by_stride(strides: dict[str, int]) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for name, s in strides.items():
+        out.setdefault(int(s), name)
+    return out
+
+
+def pair_levels(student_strides: dict[str, int], teacher_strides: dict[str, int],
+                wanted: tuple[int, ...] | list[int] = ()) -> tuple[list[LevelPair], list[str]]:
+    """Pair the levels of two FPNs by stride.
+
+    Args:
+        student_strides / teacher_strides: ``{level name: stride}`` in FPN order (``model.gkd_meta["strides"]``).
+        wanted: strides to distill (empty: all common ones); each must be common to both.
+
+    Returns:
+        ``(pairs sorted by stride, notes)``: notes are human-readable lines for the run log (levels left out and why).
+    """
+    s_by, t_by = _first_by_stride(student_strides), _first_by_stride(teacher_strides)
+    common = sorted(set(s_by) & set(t_by))
+    notes = []
+    for name, s in student_strides.items():
+        if s_by[s] != name:
+            notes.append(f"student level '{name}' (stride {s}) not distilled: level '{s_by[s]}' has the same stride")
+        elif s not in t_by:
+            notes.append(f"student level '{name}' (stride {s}) not distilled: the teacher has no stride-{s} level")
+    for name, s in teacher_strides.items():
+        if t_by[s] == name and s not in s_by:
+            notes.append(f"teacher level '{name}' (stride {s}) not used: the student has no stride-{s} level")
+    if wanted:
+        bad = [s for s in wanted if s not in common]
+        if bad:
+            raise GkdError(f"distill.strides: {bad} not available; strides both detectors have: {common}")
+        dropped = [s for s in common if s not in wanted]
+        if dropped:
+            notes.append(f"strides {dropped} not distilled (distill.strides = {list(wanted)})")
+        common = sorted(set(wanted))
+    if not common:
+        raise GkdError(f"teacher and student FPNs share no stride (student {dict(student_strides)}, teacher "
+                       f"{dict(teacher_strides)}); nothing to distill")
+    return [LevelPair(s, s_by[s], t_by[s]) for s in common], notes
+
+
+def assign_levels(boxes: torch.Tensor, num_levels: int) -> torch.Tensor:
+    """The reference's level of each box among ``num_levels`` levels, finest first (mmdet ``_map_roi_levels``).
+
+    ``lvl = floor(log2(sqrt((w + 1)(h + 1)) / 56 + 1e-6))`` clamped to ``[0, num_levels - 1]``: boxes under 112 px go
+    to the finest distilled level, each doubling of scale one level coarser.
+
+    Args:
+        boxes: ``[N, 4]`` xyxy pixels.
+
+    Returns:
+        ``[N]`` int64 level indices.
+    """
+    if boxes.numel() == 0:
+        return torch.zeros(0, dtype=torch.long, device=boxes.device)
+    scale = torch.sqrt((boxes[:, 2] - boxes[:, 0] + 1).clamp_min(0) * (boxes[:, 3] - boxes[:, 1] + 1).clamp_min(0))
+    lvl = torch.floor(torch.log2(scale / 56 + 1e-6))
+    return lvl.clamp(0, num_levels - 1).long()
+

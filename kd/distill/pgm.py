@@ -1,0 +1,287 @@
+"""Prototype Generation Module (method.md 2.2, with the project's decisions G4, G10, G11 and "Small data").
+
+Once per refresh (default: before every epoch) and without gradients:
+
+1. **Sampling** (once per run, seeded, kept for every refresh): for each class c, the images holding at least one
+   box of class c whose width and height (original pixels) are strictly above ``min_box_size``; at most
+   ``max_images_per_class`` of them, drawn from a generator seeded by (seed, c).
+2. **Features**: one pass over the *union* of the sampled images (not one pass per class, as the reference),
+   through the student's own transform in eval mode (deterministic resize, no flip); both backbones see the same
+   tensor. Every candidate box of a class is pooled (cell-mean crop, method.md 2.3) from **every** distilled level of
+   both FPNs. Teacher features are computed at the first refresh and cached (the teacher is frozen).
+3. **Selection** per (class, level): L2-normalise rows, density filter in both spaces, then joint matching pursuit
+   with the O(K N) closed-form error, in float32, never re-selecting a chosen atom. The output is the *raw* pooled
+   features of the chosen instances in both spaces.
+
+A class with fewer filtered candidates than ``num_prototypes`` gets fewer prototypes; a class with no valid instance
+gets none (warned once, naming the class): its instances then get robust weight 1 and no global term.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .config import PGMConfig
+from .levels import LevelPair
+from .ops import prototype_project
+
+__all__ = ["PrototypeBank", "PrototypeGenerator", "sample_images", "density_candidates", "joint_matching_pursuit"]
+
+log = logging.getLogger("gkd")
+
+
+@dataclass
+class PrototypeBank:
+    """Prototypes of every distilled level, all classes concatenated.
+
+    Attributes:
+        student / teacher: level key -> ``[M, C]`` raw pooled features of the chosen instances.
+        labels: level key -> ``[M]`` int64 class label (1..K) of each prototype.
+    """
+
+    student: dict[str, torch.Tensor] = field(default_factory=dict)
+    teacher: dict[str, torch.Tensor] = field(default_factory=dict)
+    labels: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def to(self, device: torch.device | str) -> "PrototypeBank":
+        return PrototypeBank({k: v.to(device) for k, v in self.student.items()},
+                             {k: v.to(device) for k, v in self.teacher.items()},
+                             {k: v.to(device) for k, v in self.labels.items()})
+
+    def state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Plain dict of CPU tensors (for checkpoints)."""
+        return {"student": {k: v.detach().cpu() for k, v in self.student.items()},
+                "teacher": {k: v.detach().cpu() for k, v in self.teacher.items()},
+                "labels": {k: v.detach().cpu() for k, v in self.labels.items()}}
+
+    @classmethod
+    def from_state(cls, state: dict[str, dict[str, torch.Tensor]]) -> "PrototypeBank":
+        return cls(dict(state["student"]), dict(state["teacher"]), dict(state["labels"]))
+
+    def count(self, key: str) -> int:
+        return int(self.labels[key].numel()) if key in self.labels else 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. sampling
+
+
+def _valid(boxes: torch.Tensor, min_size: float) -> torch.Tensor:
+    return ((boxes[:, 2] - boxes[:, 0]) > min_size) & ((boxes[:, 3] - boxes[:, 1]) > min_size)
+
+
+def sample_images(annotations: Sequence[tuple[torch.Tensor, torch.Tensor]], num_classes: int, min_box_size: float,
+                  max_images: int, seed: int) -> dict[int, list[int]]:
+    """Pick, per class, the images whose instances will make its prototypes.
+
+    Args:
+        annotations: per image ``(boxes [n, 4] xyxy original pixels, labels [n] in 1..K)``.
+        num_classes: K.
+        min_box_size: a box counts only if its width and height are strictly above this.
+        max_images: at most this many images per class.
+        seed: sampling seed; class c draws from ``Generator().manual_seed(seed * 1_000_003 + c)`` so that one class's
+            draw does not depend on the others.
+
+    Returns:
+        ``{class label: sorted image indices}`` for every class 1..K (empty list: no valid instance).
+    """
+    having: dict[int, list[int]] = {c: [] for c in range(1, num_classes + 1)}
+    for i, (boxes, labels) in enumerate(annotations):
+        if boxes.numel() == 0:
+            continue
+        for c in labels[_valid(boxes.float(), min_box_size)].unique().tolist():
+            if int(c) in having:
+                having[int(c)].append(i)
+    out = {}
+    for c, imgs in having.items():
+        if len(imgs) > max_images:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + c)
+            keep = torch.randperm(len(imgs), generator=g)[:max_images]
+            imgs = sorted(imgs[k] for k in keep.tolist())
+        out[c] = imgs
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. selection
+
+
+def density_candidates(xs: torch.Tensor, xt: torch.Tensor, bandwidth: float, percentile: float) -> torch.Tensor:
+    """Indices of the instances denser than the percentile bound in *both* spaces.
+
+    density_i = sum_j exp(-((1 - <x_i, x_j>) / bandwidth)^2) on unit rows; the bound in each space is the density at
+    sorted position floor(percentile * N); candidates are strictly above it in both. When that leaves nothing
+    (e.g. N = 1, or all densities equal) every instance is a candidate (the reference would crash on an empty set).
+
+    Args:
+        xs / xt: ``[N, C]`` L2-normalised features in student / teacher space.
+
+    Returns:
+        ``[K]`` int64 indices, ascending.
+    """
+    n = xs.shape[0]
+
+    def dens(x: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-(((1.0 - x @ x.t()) / bandwidth) ** 2)).sum(dim=1)
+
+    ds, dt = dens(xs), dens(xt)
+    pos = min(int(percentile * n), n - 1)
+    keep = (ds > ds.sort().values[pos]) & (dt > dt.sort().values[pos])
+    if not keep.any():
+        return torch.arange(n, device=xs.device)
+    return keep.nonzero().squeeze(1)
+
+
+def joint_matching_pursuit(fs: torch.Tensor, ft: torch.Tensor, num: int, alpha: float = 10.0,
+                           bandwidth: float = 0.1, percentile: float = 0.4) -> torch.Tensor:
+    """Choose up to ``num`` prototype instances that reconstruct all instances in both spaces with similar weights.
+
+    Greedy matching pursuit over the density-filtered candidates (unit atoms g_s, g_t). For candidate k and
+    instance i with a = <g_s,k, r_s,i>, b = <g_t,k, r_t,i>, the closed-form minimiser of
+    ||r_s - w_s g_s||^2 + ||r_t - w_t g_t||^2 + alpha (w_s - w_t)^2 is
+    w_s = (alpha (a + b) + a) / (1 + 2 alpha), w_t = (alpha (a + b) + b) / (1 + 2 alpha), and the error is
+    E_k = sum_i w_s^2 - 2 w_s a + w_t^2 - 2 w_t b + alpha (w_s - w_t)^2 (+ sum_i ||r_i||^2, the same for every k),
+    so each step costs O(K N C) for the two products and O(K N) for E, never a K x C x N tensor. Already chosen atoms
+    are excluded (the reference may pick one twice).
+
+    Args:
+        fs / ft: ``[N, C]`` raw features of the same N instances in student / teacher space.
+        num: prototypes wanted.
+
+    Returns:
+        ``[k]`` int64 indices into the N instances, in selection order, ``k = min(num, candidates)``.
+    """
+    if fs.shape[0] == 0 or num <= 0:
+        return torch.zeros(0, dtype=torch.long, device=fs.device)
+    xs = F.normalize(fs.float(), dim=1)
+    xt = F.normalize(ft.float(), dim=1)
+    cand = density_candidates(xs, xt, bandwidth, percentile)
+    gs, gt = xs[cand], xt[cand]                                   # [K, C] unit atoms
+    rs, rt = xs.clone(), xt.clone()                               # [N, C] residuals
+    taken = torch.zeros(cand.numel(), dtype=torch.bool, device=fs.device)
+    chosen = []
+    for _ in range(min(num, cand.numel())):
+        a, b = gs @ rs.t(), gt @ rt.t()                            # [K, N]
+        ws = (alpha * (a + b) + a) / (1 + 2 * alpha)
+        wt = (alpha * (a + b) + b) / (1 + 2 * alpha)
+        err = (ws * ws - 2 * ws * a + wt * wt - 2 * wt * b + alpha * (ws - wt) ** 2).sum(dim=1)  # [K]
+        err = err.masked_fill(taken, float("inf"))
+        k = int(torch.argmin(err))
+        taken[k] = True
+        chosen.append(int(cand[k]))
+        rs = rs - ws[k].unsqueeze(1) * gs[k].unsqueeze(0)
+        rt = rt - wt[k].unsqueeze(1) * gt[k].unsqueeze(0)
+    return torch.tensor(chosen, dtype=torch.long, device=fs.device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. features, and the whole refresh
+
+
+class PrototypeGenerator:
+    """Samples instances once, then builds a :class:`PrototypeBank` from the live models on each :meth:`refresh`.
+
+    Args:
+        cfg: the ``distill.pgm`` section.
+        pairs: the distilled levels.
+        classes: class names (label i + 1 is ``classes[i]``), for messages.
+        annotations: per training image ``(boxes [n, 4] original pixels, labels [n])`` (for sampling only).
+        load: ``load(image_index) -> (image [3, H, W] float in [0, 1], target with "boxes" and "labels")``, the
+            image at original size with its boxes in original pixels (the training split in eval mode).
+        seed: sampling seed.
+    """
+
+    def __init__(self, cfg: PGMConfig, pairs: list[LevelPair], classes: list[str],
+                 annotations: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                 load: Callable[[int], tuple[torch.Tensor, dict[str, Any]]], seed: int):
+        self.cfg, self.pairs, self.classes, self.load = cfg, pairs, list(classes), load
+        self.samples = sample_images(annotations, len(classes), cfg.min_box_size, cfg.max_images_per_class, seed)
+        self.images = sorted({i for imgs in self.samples.values() for i in imgs})
+        self._wanted = {}  # image -> set of classes sampled with it
+        for c, imgs in self.samples.items():
+            for i in imgs:
+                self._wanted.setdefault(i, set()).add(c)
+        self.empty_classes = [c for c, imgs in self.samples.items() if not imgs]
+        for c in self.empty_classes:
+            log.warning("class '%s' has no box larger than %g px (distill.pgm.min_box_size): no prototypes; its "
+                        "instances get robust weight 1 and no global-knowledge term", self.classes[c - 1],
+                        cfg.min_box_size)
+        self._teacher_cache: dict[str, torch.Tensor] | None = None
+        self._labels_cache: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def _extract(self, student, teacher, device, with_teacher: bool):
+        """Pooled features of every sampled instance: ({key: [N, C]} student, teacher or None, labels [N])."""
+        feats_s: dict[str, list[torch.Tensor]] = {p.key: [] for p in self.pairs}
+        feats_t: dict[str, list[torch.Tensor]] = {p.key: [] for p in self.pairs}
+        labels: list[torch.Tensor] = []
+        bs = max(1, self.cfg.batch_size)
+        for start in range(0, len(self.images), bs):
+            batch = self.images[start:start + bs]
+            images, targets = [], []
+            for i in batch:
+                img, tgt = self.load(i)
+                boxes, lab = tgt["boxes"].float(), tgt["labels"].long()
+                keep = _valid(boxes, self.cfg.min_box_size) & torch.tensor(
+                    [int(c) in self._wanted[i] for c in lab.tolist()], dtype=torch.bool)
+                images.append(img.to(device))
+                targets.append({"boxes": boxes[keep].to(device), "labels": lab[keep].to(device)})
+            x, tt = student.transform(images, targets)
+            boxes5 = torch.cat([torch.cat([torch.full((len(t["boxes"]), 1), float(b), device=device), t["boxes"]], 1)
+                                for b, t in enumerate(tt)])
+            labels.append(torch.cat([t["labels"] for t in tt]).cpu())
+            fs = student.backbone(x.tensors)
+            ft = teacher.backbone(x.tensors) if with_teacher else None
+            for p in self.pairs:
+                dummy = torch.zeros(1, fs[p.student].shape[1], device=device)
+                feats_s[p.key].append(prototype_project(fs[p.student], boxes5, p.stride, dummy)[0].float().cpu())
+                if ft is not None:
+                    feats_t[p.key].append(prototype_project(ft[p.teacher], boxes5, p.stride, dummy)[0].float().cpu())
+        cat = lambda d: {k: (torch.cat(v) if v else torch.zeros(0, 256)) for k, v in d.items()}  # noqa: E731
+        lab = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+        return cat(feats_s), (cat(feats_t) if with_teacher else None), lab
+
+    def refresh(self, student: torch.nn.Module, teacher: torch.nn.Module,
+                device: torch.device) -> tuple[PrototypeBank, dict[str, float]]:
+        """Build prototypes from the current student (put in eval mode here; the caller restores train mode).
+
+        Returns:
+            ``(bank on device, metrics)``; metrics: ``pgm_time_s``, ``pgm_extract_s``, ``pgm_select_s``,
+            ``pgm_images``, ``pgm_instances``, ``pgm_prototypes`` (total over levels).
+        """
+        t0 = time.perf_counter()
+        student.eval()
+        teacher.eval()
+        first = self._teacher_cache is None
+        fs, ft, labels = self._extract(student, teacher, device, with_teacher=first)
+        if first:
+            self._teacher_cache, self._labels_cache = ft, labels
+        ft, labels = self._teacher_cache, self._labels_cache
+        t1 = time.perf_counter()
+        bank = PrototypeBank()
+        cfg = self.cfg
+        for p in self.pairs:
+            idx_all, lab_all = [], []
+            for c in range(1, len(self.classes) + 1):
+                members = (labels == c).nonzero().squeeze(1)
+                if members.numel() == 0:
+                    continue
+                idx = joint_matching_pursuit(fs[p.key][members], ft[p.key][members], cfg.num_prototypes, cfg.alpha,
+                                             cfg.density_bandwidth, cfg.density_percentile)
+                idx_all.append(members[idx])
+                lab_all.append(torch.full((idx.numel(),), c, dtype=torch.long))
+            sel = torch.cat(idx_all) if idx_all else torch.zeros(0, dtype=torch.long)
+            bank.student[p.key] = fs[p.key][sel]
+            bank.teacher[p.key] = ft[p.key][sel]
+            bank.labels[p.key] = torch.cat(lab_all) if lab_all else torch.zeros(0, dtype=torch.long)
+        t2 = time.perf_counter()
+        metrics = {"pgm_time_s": round(t2 - t0, 4), "pgm_extract_s": round(t1 - t0, 4),
+                   "pgm_select_s": round(t2 - t1, 4), "pgm_images": len(self.images),
+                   "pgm_instances": int(labels.numel()),
+                   "pgm_prototypes": sum(bank.count(p.key) for p in self.pairs)}
+        return bank.to(device), metrics
