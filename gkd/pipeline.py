@@ -175,12 +175,14 @@ def run(config: Path | None, overrides: tuple[str, ...], quick: bool) -> None:
       gkd run --quick name=smoke
       gkd run teacher.train.epochs=4 student.model.backbone=mobilenet_v3_large
     """
+    from kd.cli import split_config_and_overrides
     from kd.config import load_config
     from kd.logs import setup_console_logging
 
     setup_console_logging()
+    config, overrides = split_config_and_overrides(config, overrides)
     pre = list(QUICK_OVERRIDES) if quick else []
-    cfg = load_config(config, pre + list(overrides), cls=PipelineConfig)
+    cfg = load_config(config, pre + overrides, cls=PipelineConfig)
     manifest = run_pipeline(cfg)
     click.echo(f"done: {cfg.run_dir}  (manifest {cfg.run_dir / 'manifest.json'})")
     for stage, rec in manifest["stages"].items():

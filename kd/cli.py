@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-__all__ = ["train", "evaluate", "config_overrides_argument"]
+__all__ = ["train", "evaluate", "config_overrides_argument", "split_config_and_overrides"]
 
 OVERRIDES_HELP = ("Override any config key as key=value (dotted for nested sections), e.g. train.epochs=2 "
                   "model.backbone=resnet18 data.root=data/mine. Values are parsed as YAML.")
@@ -13,6 +13,13 @@ OVERRIDES_HELP = ("Override any config key as key=value (dotted for nested secti
 
 def config_overrides_argument(f):
     return click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")(f)
+
+
+def split_config_and_overrides(config: Path | None, overrides: tuple[str, ...]) -> tuple[Path | None, list[str]]:
+    """CONFIG is optional: when the first argument looks like KEY=VALUE (and is no file), it is an override."""
+    if config is not None and "=" in config.name and not config.exists():
+        return None, [str(config), *overrides]
+    return config, list(overrides)
 
 
 @click.command("train")
@@ -41,7 +48,7 @@ def train(config: Path | None, overrides: tuple[str, ...], resume: bool, no_prog
     from .train import train_detector
 
     setup_console_logging(verbose)
-    cfg = load_config(config, overrides)
+    cfg = load_config(*split_config_and_overrides(config, overrides))
     record = train_detector(cfg, resume=resume, progress=not no_progress)
     click.echo(_summary(cfg.run_dir, record))
 

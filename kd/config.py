@@ -61,6 +61,9 @@ class ModelConfig:
     anchor_sizes: tuple[int, ...] = ()
     #: initial weights: a torchvision-format state dict or a gkd checkpoint (path), or null for random init
     weights: Optional[str] = None
+    #: Faster R-CNN: RoIs sampled per image for the box head in training (torchvision/mmdet: 512, 25% positive);
+    #: the box head's cost is linear in it, and small images with few objects need far fewer
+    rois_per_image: int = 512
     #: detections kept per image and score threshold at inference (COCO protocol: low threshold, 100 boxes)
     score_thresh: float = 0.05
     detections_per_img: int = 100

@@ -11,7 +11,7 @@ import torch
 from .config import RunConfig
 from .errors import GkdError
 
-__all__ = ["load_splits", "build_model", "train_detector", "evaluate_checkpoint"]
+__all__ = ["load_splits", "check_num_classes", "build_model", "train_detector", "evaluate_checkpoint"]
 
 log = logging.getLogger("gkd")
 
@@ -35,14 +35,19 @@ def load_splits(cfg: RunConfig, train: bool = True):
     return train_index, val_index
 
 
+def check_num_classes(cfg: RunConfig, num_classes: int) -> None:
+    """``model.num_classes`` is optional (0 = the dataset's); when given it must agree with the dataset."""
+    if cfg.model.num_classes and cfg.model.num_classes != num_classes:
+        raise GkdError(f"model.num_classes is {cfg.model.num_classes} but the dataset has {num_classes} classes "
+                       f"(set it to 0 to take the dataset's count)")
+
+
 def build_model(cfg: RunConfig, num_classes: int) -> torch.nn.Module:
     """Detector for ``cfg.model`` with ``num_classes`` classes, initialised from ``cfg.model.weights`` if given."""
     from .checkpoint import load_checkpoint, load_state_into
     from .models.detectors import build_detector
 
-    if cfg.model.num_classes and cfg.model.num_classes != num_classes:
-        raise GkdError(f"model.num_classes is {cfg.model.num_classes} but the dataset has {num_classes} classes "
-                       f"(set it to 0 to take the dataset's count)")
+    check_num_classes(cfg, num_classes)
     model = build_detector(cfg.model, num_classes)
     if cfg.model.weights:
         ckpt = load_checkpoint(cfg.model.weights)
@@ -60,6 +65,7 @@ def train_detector(cfg: RunConfig, resume: bool = False, progress: bool = True) 
 
     train_index, val_index = load_splits(cfg)
     k = len(train_index.classes)
+    check_num_classes(cfg, k)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=k))
     seed_everything(cfg.seed)  # model init is part of the seeded run
     model = build_model(cfg, k)

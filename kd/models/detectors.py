@@ -103,6 +103,7 @@ def build_detector(cfg: ModelConfig, num_classes: int | None = None) -> nn.Modul
         model = FasterRCNN(backbone, k + 1, rpn_anchor_generator=anchors,
                            box_roi_pool=MultiScaleRoIAlign(roi_levels, output_size=7, sampling_ratio=2),
                            box_score_thresh=cfg.score_thresh, box_detections_per_img=cfg.detections_per_img,
+                           box_batch_size_per_image=cfg.rois_per_image,
                            **common)
     model.gkd_meta = {"arch": cfg.arch, "backbone": cfg.backbone, "num_classes": k,
                       "levels": names, "strides": strides}
@@ -111,7 +112,7 @@ def build_detector(cfg: ModelConfig, num_classes: int | None = None) -> nn.Modul
 
 def _level_strides(backbone: nn.Module) -> dict[str, int]:
     """Measure each FPN level's stride with one dummy forward (the truth, whatever torchvision's layout)."""
-    size = 256
+    size = 128  # divisible by the coarsest stride (128, RetinaNet's P7)
     with torch.no_grad():
         was = backbone.training
         backbone.eval()
