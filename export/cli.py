@@ -1,0 +1,105 @@
+"""``gkd export``: a checkpoint to ONNX (FP32/FP16/INT8) and TensorRT engines, each run and compared before it is
+called good. The work is :func:`export.pipeline.export_checkpoint`; this module only parses options."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+__all__ = ["export"]
+
+_PATH = click.Path(path_type=Path)
+
+
+def _precisions(ctx, param, value: str) -> tuple[str, ...]:
+    from .pipeline import PRECISIONS
+
+    items = tuple(dict.fromkeys(v.strip().lower() for v in value.split(",") if v.strip()))
+    bad = [v for v in items if v not in PRECISIONS]
+    if bad or not items:
+        raise click.BadParameter(f"unknown precision '{bad[0] if bad else value}'; expected a comma-separated list "
+                                 f"of {', '.join(PRECISIONS)}")
+    return items
+
+
+@click.command("export", context_settings={"max_content_width": 110})
+@click.argument("checkpoint", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--precision", "precisions", default="fp32", show_default=True, callback=_precisions,
+              help="Comma-separated precisions to export: fp32, fp16, int8 (FP32 is always written: the others are "
+                   "made from it).")
+@click.option("--calib-data", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="COCO JSON whose images calibrate INT8 (use the training split). Required for int8.")
+@click.option("--val-data", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="COCO JSON whose images (and annotations, for the mAP level) are used for parity; default: the "
+                   "calibration data.")
+@click.option("--out", type=_PATH, default=Path("export"), show_default=True,
+              help="Output folder: model.<precision>.onnx, model.json (pre-processing contract), parity.json/.md, "
+                   "export.json (manifest), and model.<precision>.engine(.json) where TensorRT exists.")
+@click.option("--opset", type=click.IntRange(16, 20), default=17, show_default=True, help="ONNX opset.")
+@click.option("--calib-images", type=click.IntRange(1, None), default=64, show_default=True,
+              help="Calibration images (a seeded random subset of --calib-data).")
+@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"], case_sensitive=False),
+              default="minmax", show_default=True, help="onnxruntime calibration method for activation ranges.")
+@click.option("--int8-target", type=click.FloatRange(0, 1), default=0.99, show_default=True,
+              help="With annotated parity images: keep the most costly layers in FP32 until INT8 mAP >= this "
+                   "fraction of FP32 mAP (0 disables the search).")
+@click.option("--parity-images", type=click.IntRange(1, None), default=16, show_default=True,
+              help="Images compared between PyTorch and each exported model.")
+@click.option("--atol", type=click.FloatRange(0, None), default=None,
+              help="Tensor-level absolute tolerance (boxes in px, scores); default per precision (docs/export.md).")
+@click.option("--rtol", type=click.FloatRange(0, None), default=None, help="Tensor-level relative tolerance.")
+@click.option("--min-recall", type=click.FloatRange(0, 1), default=None,
+              help="Detection level: fraction of reference detections that must be matched (default per precision).")
+@click.option("--min-map-ratio", type=click.FloatRange(0, 1), default=None,
+              help="mAP level: candidate mAP / reference mAP that must hold (default per precision).")
+@click.option("--score-floor", type=click.FloatRange(0, 1), default=None,
+              help="Detections scoring below this neither need a match nor count as extra (default 0.3).")
+@click.option("--min-shapes", default=None, help="TensorRT profile minimum, trtexec syntax: image:1x3x32x32.")
+@click.option("--opt-shapes", default=None, help="TensorRT profile optimum (default: the model's resize size).")
+@click.option("--max-shapes", default=None, help="TensorRT profile maximum (default: 4x the model's max_size).")
+@click.option("--tensorrt", type=click.Choice(["auto", "on", "off"], case_sensitive=False), default="auto",
+              show_default=True, help="Build engines: auto = when TensorRT and a GPU exist; on = fail if they don't.")
+@click.option("--workspace-gib", type=click.FloatRange(0.1, None), default=4.0, show_default=True,
+              help="TensorRT builder workspace.")
+@click.option("--threads", type=click.IntRange(1, None), default=1, show_default=True,
+              help="CPU threads for PyTorch and onnxruntime during parity.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for image subsets.")
+def export(checkpoint, precisions, calib_data, val_data, out, opset, calib_images, calib_method, int8_target,
+           parity_images, atol, rtol, min_recall, min_map_ratio, score_floor, min_shapes, opt_shapes, max_shapes,
+           tensorrt, workspace_gib, threads, seed):
+    """Export CHECKPOINT (a gkd detector checkpoint) to ONNX and, where available, TensorRT.
+
+    \b
+    Each file is run with onnxruntime on real images and compared with the PyTorch checkpoint (tensors, matched
+    detections, mAP); export.json marks it verified only if parity passes, and the command exits with status 1
+    when any requested precision fails.
+    \b
+    Example:
+      gkd export runs/student/checkpoints/model.pt --precision fp32,fp16,int8 \\
+          --calib-data data/synth/train.json --val-data data/synth/val.json --out runs/student/export
+    """
+    import sys
+
+    from .pipeline import ExportOptions, export_checkpoint
+    from .trt import compute_profile  # noqa: F401  (validate shape options before the slow work)
+    from .trt import parse_shapes
+
+    for spec, name in ((min_shapes, "--min-shapes"), (opt_shapes, "--opt-shapes"), (max_shapes, "--max-shapes")):
+        parse_shapes(spec, name)
+    overrides = {"atol": atol, "rtol": rtol, "min_recall": min_recall, "min_map_ratio": min_map_ratio,
+                 "score_floor": score_floor}
+    opts = ExportOptions(checkpoint=checkpoint, out=out, precisions=precisions, calib_data=calib_data,
+                         val_data=val_data, calib_images=calib_images, calib_method=calib_method.lower(),
+                         parity_images=parity_images, opset=opset, min_shapes=min_shapes, opt_shapes=opt_shapes,
+                         max_shapes=max_shapes, tolerance_overrides={k: v for k, v in overrides.items()
+                                                                     if v is not None},
+                         int8_target=int8_target, tensorrt=tensorrt.lower(), workspace_gib=workspace_gib,
+                         threads=threads, seed=seed)
+    manifest = export_checkpoint(opts, log=lambda s: click.echo(s, err=True))
+    failed = [p for p in precisions if not manifest["files"][p]["verified"]]
+    failed += [f"{p} engine" for p, e in manifest["tensorrt"].get("engines", {}).items() if not e["good"]]
+    if failed:
+        click.echo(f"gkd export: parity FAILED for {', '.join(failed)}: these files are NOT verified "
+                   f"(details in {out / 'parity.json'})", err=True)
+        sys.exit(1)
+    click.echo(f"gkd export: {', '.join(precisions)} written to {out} and verified against PyTorch")

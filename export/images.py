@@ -1,0 +1,62 @@
+"""Real images for calibration, parity and benchmarks, read from a COCO-format JSON file through ``kd.data``.
+
+Images load as the evaluation path loads them (``kd.data.coco.load_image``: EXIF orientation applied, converted to
+8-bit RGB), as float32 ``[3, H, W]`` in [0, 1] at their original size: the exported graph does the resize.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["ImageSet", "load_image_set"]
+
+
+@dataclass
+class ImageSet:
+    """Images of a COCO file, with its ground truth for mAP.
+
+    Attributes:
+        path: the COCO JSON file.
+        images: ``[(image_id, tensor [3, H, W] float32 in [0, 1])]``.
+        gt_json: the cleaned COCO dict (for ``kd.evaluation.CocoEvaluator``).
+        category_ids: COCO category id of labels 1..K.
+        classes: class names of labels 1..K.
+        has_annotations: whether the chosen images hold any annotation (mAP is meaningful).
+    """
+
+    path: Path
+    images: list[tuple[int, torch.Tensor]]
+    gt_json: dict[str, Any]
+    category_ids: list[int]
+    classes: list[str]
+    has_annotations: bool
+
+
+def load_image_set(json_path: str | Path, *, limit: int | None = None, seed: int = 0,
+                   image_root: str | Path | None = None) -> ImageSet:
+    """Read up to ``limit`` images (a seeded random subset when the file has more) of a COCO JSON file.
+
+    Args:
+        json_path: COCO instances JSON; validated by ``kd.data.coco.load_coco`` (one-line errors).
+        limit: number of images (None = all).
+        seed: picks the subset, so runs are reproducible.
+        image_root: folder of the image files (default: ``images/`` next to the JSON, else its folder).
+    """
+    from kd.data.coco import load_coco, load_image
+
+    index = load_coco(json_path, image_root=image_root)
+    entries = list(index.images)
+    if limit is not None and limit < len(entries):
+        picked = set(random.Random(seed).sample(range(len(entries)), limit))
+        entries = [e for i, e in enumerate(entries) if i in picked]
+    images = []
+    for im in entries:
+        arr = np.asarray(load_image(index.image_path(im)), dtype=np.uint8).copy()
+        images.append((int(im["id"]), torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)))
+    annotated = any(index.anns_by_image.get(int(im["id"])) for im in entries)
+    return ImageSet(Path(json_path), images, index.gt_json, list(index.category_ids), list(index.classes), annotated)

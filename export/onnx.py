@@ -1,0 +1,185 @@
+"""ONNX export of a whole torchvision detector (pre- and post-processing included) with standard operators only.
+
+Exporter choice (measured with torch 2.14 / torchvision 0.29): the dynamo exporter fails on full detectors (a
+data-dependent guard in ``batched_nms``), so this uses the legacy TorchScript exporter (``dynamo=False``), default
+opset 17, with dynamic height/width and a batch fixed at 1. Every file is written to a temporary file in the target
+folder, checked (``onnx.checker`` with ``full_check``, no custom operator domain) and only then renamed into place:
+a failed export leaves nothing behind.
+
+Never run this file as a script (``python export/onnx.py``): its folder would shadow the real ``onnx`` package.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kd.errors import GkdError
+from kd.io import atomic_write
+
+from ._lazy import lazy_import
+from .adapters import INPUT_NAME, OUTPUT_NAMES, ExportWrapper
+
+__all__ = ["export_onnx", "load_onnx", "save_onnx", "read_metadata", "file_sha256", "DEFAULT_OPSET",
+           "SUPPORTED_OPSETS", "STANDARD_DOMAINS"]
+
+DEFAULT_OPSET = 17
+#: 16 is the first opset whose RoiAlign has the half-pixel mode torchvision needs; 20 is the newest the legacy
+#: exporter emits for these models
+SUPPORTED_OPSETS = (16, 17, 18, 19, 20)
+#: "" and "ai.onnx" are the standard operator set; anything else would need a plugin or custom kernel
+STANDARD_DOMAINS = ("", "ai.onnx")
+METADATA_KEY = "gkd.metadata"
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file (streamed)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_onnx(path: str | Path, what: str = "ONNX file"):
+    """Load and structurally check an ONNX file; one-line GkdError when it is missing, corrupt or invalid."""
+    onnx = lazy_import("onnx", "reading ONNX files")
+    path = Path(path)
+    if not path.is_file():
+        raise GkdError(f"{path}: {what} not found")
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as exc:  # protobuf DecodeError, ValidationError, truncated files: all mean "not a valid ONNX"
+        msg = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GkdError(f"{path}: not a valid {what} (corrupt, truncated or not ONNX): {msg[:200]}") from None
+    return model
+
+
+def _check_model(model, where: str) -> None:
+    onnx = lazy_import("onnx")
+    custom = sorted({n.domain for n in _all_nodes(model.graph) if n.domain not in STANDARD_DOMAINS})
+    if custom:
+        raise GkdError(f"{where}: the graph uses custom operator domains {custom}; only standard ONNX ops are allowed")
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise GkdError(f"{where}: onnx.checker rejected the graph: {str(exc).splitlines()[0]}") from None
+
+
+def _all_nodes(graph):
+    """Nodes of a graph and of every subgraph (If/Loop bodies)."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == attr.GRAPH:
+                yield from _all_nodes(attr.g)
+            for g in attr.graphs:
+                yield from _all_nodes(g)
+
+
+def _literal_zero_reshapes(model) -> int:
+    """Give every Reshape with a runtime-computed target shape ``allowzero=1``; returns how many were changed.
+
+    Why: the legacy exporter writes ``allowzero=0``, where a 0 in the target shape means "copy the input's dim".
+    torchvision's box decoding reshapes to a shape read from the tensor itself, so when a pyramid level has no
+    candidate above the score threshold the target is ``[0, -1]``-like and onnxruntime fails ("cannot be reshaped")
+    where PyTorch returns an empty tensor. PyTorch's 0 is always a literal 0, which is what ``allowzero=1`` means
+    (opset >= 14), so this restores PyTorch's semantics. Constant target shapes are left alone.
+    """
+    from onnx import helper
+
+    consts = {i.name for i in model.graph.initializer}
+    changed = 0
+    for node in _all_nodes(model.graph):
+        if node.op_type == "Constant":
+            consts.update(node.output)
+    for node in _all_nodes(model.graph):
+        if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] in consts:
+            continue
+        attrs = [a for a in node.attribute if a.name == "allowzero"]
+        if attrs:
+            if attrs[0].i != 1:
+                attrs[0].i = 1
+                changed += 1
+        else:
+            node.attribute.append(helper.make_attribute("allowzero", 1))
+            changed += 1
+    return changed
+
+
+def read_metadata(model_or_path) -> dict[str, Any]:
+    """The gkd metadata (pre-processing contract, precision, provenance) stored in an ONNX file's metadata_props."""
+    model = load_onnx(model_or_path) if isinstance(model_or_path, (str, Path)) else model_or_path
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            return json.loads(prop.value)
+    return {}
+
+
+def _set_metadata(model, metadata: dict[str, Any]) -> None:
+    keep = [p for p in model.metadata_props if p.key != METADATA_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    prop = model.metadata_props.add()
+    prop.key, prop.value = METADATA_KEY, json.dumps(metadata, sort_keys=True)
+
+
+def save_onnx(model, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+    """Check ``model`` (checker, standard domains), stamp ``metadata`` and write it atomically to ``path``."""
+    onnx = lazy_import("onnx")
+    path = Path(path)
+    if metadata is not None:
+        _set_metadata(model, metadata)
+    _check_model(model, str(path))
+    return atomic_write(path, lambda tmp: onnx.save(model, str(tmp)))
+
+
+def export_onnx(detector: nn.Module, path: str | Path, sample: torch.Tensor, *, opset: int = DEFAULT_OPSET,
+                metadata: dict[str, Any] | None = None) -> Path:
+    """Export a torchvision detector to ONNX (FP32) with named I/O and dynamic H/W.
+
+    Args:
+        detector: torchvision FasterRCNN or RetinaNet (eval mode, CPU).
+        path: the ``.onnx`` file to write (atomically).
+        sample: ``[1, 3, H, W]`` float32 image in [0, 1] used for tracing; use a real image, so that the traced
+            branches are the ones real data takes.
+        opset: ONNX opset, one of :data:`SUPPORTED_OPSETS`.
+        metadata: JSON-serialisable dict stored under ``metadata_props["gkd.metadata"]`` (the contract).
+
+    Returns:
+        The written path.
+    """
+    onnx = lazy_import("onnx", "ONNX export")
+    if opset not in SUPPORTED_OPSETS:
+        raise GkdError(f"opset {opset} is not supported; expected one of {list(SUPPORTED_OPSETS)}")
+    if sample.dim() != 4 or sample.shape[0] != 1 or sample.shape[1] != 3:
+        raise GkdError(f"sample image must be [1, 3, H, W], got {list(sample.shape)}")
+    wrapper = ExportWrapper(detector)
+    path = Path(path)
+    dynamic = {INPUT_NAME: {2: "height", 3: "width"}, **{name: {0: "num_detections"} for name in OUTPUT_NAMES}}
+
+    def write(tmp: Path) -> None:
+        with warnings.catch_warnings(), torch.no_grad():
+            # The legacy exporter is deprecated and the tracer warns about every Python-side shape computation in
+            # torchvision's transform; both are expected (see docs/export.md), so keep the user's console clean.
+            warnings.simplefilter("ignore")
+            try:
+                torch.onnx.export(wrapper, (sample,), str(tmp), dynamo=False, opset_version=opset,
+                                  input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic,
+                                  do_constant_folding=True)
+            except Exception as exc:
+                raise GkdError(f"{path}: ONNX export failed: {str(exc).splitlines()[0][:300]}") from None
+        model = onnx.load(str(tmp))
+        _literal_zero_reshapes(model)
+        if metadata is not None:
+            _set_metadata(model, metadata)
+        _check_model(model, str(path))
+        onnx.save(model, str(tmp))
+
+    return atomic_write(path, write)

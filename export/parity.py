@@ -1,0 +1,256 @@
+"""Parity of an exported model against the PyTorch reference, at three levels, on real images.
+
+1. **Tensors**: element-wise errors of ``boxes``/``scores`` (max/mean absolute and relative) and label mismatches,
+   on the images where both produced the same number of detections, plus the smallest ``atol`` (at the configured
+   ``rtol``) and ``rtol`` (at ``atol = 0``) that would have passed (Polygraphy's "minimum required tolerance").
+   Detection outputs are sets after NMS: one near-tied score or one box crossing the score threshold changes the
+   order or the count, so this level gates FP32 only and is diagnostic for FP16/INT8.
+2. **Detections**: per image, each reference detection (highest score first) is matched to the unmatched candidate
+   of the same label with the highest IoU >= ``iou``; recall of the reference detections scoring >= ``score_floor``,
+   precision of the candidates scoring >= ``score_floor``, missing / extra counts, mean and max score delta, mean IoU.
+   The floor keeps detections that hover at the model's own score threshold (0.05) from flipping in and out and
+   raising false alarms; candidates below the floor still count as matches.
+3. **mAP** (when the images have annotations): COCO bbox mAP of both through ``kd.evaluation.CocoEvaluator``,
+   delta and ratio.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from .runtime import Runner
+
+__all__ = ["Tolerances", "DEFAULT_TOLERANCES", "collect_outputs", "compare_outputs", "match_detections",
+           "tensor_errors", "format_table"]
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """Pass/fail thresholds. See docs/export.md ("Parity") for how the defaults were chosen.
+
+    Attributes:
+        atol, rtol: tensor level, ``|cand - ref| <= atol + rtol * |ref|`` element-wise (boxes in pixels, scores).
+        tensor_gate: whether the tensor level decides the verdict (FP32 only by default).
+        iou: IoU for two detections of the same label to match.
+        score_floor: detections below it neither need a match nor count as extra.
+        min_recall: matched / reference detections (>= floor).
+        min_precision: matched / candidate detections (>= floor).
+        max_mean_score_delta: mean |score difference| over matched pairs.
+        min_map_ratio: candidate mAP / reference mAP (mAP level, when annotated).
+    """
+
+    atol: float = 0.05
+    rtol: float = 1e-4
+    tensor_gate: bool = True
+    iou: float = 0.5
+    score_floor: float = 0.3
+    min_recall: float = 0.99
+    min_precision: float = 0.99
+    max_mean_score_delta: float = 1e-3
+    min_map_ratio: float = 0.995
+
+    def replace(self, **changes) -> "Tolerances":
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+#: defaults per precision (measured noise with margin; justification in docs/export.md)
+DEFAULT_TOLERANCES: dict[str, Tolerances] = {
+    "fp32": Tolerances(),
+    "fp16": Tolerances(atol=1.0, rtol=1e-2, tensor_gate=False, min_recall=0.97, min_precision=0.97,
+                       max_mean_score_delta=0.01, min_map_ratio=0.99),
+    "int8": Tolerances(atol=4.0, rtol=5e-2, tensor_gate=False, min_recall=0.90, min_precision=0.90,
+                       max_mean_score_delta=0.05, min_map_ratio=0.99),
+}
+
+Outputs = list[dict[str, torch.Tensor]]
+
+
+def collect_outputs(runner: Runner, images: Iterable[tuple[int, torch.Tensor]]) -> Outputs:
+    """Run ``runner`` on ``[(image_id, [3, H, W])]``; returns one output dict per image (with ``image_id``)."""
+    outs = []
+    for image_id, image in images:
+        o = runner.detect(image)
+        outs.append({**o, "image_id": image_id})
+    return outs
+
+
+def _box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    from torchvision.ops import box_iou
+
+    if a.numel() == 0 or b.numel() == 0:
+        return torch.zeros(a.shape[0], b.shape[0])
+    return box_iou(a.double(), b.double()).float()
+
+
+def match_detections(ref: dict[str, torch.Tensor], cand: dict[str, torch.Tensor], iou: float = 0.5
+                     ) -> list[tuple[int, int, float]]:
+    """Greedy one-to-one matching of one image's detections, order-free.
+
+    Reference detections are visited by descending score; each takes the unmatched candidate of the same label with
+    the highest IoU, if that IoU is >= ``iou``.
+
+    Args:
+        ref, cand: ``{"boxes": [N, 4], "scores": [N], "labels": [N]}``.
+        iou: the IoU threshold.
+
+    Returns:
+        ``[(ref_index, cand_index, iou)]``.
+    """
+    ious = _box_iou(ref["boxes"], cand["boxes"])
+    same = ref["labels"].view(-1, 1) == cand["labels"].view(1, -1)
+    ious = torch.where(same, ious, torch.full_like(ious, -1.0))
+    used = torch.zeros(cand["boxes"].shape[0], dtype=torch.bool)
+    pairs = []
+    for r in torch.argsort(ref["scores"], descending=True, stable=True).tolist():
+        if ious.shape[1] == 0:
+            break
+        row = ious[r].masked_fill(used, -1.0)
+        c = int(torch.argmax(row))
+        if row[c] >= iou:
+            used[c] = True
+            pairs.append((r, c, float(row[c])))
+    return pairs
+
+
+def _stats(diff: torch.Tensor) -> dict[str, float]:
+    if diff.numel() == 0:
+        return {"max": 0.0, "mean": 0.0}
+    return {"max": float(diff.max()), "mean": float(diff.mean())}
+
+
+def tensor_errors(ref: Outputs, cand: Outputs, atol: float, rtol: float) -> dict[str, Any]:
+    """Tensor-level errors over images whose outputs have equal shapes (see module docstring)."""
+    abs_d = {"boxes": [], "scores": []}
+    rel_d = {"boxes": [], "scores": []}
+    excess = []  # |d| - rtol * |ref|: the atol each element needs
+    compared = mismatched = label_mismatch = 0
+    for r, c in zip(ref, cand):
+        if r["boxes"].shape != c["boxes"].shape:
+            mismatched += 1
+            continue
+        compared += 1
+        label_mismatch += int((r["labels"] != c["labels"]).sum())
+        for key in ("boxes", "scores"):
+            a, b = r[key].double().flatten(), c[key].double().flatten()
+            d = (a - b).abs()
+            abs_d[key].append(d)
+            rel_d[key].append(d / a.abs().clamp_min(1e-12))
+            excess.append(d - rtol * a.abs())
+    out: dict[str, Any] = {"compared_images": compared, "shape_mismatch_images": mismatched,
+                           "label_mismatches": label_mismatch}
+    for key in ("boxes", "scores"):
+        a = torch.cat(abs_d[key]) if abs_d[key] else torch.zeros(0)
+        rl = torch.cat(rel_d[key]) if rel_d[key] else torch.zeros(0)
+        out[key] = {"max_abs": _stats(a)["max"], "mean_abs": _stats(a)["mean"],
+                    "max_rel": _stats(rl)["max"], "mean_rel": _stats(rl)["mean"]}
+    ex = torch.cat(excess) if excess else torch.zeros(0)
+    out["min_atol"] = max(0.0, float(ex.max())) if ex.numel() else 0.0
+    out["min_rtol"] = max(out["boxes"]["max_rel"], out["scores"]["max_rel"])
+    out["passed"] = bool(compared > 0 and mismatched == 0 and label_mismatch == 0 and out["min_atol"] <= atol)
+    return out
+
+
+def detection_errors(ref: Outputs, cand: Outputs, iou: float, score_floor: float) -> dict[str, Any]:
+    """Detection-level comparison (see module docstring)."""
+    n_ref = n_cand = matched_ref = matched_cand = 0
+    deltas, ious = [], []
+    for r, c in zip(ref, cand):
+        pairs = match_detections(r, c, iou)
+        ref_hi = r["scores"] >= score_floor
+        cand_hi = c["scores"] >= score_floor
+        n_ref += int(ref_hi.sum())
+        n_cand += int(cand_hi.sum())
+        for ri, ci, v in pairs:
+            if ref_hi[ri]:
+                matched_ref += 1
+                deltas.append(abs(float(r["scores"][ri]) - float(c["scores"][ci])))
+                ious.append(v)
+            if cand_hi[ci]:
+                matched_cand += 1
+    return {"iou": iou, "score_floor": score_floor, "reference_detections": n_ref, "candidate_detections": n_cand,
+            "matched": matched_ref, "missing": n_ref - matched_ref, "extra": n_cand - matched_cand,
+            "recall": matched_ref / n_ref if n_ref else 1.0,
+            "precision": matched_cand / n_cand if n_cand else 1.0,
+            "mean_score_delta": sum(deltas) / len(deltas) if deltas else 0.0,
+            "max_score_delta": max(deltas) if deltas else 0.0,
+            "mean_iou": sum(ious) / len(ious) if ious else 1.0}
+
+
+def coco_map(outputs: Outputs, gt_json: dict, category_ids: Sequence[int]) -> dict[str, float]:
+    """COCO bbox metrics of ``outputs`` (boxes already in original-image pixels)."""
+    from kd.evaluation import CocoEvaluator
+
+    ev = CocoEvaluator(gt_json, category_ids)
+    ev.process([{"image_id": o["image_id"]} for o in outputs], outputs)
+    return ev.evaluate(image_ids=[o["image_id"] for o in outputs])
+
+
+def compare_outputs(ref: Outputs, cand: Outputs, tol: Tolerances, *, gt_json: dict | None = None,
+                    category_ids: Sequence[int] | None = None, ref_map: dict[str, float] | None = None
+                    ) -> dict[str, Any]:
+    """All three levels and the verdict.
+
+    Args:
+        ref, cand: outputs of :func:`collect_outputs` on the same images, in the same order.
+        tol: thresholds.
+        gt_json, category_ids: annotations for the mAP level (skipped when None).
+        ref_map: the reference's metrics if already computed (saves one evaluation per candidate).
+
+    Returns:
+        ``{"images", "tensor", "detection", "map", "tolerances", "passed", "failures"}``.
+    """
+    if [o["image_id"] for o in ref] != [o["image_id"] for o in cand]:
+        raise ValueError("reference and candidate outputs must cover the same images in the same order")
+    tensor = tensor_errors(ref, cand, tol.atol, tol.rtol)
+    tensor["gating"] = tol.tensor_gate
+    det = detection_errors(ref, cand, tol.iou, tol.score_floor)
+    failures = []
+    if tol.tensor_gate and not tensor["passed"]:
+        failures.append(f"tensors: needs atol {tensor['min_atol']:.3g} (allowed {tol.atol:g} at rtol {tol.rtol:g}), "
+                        f"{tensor['shape_mismatch_images']} image(s) with a different detection count, "
+                        f"{tensor['label_mismatches']} label mismatch(es)")
+    if det["recall"] < tol.min_recall:
+        failures.append(f"detections: recall {det['recall']:.3f} < {tol.min_recall:g} ({det['missing']} missing)")
+    if det["precision"] < tol.min_precision:
+        failures.append(f"detections: precision {det['precision']:.3f} < {tol.min_precision:g} "
+                        f"({det['extra']} extra)")
+    if det["mean_score_delta"] > tol.max_mean_score_delta:
+        failures.append(f"detections: mean score delta {det['mean_score_delta']:.4f} > {tol.max_mean_score_delta:g}")
+    det["passed"] = not any(f.startswith("detections") for f in failures)
+    map_level = None
+    if gt_json is not None and category_ids is not None:
+        ref_m = ref_map if ref_map is not None else coco_map(ref, gt_json, category_ids)
+        cand_m = coco_map(cand, gt_json, category_ids)
+        r, c = ref_m["bbox_mAP"], cand_m["bbox_mAP"]
+        ratio = c / r if r > 0 else (1.0 if c >= r else 0.0)
+        map_level = {"reference": r, "candidate": c, "delta": c - r, "ratio": ratio,
+                     "reference_mAP_50": ref_m["bbox_mAP_50"], "candidate_mAP_50": cand_m["bbox_mAP_50"],
+                     "passed": ratio >= tol.min_map_ratio}
+        if not map_level["passed"]:
+            failures.append(f"mAP: {c:.4f} is {ratio:.2%} of the reference {r:.4f} (needs {tol.min_map_ratio:.1%})")
+    return {"images": len(ref), "tensor": tensor, "detection": det, "map": map_level,
+            "tolerances": dataclasses.asdict(tol), "passed": not failures, "failures": failures}
+
+
+def _fmt(v: float | None, spec: str = ".3f") -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A short markdown table of parity reports (``rows``: dicts with ``precision``, ``provider`` and a report)."""
+    head = ("| precision | runs on | images | recall | precision | missing/extra | score delta (mean) "
+            "| box error max (px) | mAP ref -> cand (ratio) | verdict |")
+    lines = [head, "|" + "---|" * 10]
+    for row in rows:
+        rep = row["parity"]
+        d, t, m = rep["detection"], rep["tensor"], rep["map"]
+        box = _fmt(t["boxes"]["max_abs"], ".2g") if t["compared_images"] else "n/a"
+        mp = f"{m['reference']:.3f} -> {m['candidate']:.3f} ({m['ratio']:.1%})" if m else "no annotations"
+        lines.append(f"| {row['precision']} | {row['provider']} | {rep['images']} | {_fmt(d['recall'])} "
+                     f"| {_fmt(d['precision'])} | {d['missing']}/{d['extra']} | {_fmt(d['mean_score_delta'], '.4f')} "
+                     f"| {box} | {mp} | {'PASS' if rep['passed'] else 'FAIL'} |")
+    return "\n".join(lines)

@@ -1,0 +1,236 @@
+"""Runners: one interface for PyTorch eager, onnxruntime and TensorRT.
+
+A runner is a context manager with ``infer(feed) -> outputs``: ``feed`` is ``{"image": [1, 3, H, W] float32 in
+[0, 1]}`` and the outputs are ``{"boxes": [N, 4], "scores": [N], "labels": [N]}`` torch tensors on the CPU. All
+runners get the same input and return the same outputs: resize, normalisation, padding, NMS and the mapping back to
+input pixels happen inside the model (see :mod:`export.adapters`), so no runner does any pre- or post-processing of
+its own. ``provider`` names what actually executed the model (for onnxruntime read back from the session: asking
+for CUDA silently falls back to the CPU when CUDA is unusable).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from kd.errors import GkdError
+
+from ._lazy import lazy_import
+from .adapters import INPUT_NAME, OUTPUT_NAMES, ExportWrapper
+
+__all__ = ["Runner", "TorchRunner", "OrtRunner", "TrtRunner"]
+
+
+class Runner:
+    """Base class. Subclasses set ``name``, ``precision`` and ``provider`` and implement ``_infer``."""
+
+    name = "runner"
+    precision = "fp32"
+    provider = "unknown"
+
+    def activate(self) -> None:
+        """Load the model / create the session (called by ``__enter__``)."""
+
+    def deactivate(self) -> None:
+        """Release it (called by ``__exit__``)."""
+
+    def __enter__(self) -> "Runner":
+        self.activate()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.deactivate()
+
+    def infer(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run one image.
+
+        Args:
+            feed: ``{"image": [1, 3, H, W] float32 in [0, 1]}``.
+
+        Returns:
+            ``{"boxes": [N, 4] float32, "scores": [N] float32, "labels": [N] int64}`` on the CPU.
+        """
+        image = feed.get(INPUT_NAME)
+        if image is None or image.dim() != 4 or image.shape[0] != 1 or image.shape[1] != 3:
+            shape = None if image is None else list(image.shape)
+            raise GkdError(f"{self.name}: feed['{INPUT_NAME}'] must be [1, 3, H, W] (batch fixed at 1), got {shape}")
+        return self._infer(image.float().contiguous())
+
+    def detect(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Convenience: ``image [3, H, W]`` -> outputs (see :meth:`infer`)."""
+        return self.infer({INPUT_NAME: image.unsqueeze(0)})
+
+    def _infer(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, str]:
+        return {"name": self.name, "precision": self.precision, "provider": self.provider}
+
+
+class TorchRunner(Runner):
+    """PyTorch eager (the reference).
+
+    Args:
+        detector: a torchvision FasterRCNN / RetinaNet.
+        device: where to run it.
+    """
+
+    def __init__(self, detector: nn.Module, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.wrapper = ExportWrapper(detector).to(self.device)
+        self.name = "pytorch"
+        self.provider = f"torch-{self.device.type}"
+
+    @torch.no_grad()
+    def _infer(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        boxes, scores, labels = self.wrapper(image.to(self.device))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return {"boxes": boxes.cpu(), "scores": scores.cpu(), "labels": labels.cpu()}
+
+
+class OrtRunner(Runner):
+    """onnxruntime.
+
+    Args:
+        path: the ONNX file.
+        providers: execution providers to ask for, best first (default: CPU only).
+        threads: intra-op threads (0 = onnxruntime's default: all cores).
+        precision: label for reports (read from the file's metadata when None).
+    """
+
+    def __init__(self, path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 1,
+                 precision: str | None = None):
+        self.path = Path(path)
+        self.requested = list(providers)
+        self.threads = int(threads)
+        self.session = None
+        self.precision = precision or "unknown"
+        self.name = "onnxruntime"
+
+    def activate(self) -> None:
+        ort = lazy_import("onnxruntime", "running ONNX models")
+        if not self.path.is_file():
+            raise GkdError(f"{self.path}: ONNX file not found")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3  # provider fallbacks are reported through `provider`, not console noise
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=self.requested)
+        except Exception as exc:
+            msg = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise GkdError(f"{self.path}: onnxruntime cannot load this model: {msg[:300]}") from None
+        # what runs is what the session reports, never what was asked for
+        self.provider = self.session.get_providers()[0]
+        names = [i.name for i in self.session.get_inputs()]
+        if names != [INPUT_NAME]:
+            raise GkdError(f"{self.path}: inputs are {names}; expected exactly ['{INPUT_NAME}'] (a gkd export)")
+        meta = self.session.get_modelmeta().custom_metadata_map.get("gkd.metadata")
+        if meta and self.precision == "unknown":
+            import json
+
+            self.precision = json.loads(meta).get("precision", "unknown")
+
+    def deactivate(self) -> None:
+        self.session = None
+
+    def _infer(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.session is None:
+            self.activate()
+        try:
+            outs = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: image.cpu().numpy()})
+        except Exception as exc:
+            msg = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise GkdError(f"{self.path}: onnxruntime failed on a {list(image.shape)} input: {msg[:300]}") from None
+        boxes, scores, labels = (torch.from_numpy(o.copy()) for o in outs)
+        return {"boxes": boxes.float(), "scores": scores.float(), "labels": labels.long()}
+
+
+class TrtRunner(Runner):
+    """TensorRT engine on torch CUDA buffers, on ``torch.cuda.current_stream()``.
+
+    The engine's stamp (sidecar JSON) must match this machine (TensorRT version, GPU, compute capability) and the
+    engine file: see :func:`export.trt.check_stamp`. Output sizes depend on the data (number of detections), so the
+    outputs are allocated through an output allocator once the engine knows them.
+
+    Args:
+        engine_path: the ``.engine`` file (its stamp is ``<engine>.json``).
+        device: CUDA device index.
+    """
+
+    def __init__(self, engine_path: str | Path, device: int = 0):
+        self.path = Path(engine_path)
+        self.device = torch.device("cuda", device)
+        self.name = "tensorrt"
+        self.engine = self.context = None
+
+    def activate(self) -> None:
+        from .trt import check_stamp, current_machine, load_stamp
+
+        trt = lazy_import("tensorrt", "running TensorRT engines")
+        if not torch.cuda.is_available():
+            raise GkdError(f"{self.path}: running a TensorRT engine needs a CUDA GPU; torch sees none")
+        stamp = load_stamp(self.path)
+        check_stamp(stamp, current_machine(trt, self.device.index or 0), self.path)
+        self.precision = stamp.get("precision_built", "unknown")
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self.engine is None:
+            raise GkdError(f"{self.path}: TensorRT could not deserialize the engine (corrupt or built elsewhere)")
+        self.context = self.engine.create_execution_context()
+        self.provider = f"TensorRT {trt.__version__} on {torch.cuda.get_device_name(self.device)}"
+        self._allocator = _make_output_allocator(trt, self.device)
+        for name in OUTPUT_NAMES:
+            self.context.set_output_allocator(name, self._allocator)
+
+    def deactivate(self) -> None:
+        self.context = self.engine = None
+
+    def _infer(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.context is None:
+            self.activate()
+        x = image.to(self.device).contiguous()
+        self.context.set_input_shape(INPUT_NAME, tuple(x.shape))
+        self.context.set_tensor_address(INPUT_NAME, x.data_ptr())
+        stream = torch.cuda.current_stream(self.device)
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise GkdError(f"{self.path}: TensorRT execution failed for input shape {list(x.shape)}")
+        stream.synchronize()
+        out = {}
+        for name in OUTPUT_NAMES:
+            buf, shape = self._allocator.buffers[name], self._allocator.shapes[name]
+            out[name] = buf[: int(torch.tensor(shape).prod())].view(*shape).cpu() if shape else buf[:0].cpu()
+        return {"boxes": out["boxes"].float().reshape(-1, 4), "scores": out["scores"].float(),
+                "labels": out["labels"].long()}
+
+
+def _make_output_allocator(trt, device: torch.device):
+    """An ``IOutputAllocator`` backed by torch tensors (grown on demand, reused across calls)."""
+    dtypes = {"boxes": torch.float32, "scores": torch.float32, "labels": torch.int64}
+
+    class _TorchOutputAllocator(trt.IOutputAllocator):
+        def __init__(self):
+            super().__init__()
+            self.buffers: dict[str, torch.Tensor] = {}
+            self.shapes: dict[str, tuple[int, ...]] = {}
+
+        def reallocate_output_async(self, tensor_name, memory, size, alignment, stream=None):
+            dtype = dtypes.get(tensor_name, torch.float32)
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            n = max(1, (int(size) + itemsize - 1) // itemsize)
+            buf = self.buffers.get(tensor_name)
+            if buf is None or buf.numel() < n:
+                buf = torch.empty(n, dtype=dtype, device=device)
+                self.buffers[tensor_name] = buf
+            return buf.data_ptr()
+
+        def reallocate_output(self, tensor_name, memory, size, alignment):  # TensorRT < 10 name
+            return self.reallocate_output_async(tensor_name, memory, size, alignment)
+
+        def notify_shape(self, tensor_name, shape):
+            self.shapes[tensor_name] = tuple(int(d) for d in shape)
+
+    return _TorchOutputAllocator()
