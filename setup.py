@@ -67,7 +67,9 @@ def _extensions():
         and bool(cuda_sources)
     )
     extra_compile_args = {"cxx": ["-O3", "-fopenmp"]}
-    define_macros = [("Py_LIMITED_API", "0x03090000")]
+    # torch >= 2.7 defines Py_LIMITED_API itself for py_limited_api=True extensions; defining it again only warns.
+    torch_version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    define_macros = [] if torch_version >= (2, 7) else [("Py_LIMITED_API", "0x03090000")]
     if use_cuda:
         os.environ["CUDA_HOME"] = cuda_home
         cpp_extension.CUDA_HOME = cuda_home

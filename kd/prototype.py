@@ -239,7 +239,14 @@ def _backward(ctx, grad_pooled, grad_cos):
     return (grad_features if features_grad else None), None, None, (grad_prototypes if prototypes_grad else None)
 
 
+def _no_double_backward(ctx, *grads):
+    # Without this, PyTorch's fallback would silently return zero second-order gradients.
+    raise RuntimeError("kd::prototype_project: double backward (second-order gradients) is not supported")
+
+
 if _ops.has_ops():
     torch.library.register_fake("kd::prototype_project")(_prototype_project_fake)
     torch.library.register_fake("kd::_prototype_project_backward")(_prototype_project_backward_fake)
     torch.library.register_autograd("kd::prototype_project", _backward, setup_context=_setup_context)
+    torch.library.register_autograd("kd::_prototype_project_backward", _no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)

@@ -56,10 +56,11 @@ def _random_boxes(g, n, batch, img_h, img_w, dtype=torch.float64):
     return torch.tensor(rows, dtype=dtype).reshape(n, 5)
 
 
-def _random_case(seed, dtype=torch.float64, n=None, m=None):
+def _random_case(seed, dtype=torch.float64, n=None, m=None, channels=None):
     g = torch.Generator().manual_seed(seed)
     ri = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
-    batch, channels, height, width = ri(1, 3), ri(1, 6), ri(1, 12), ri(1, 12)
+    batch, c, height, width = ri(1, 3), ri(1, 6), ri(1, 12), ri(1, 12)
+    channels = c if channels is None else channels
     stride = STRIDES[ri(0, len(STRIDES) - 1)]
     n = ri(0, 12) if n is None else n
     m = ri(0, 6) if m is None else m
@@ -151,7 +152,7 @@ def test_direct_and_integral_paths(device, boxes_per_image):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("device", DEVICES)
 def test_float32_close_to_float64_reference(impl, device):
-    case = _random_case(3, n=20, m=7)
+    case = _random_case(3, n=20, m=7, channels=8)
     want = _fwd_bwd(prototype_project_reference, *case)
     got = _fwd_bwd(IMPLS[impl], *case, device=device, dtype=torch.float32)
     _assert_all_close(got, want, atol=1e-4, rtol=1e-4)
@@ -160,7 +161,8 @@ def test_float32_close_to_float64_reference(impl, device):
 @pytest.mark.needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_reduced_precision_on_cuda(dtype):
-    case = _random_case(5, n=20, m=7)
+    # Enough channels that no pooled norm is tiny: the cosine's gradient scales with 1/|pooled|.
+    case = _random_case(5, n=20, m=7, channels=16)
     want = _fwd_bwd(prototype_project_reference, *case)
     got = _fwd_bwd(_op, *case, device="cuda", dtype=dtype)
     tol = 2e-2 if dtype == torch.float16 else 1e-1
@@ -205,6 +207,15 @@ def test_boxes_get_no_gradient_and_grads_only_where_asked(device):
     pooled, cos = _op(f, b, stride, prototypes.to(device))            # prototypes without grad
     (pooled.sum() + cos.sum()).backward()
     assert b.grad is None and f.grad is not None and f.grad.shape == f.shape
+
+
+def test_double_backward_raises_instead_of_returning_zeros():
+    features, boxes, stride, prototypes, _ = _random_case(2, n=4, m=3)
+    f = features.requires_grad_()
+    _, cos = _op(f, boxes, stride, prototypes)
+    (g,) = torch.autograd.grad(cos.sum(), f, create_graph=True)               # first order with a graph: fine
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(g.square().sum(), f)
 
 
 def test_non_contiguous_features():
@@ -311,10 +322,13 @@ def test_opcheck_backward_op(device):
         torch.library.opcheck(torch.ops.kd._prototype_project_backward.default, args)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_torch_compile_fullgraph(backend):
-    features, boxes, stride, prototypes, grads = _random_case(6, dtype=torch.float32, n=7, m=5)
-    _op(features, boxes, stride, prototypes)
+def test_torch_compile_fullgraph(backend, device):
+    case = _random_case(6, dtype=torch.float32, n=7, m=5)
+    _op(*case[:4])
+    features, boxes, stride, prototypes = (t.to(device) if isinstance(t, torch.Tensor) else t for t in case[:4])
+    grads = tuple(t.to(device) for t in case[4])
 
     def loss_fn(f, b, p):
         pooled, cos = prototype_project(f, b, stride, p)
