@@ -50,7 +50,7 @@ SMALL_AREA = 16 * 16
 OCCLUDED_ABOVE = 0.2
 #: placements that would leave an earlier object less visible than this are redrawn (boxes of invisible objects
 #: cannot be learned)
-MIN_VISIBLE = 0.3
+MIN_VISIBLE = 0.4
 _SS = 4  # supersampling of shape masks (anti-aliased edges)
 _TEXTURES = ("solid", "stripes", "checker", "noise", "gradient")
 
@@ -195,7 +195,7 @@ def _background(rng: np.random.Generator, s: int) -> np.ndarray:
     canvas = canvas * np.float32(rng.uniform(0.4, 0.9)) + np.float32(rng.uniform(0.0, 0.3))
     canvas = np.ascontiguousarray(canvas, dtype=np.float32)
     # Distractor blobs: irregular polygons (radius jitter keeps them unlike any class shape), textured like objects.
-    for _ in range(int(rng.integers(3, 9))):
+    for _ in range(int(rng.integers(2, 8))):
         r = rng.uniform(0.04, 0.2) * s
         n = int(rng.integers(5, 11))
         pts = [(r * rng.uniform(0.35, 1.0) * math.cos(2 * math.pi * (k + rng.uniform(-0.3, 0.3)) / n),
@@ -238,10 +238,10 @@ def _paste_clipped(canvas: np.ndarray, layer: np.ndarray, alpha: np.ndarray, y0:
 
 
 def _object_size(rng: np.random.Generator, s: int) -> float:
-    """Outer diameter: 30% small (7-16 px at 256 px), else log-uniform from 16 px to 40% of the image side."""
+    """Outer diameter: 25% small (8-16 px at 256 px), else log-uniform from 16 px to 40% of the image side."""
     k = s / 256.0
-    if rng.random() < 0.3:
-        return max(6.0, rng.uniform(7.0, 16.0) * k)
+    if rng.random() < 0.25:
+        return max(6.0, rng.uniform(8.0, 16.0) * k)
     lo, hi = 16.0 * k, 0.4 * s
     return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
 
@@ -326,13 +326,14 @@ def _place_object(rng: np.random.Generator, s: int, canvas: np.ndarray, owner: n
         return None
     y0, x0 = hidden_ok
 
-    low_contrast = rng.random() < 0.1
+    low_contrast = rng.random() < 0.08
     py0, px0 = max(0, y0), max(0, x0)
     py1, px1 = min(s, y0 + size), min(s, x0 + size)
     if low_contrast:
         # The colour of what lies under the object, nudged: hard to see, still a real object.
         under = canvas[py0:py1, px0:px1][solid[py0 - y0:py1 - y0, px0 - x0:px1 - x0]].mean(0)
-        a = np.clip(under + rng.uniform(-0.12, 0.12, 3).astype(np.float32), 0, 1).astype(np.float32)
+        shift = rng.uniform(0.08, 0.18, 3) * rng.choice([-1.0, 1.0], 3)
+        a = np.clip(under + shift.astype(np.float32), 0, 1).astype(np.float32)
         b = np.clip(a + rng.uniform(-0.08, 0.08, 3).astype(np.float32), 0, 1).astype(np.float32)
     else:
         a = _random_colour(rng)
