@@ -246,12 +246,20 @@ def _object_size(rng: np.random.Generator, s: int) -> float:
     return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
 
 
-def render_image(seed: int, index: int, image_size: int = 256) -> tuple[np.ndarray, list[dict[str, Any]]]:
+def render_image(seed: int, index: int, image_size: int = 256,
+                 return_owner: bool = False) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Draw image ``index`` of the dataset seeded ``seed``.
 
+    Args:
+        seed, index: what the image is drawn from (``SeedSequence([GENERATOR_VERSION, seed, index])``).
+        image_size: side ``S`` of the square image.
+        return_owner: also return the ``[S, S]`` int16 map of which object shows at each pixel (-1: background),
+            for tests and debugging.
+
     Returns:
-        ``(pixels uint8 [S, S, 3], objects)``; each object has ``label`` (0-based class index), ``bbox`` xywh
-        (ints, tight box of the whole shape), ``area`` (full shape pixel area), and the attribute flags.
+        ``(pixels uint8 [S, S, 3], objects)`` (plus the owner map if asked); each object has ``label`` (0-based
+        class index), ``bbox`` xywh (ints, tight box of the whole shape), ``area`` (full shape pixel area),
+        ``visible`` and the attribute flags.
     """
     rng = np.random.default_rng(np.random.SeedSequence([GENERATOR_VERSION, int(seed), int(index)]))
     s = int(image_size)
@@ -259,7 +267,9 @@ def render_image(seed: int, index: int, image_size: int = 256) -> tuple[np.ndarr
     owner = np.full((s, s), -1, dtype=np.int16)  # index of the object that shows at each pixel
     objects: list[dict[str, Any]] = []
     n_target = int(rng.integers(3, 9))
-    for _ in range(n_target):
+    for _ in range(4 * n_target):  # a draw that finds no place is replaced by a new one
+        if len(objects) == n_target:
+            break
         obj = _place_object(rng, s, canvas, owner, objects)
         if obj is not None:
             objects.append(obj)
@@ -279,7 +289,7 @@ def render_image(seed: int, index: int, image_size: int = 256) -> tuple[np.ndarr
         obj["occluded"] = 1.0 - visible > OCCLUDED_ABOVE
         obj["blurred"] = obj["blurred"] or img_blur
         obj["noisy"] = obj["noisy"] or img_noise
-    return pixels, objects
+    return (pixels, objects, owner) if return_owner else (pixels, objects)
 
 
 def _place_object(rng: np.random.Generator, s: int, canvas: np.ndarray, owner: np.ndarray,

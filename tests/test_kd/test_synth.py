@@ -1,0 +1,117 @@
+"""The embedded synthetic dataset (kd/data/synth.py): determinism, structure, hard cases, argument checks."""
+import json
+
+import numpy as np
+import pytest
+
+from kd.data import SYNTH_CLASSES, generate_synthetic, load_coco, render_image
+from kd.data.synth import MIN_VISIBLE, OCCLUDED_ABOVE, SMALL_AREA
+from kd.errors import GkdError
+
+
+def _files(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_gives_byte_identical_files(tmp_path):
+    a = _files_after(tmp_path / "a", seed=5)
+    b = _files_after(tmp_path / "b", seed=5)
+    assert set(a) == {"README.txt", "meta.json", "train.json", "val.json"} | {f"images/{i:06d}.png" for i in range(6)}
+    assert a == b
+    c = _files_after(tmp_path / "c", seed=6)
+    assert set(c) == set(a)
+    assert all(a[f] != c[f] for f in a if f.startswith("images/"))
+    # image i depends on (seed, i) only: a longer dataset starts with the same images
+    d = _files_after(tmp_path / "d", seed=5, n=8)
+    assert all(d[f] == a[f] for f in a if f.startswith("images/"))
+
+
+def _files_after(out, seed, n=6):
+    generate_synthetic(out, n_images=n, seed=seed, image_size=64, val_fraction=0.34)
+    return _files(out)
+
+
+def test_splits_load_as_coco_with_attributes(tmp_path):
+    meta = generate_synthetic(tmp_path, n_images=10, seed=0, image_size=96, val_fraction=0.2)
+    train = load_coco(tmp_path / "train.json", check_images=True)
+    val = load_coco(tmp_path / "val.json", check_images=True)
+    assert train.image_root == tmp_path / "images"
+    assert train.classes == val.classes == list(SYNTH_CLASSES) and len(SYNTH_CLASSES) >= 5
+    assert (len(train.images), len(val.images)) == (8, 2) and train.dropped == val.dropped == 0
+    assert not {i["id"] for i in train.images} & {i["id"] for i in val.images}
+    for index in (train, val):
+        for img in index.images:
+            anns = index.anns_by_image[img["id"]]
+            assert 3 <= len(anns) <= 8
+            for a in anns:
+                at = a["attributes"]
+                assert all(type(at[k]) is bool for k in ("small", "occluded", "blurred", "noisy", "low_contrast"))
+                assert at["small"] == (a["bbox"][2] * a["bbox"][3] < SMALL_AREA)
+                assert MIN_VISIBLE <= at["visible"] <= 1.0
+                assert at["occluded"] == (1.0 - at["visible"] > OCCLUDED_ABOVE)
+    assert meta["seed"] == 0 and meta["classes"] == list(SYNTH_CLASSES)
+    saved = json.loads((tmp_path / "meta.json").read_text())
+    assert saved["generator_version"] == meta["generator_version"] and saved["stats"]["val"]["images"] == 2
+    assert "seed 0" in (tmp_path / "README.txt").read_text()
+
+
+def test_hard_cases_and_every_class_occur():
+    flags = {k: 0 for k in ("small", "occluded", "blurred", "noisy", "low_contrast")}
+    labels, n = set(), 0
+    tiny_side = []
+    for i in range(40):
+        pixels, objects = render_image(1, i, 256)
+        assert pixels.shape == (256, 256, 3) and pixels.dtype == np.uint8
+        for o in objects:
+            n += 1
+            labels.add(o["label"])
+            x, y, w, h = o["bbox"]
+            assert 0 <= x and 0 <= y and x + w <= 256 and y + h <= 256 and w >= 3 and h >= 3
+            tiny_side.append(max(w, h))
+            for k in flags:
+                flags[k] += o[k]
+    assert labels == set(range(len(SYNTH_CLASSES)))
+    assert min(tiny_side) < 16  # small objects (< 16 px) at the default size
+    for k, v in flags.items():
+        assert 0.03 < v / n < 0.6, f"{k}: {v}/{n}"
+
+
+def test_boxes_are_tight_around_the_drawn_shapes():
+    # owner[y, x] = index of the object whose (unblurred) shape shows at that pixel: a box must hold all of its
+    # object's visible pixels, and for an unoccluded object be exactly their bounding box.
+    n_full = 0
+    for i in range(6):
+        _, objects, owner = render_image(3, i, 128, return_owner=True)
+        for k, o in enumerate(objects):
+            ys, xs = np.nonzero(owner == k)
+            x, y, w, h = o["bbox"]
+            assert x <= xs.min() and xs.max() < x + w and y <= ys.min() and ys.max() < y + h
+            assert len(xs) / o["area"] == pytest.approx(o["visible"], abs=1e-3)
+            if o["visible"] == 1.0:
+                n_full += 1
+                assert [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()] == o["bbox"]
+    assert n_full >= 10
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    ({"n_images": 1}, "n_images is 1"),
+    ({"val_fraction": 0.0}, "val_fraction is 0.0"),
+    ({"val_fraction": 1.0}, "val_fraction is 1.0"),
+    ({"image_size": 16}, "image_size is 16"),
+    ({"seed": -1}, "seed is -1"),
+])
+def test_bad_arguments(tmp_path, kwargs, expected):
+    args = {"n_images": 4, "seed": 0, "image_size": 64, "val_fraction": 0.25, **kwargs}
+    with pytest.raises(GkdError, match=expected):
+        generate_synthetic(tmp_path / "out", **args)
+
+
+def test_refuses_to_overwrite_another_dataset(tmp_path):
+    (tmp_path / "train.json").write_text("{}")
+    with pytest.raises(GkdError, match="train.json: exists and is not a gkd synthetic dataset"):
+        generate_synthetic(tmp_path, n_images=4, seed=0, image_size=64, val_fraction=0.25)
+    assert (tmp_path / "train.json").read_text() == "{}"
+    # a previous synthetic dataset is regenerated in place
+    generate_synthetic(tmp_path / "s", n_images=4, seed=0, image_size=64, val_fraction=0.25)
+    generate_synthetic(tmp_path / "s", n_images=4, seed=1, image_size=64, val_fraction=0.25)
+    assert json.loads((tmp_path / "s" / "meta.json").read_text())["seed"] == 1
