@@ -7,8 +7,9 @@ Once per refresh (default: before every epoch) and without gradients:
    ``max_images_per_class`` of them, drawn from a generator seeded by (seed, c).
 2. **Features**: one pass over the *union* of the sampled images (not one pass per class, as the reference),
    through the student's own transform in eval mode (deterministic resize, no flip); both backbones see the same
-   tensor. Every candidate box of a class is pooled (cell-mean crop, method.md 2.3) from **every** distilled level of
-   both FPNs. Teacher features are computed at the first refresh and cached (the teacher is frozen).
+   tensor. Every valid box in those images (of any class: an image sampled for one class adds its other classes'
+   instances at no extra cost) is pooled (cell-mean crop, method.md 2.3) from **every** distilled level of both
+   FPNs. Teacher features are computed at the first refresh and cached (the teacher is frozen).
 3. **Selection** per (class, level): L2-normalise rows, density filter in both spaces, then joint matching pursuit
    with the O(K N) closed-form error, in float32, never re-selecting a chosen atom. The output is the *raw* pooled
    features of the chosen instances in both spaces.
@@ -202,10 +203,6 @@ class PrototypeGenerator:
         self.cfg, self.pairs, self.classes, self.load = cfg, pairs, list(classes), load
         self.samples = sample_images(annotations, len(classes), cfg.min_box_size, cfg.max_images_per_class, seed)
         self.images = sorted({i for imgs in self.samples.values() for i in imgs})
-        self._wanted = {}  # image -> set of classes sampled with it
-        for c, imgs in self.samples.items():
-            for i in imgs:
-                self._wanted.setdefault(i, set()).add(c)
         self.empty_classes = [c for c, imgs in self.samples.items() if not imgs]
         for c in self.empty_classes:
             log.warning("class '%s' has no box larger than %g px (distill.pgm.min_box_size): no prototypes; its "
@@ -227,8 +224,8 @@ class PrototypeGenerator:
             for i in batch:
                 img, tgt = self.load(i)
                 boxes, lab = tgt["boxes"].float(), tgt["labels"].long()
-                keep = _valid(boxes, self.cfg.min_box_size) & torch.tensor(
-                    [int(c) in self._wanted[i] for c in lab.tolist()], dtype=torch.bool)
+                # Every valid box of the image, whichever class it was sampled for: more instances, no extra pass.
+                keep = _valid(boxes, self.cfg.min_box_size)
                 images.append(img.to(device))
                 targets.append({"boxes": boxes[keep].to(device), "labels": lab[keep].to(device)})
             x, tt = student.transform(images, targets)

@@ -1,0 +1,125 @@
+"""``gkd distill`` as a library function: datasets, student, teacher, task, then ``kd.engine.fit``."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import GkdError
+from .config import DistillRunConfig, TeacherConfig, method_parts
+
+__all__ = ["run_distillation", "load_teacher", "build_task"]
+
+log = logging.getLogger("gkd")
+
+
+def load_teacher(tcfg: TeacherConfig, classes: Sequence[str], student_cfg: ModelConfig) -> nn.Module:
+    """Load the frozen teacher and check it against its declared architecture and the dataset's classes.
+
+    Args:
+        tcfg: the ``distill.teacher`` section.
+        classes: the dataset's class names (label i + 1 = ``classes[i]``).
+        student_cfg: the student's model config (input size, used for a plain state dict's teacher).
+
+    Returns:
+        The teacher detector (eval mode, CPU), ``gkd_meta`` set.
+
+    Raises:
+        GkdError: no checkpoint, unreadable file, architecture or class mismatch.
+    """
+    from ..checkpoint import is_gkd_checkpoint, load_checkpoint, load_state_into
+    from ..config import from_dict
+    from ..models.detectors import build_detector
+
+    if not tcfg.checkpoint:
+        raise GkdError("distill.teacher.checkpoint: not set; give the teacher's checkpoint, e.g. "
+                       "distill.teacher.checkpoint=runs/teacher/checkpoints/best.pt")
+    path = Path(tcfg.checkpoint)
+    ckpt = load_checkpoint(path)
+    if is_gkd_checkpoint(ckpt):
+        if "model" not in ckpt or "model_config" not in ckpt:
+            raise GkdError(f"{path}: gkd checkpoint of kind '{ckpt.get('kind')}' holds no detector")
+        mcfg = from_dict(ModelConfig, ckpt["model_config"], f"{path} (model_config)")
+        for key in ("arch", "backbone"):
+            declared = getattr(tcfg, key)
+            if declared is not None and declared != getattr(mcfg, key):
+                raise GkdError(f"{path}: the teacher checkpoint is a {mcfg.arch}/{mcfg.backbone} model, but "
+                               f"distill.teacher.{key} declares '{declared}'")
+        saved = ckpt.get("classes")
+        if saved is not None and list(saved) != list(classes):
+            raise GkdError(f"{path}: the teacher was trained on classes {list(saved)}, the dataset has "
+                           f"{list(classes)}; teacher and student must share the label space (same names, same order)")
+        source = ckpt["model"]
+    else:
+        if tcfg.arch is None or tcfg.backbone is None:
+            raise GkdError(f"{path}: a plain state dict records no architecture; set distill.teacher.arch and "
+                           f"distill.teacher.backbone")
+        mcfg = dataclasses.replace(student_cfg, arch=tcfg.arch, backbone=tcfg.backbone,
+                                   anchor_sizes=tuple(tcfg.anchor_sizes), weights=None)
+        source = ckpt.get("model", ckpt) if isinstance(ckpt.get("model"), dict) else ckpt
+        if not all(isinstance(v, torch.Tensor) for v in source.values()):
+            raise GkdError(f"{path}: not a state dict of tensors (and not a gkd checkpoint)")
+    mcfg = dataclasses.replace(mcfg, num_classes=len(classes), weights=None)
+    teacher = build_detector(mcfg, len(classes))
+    try:
+        load_state_into(teacher, source, str(path), mcfg.arch)
+    except GkdError as exc:
+        raise GkdError(f"distill.teacher ({mcfg.arch}/{mcfg.backbone}): {exc}") from None
+    if (mcfg.min_size, mcfg.max_size) != (student_cfg.min_size, student_cfg.max_size):
+        log.info("teacher was configured for %d/%d px inputs; it sees the student's %d/%d px tensor",
+                 mcfg.min_size, mcfg.max_size, student_cfg.min_size, student_cfg.max_size)
+    return teacher.eval()
+
+
+def build_task(cfg: DistillRunConfig, student: nn.Module, teacher: nn.Module | None, train_index) -> nn.Module:
+    """The :class:`DistillationTask` of a run, with the training split (eval mode) as the PGM's source."""
+    from ..data import CocoDetection
+    from .task import DistillationTask
+
+    annotations, load = None, None
+    if method_parts(cfg.distill.method).prototypes:
+        pgm_set = CocoDetection(train_index, train=False, min_size=cfg.model.min_size, max_size=cfg.model.max_size)
+        annotations = [tuple(torch.from_numpy(a) for a in pgm_set.target_boxes(i)) for i in range(len(pgm_set))]
+        load = pgm_set.__getitem__
+    task = DistillationTask(student, teacher, cfg.distill, epochs=cfg.train.epochs, classes=train_index.classes,
+                            pgm_annotations=annotations, pgm_load=load, seed=cfg.seed)
+    if task.pairs:
+        log.info("distilling %s: strides %s (student levels %s -> teacher levels %s)", cfg.distill.method,
+                 [p.stride for p in task.pairs], [p.student for p in task.pairs], [p.teacher for p in task.pairs])
+    for note in task.level_notes:
+        log.info("%s", note)
+    return task
+
+
+def run_distillation(cfg: DistillRunConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train the student of ``cfg`` with ``cfg.distill.method``; writes ``cfg.run_dir`` (see ``kd.engine.fit``).
+
+    Returns:
+        The last epoch's metrics record.
+    """
+    from ..data import CocoDetection
+    from ..engine import fit, seed_everything
+    from ..train import build_model, load_splits
+
+    train_index, val_index = load_splits(cfg)
+    k = len(train_index.classes)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=k))
+    needs_teacher = method_parts(cfg.distill.method).teacher
+    teacher = load_teacher(cfg.distill.teacher, train_index.classes, cfg.model) if needs_teacher else None
+    seed_everything(cfg.seed)  # the student's init is the same as `gkd train` with this seed, whatever the method
+    student = build_model(cfg, k)
+    task = build_task(cfg, student, teacher, train_index)
+    train_set = CocoDetection(train_index, train=True, min_size=cfg.model.min_size, max_size=cfg.model.max_size,
+                              hflip=cfg.train.hflip, seed=cfg.seed, keep_empty=cfg.data.keep_empty)
+    val_set = CocoDetection(val_index, train=False, min_size=cfg.model.min_size, max_size=cfg.model.max_size)
+    log.info("distilling %s/%s -> %s/%s on %d images (%d classes), validating on %d -> %s",
+             teacher.gkd_meta["arch"] if teacher is not None else "-",
+             teacher.gkd_meta["backbone"] if teacher is not None else "-", cfg.model.arch, cfg.model.backbone,
+             len(train_set), k, len(val_set), cfg.run_dir)
+    return fit(task, cfg, train_set, val_set, resume=resume, classes=train_index.classes,
+               category_ids=train_index.category_ids, gt_json=val_index.gt_json, progress=progress)
