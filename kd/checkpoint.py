@@ -86,7 +86,8 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: st
             return
         raise GkdError(f"{source}: none of its {len(state)} weights belong to a {arch} detector "
                        f"(first key '{next(iter(state), '')}')")
-    missing = [k for k in own if k not in state]
+    # BatchNorm's step counter is absent from torchvision-format (FrozenBatchNorm) weights; it carries no weights.
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
         what = f"missing '{missing[0]}'" if missing else f"unexpected '{unexpected[0]}'"
@@ -98,7 +99,7 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: st
             raise GkdError(f"{source}: class count differs: '{k}' has shape {tuple(v.shape)}, this model expects "
                            f"{tuple(own[k].shape)} (dataset classes + background)")
     _check_shapes(own, state, source, arch)
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=not any(k not in state for k in own))
 
 
 def _check_shapes(own: dict, state: dict, source: str, arch: str) -> None:

@@ -55,7 +55,11 @@ class ModelConfig:
     #: shorter / longer image side after the detector's internal resize (aspect kept)
     min_size: int = 320
     max_size: int = 320
-    #: backbone stages that train (0..5 for ResNet, 0..6 for MobileNetV3); frozen BN throughout, as torchvision
+    #: backbone normalisation: "bn" (BatchNorm, learns from scratch: the default, as no pretrained weights exist
+    #: here) or "frozen_bn" (torchvision's choice for fine-tuning pretrained weights; from random init it means
+    #: no normalisation at all and deep backbones such as ResNet-50 train poorly)
+    norm: Literal["bn", "frozen_bn"] = "bn"
+    #: backbone stages that train (0..5 for ResNet, 0..6 for MobileNetV3)
     trainable_layers: int = 5
     #: anchor size per FPN level, finest first (empty = torchvision's 32..512); small inputs want smaller anchors
     anchor_sizes: tuple[int, ...] = ()

@@ -12,5 +12,11 @@ class GkdError(Exception):
     """A problem with the user's input, reported as one line."""
 
     def __init__(self, message: str):
+        message = str(message)
+        if "Original Traceback" in message:
+            # Re-raised by a DataLoader worker: torch wraps the worker's traceback into the message. Keep only the
+            # original one-line message (the last line, "kd.errors.GkdError: <message>").
+            last = [line for line in message.splitlines() if line.strip()][-1]
+            message = last.split("GkdError: ", 1)[-1]
         # Keep it one line whatever the caller formatted.
-        super().__init__(" ".join(str(message).split()))
+        super().__init__(" ".join(message.split()))

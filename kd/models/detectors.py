@@ -19,6 +19,7 @@ are in ``model.gkd_meta["strides"]``.
 from __future__ import annotations
 
 from collections import OrderedDict
+from functools import partial
 
 import torch
 from torch import nn
@@ -38,14 +39,17 @@ def _backbone(cfg: ModelConfig, retinanet: bool) -> nn.Module:
     if cfg.backbone.startswith("resnet"):
         if not 0 <= cfg.trainable_layers <= 5:
             raise GkdError(f"model.trainable_layers must be in 0..5 for ResNet, got {cfg.trainable_layers}")
-        body = getattr(resnet, cfg.backbone)(weights=None, norm_layer=misc_ops.FrozenBatchNorm2d)
+        norm = misc_ops.FrozenBatchNorm2d if cfg.norm == "frozen_bn" else nn.BatchNorm2d
+        body = getattr(resnet, cfg.backbone)(weights=None, norm_layer=norm)
         if retinanet:
             return _resnet_fpn_extractor(body, cfg.trainable_layers, returned_layers=[2, 3, 4],
                                          extra_blocks=LastLevelP6P7(256, 256))
         return _resnet_fpn_extractor(body, cfg.trainable_layers)
     if not 0 <= cfg.trainable_layers <= 6:
         raise GkdError(f"model.trainable_layers must be in 0..6 for MobileNetV3, got {cfg.trainable_layers}")
-    body = mobilenet_v3_large(weights=None, norm_layer=misc_ops.FrozenBatchNorm2d)
+    # torchvision's own MobileNetV3 BatchNorm settings when it trains
+    norm = misc_ops.FrozenBatchNorm2d if cfg.norm == "frozen_bn" else partial(nn.BatchNorm2d, eps=0.001, momentum=0.01)
+    body = mobilenet_v3_large(weights=None, norm_layer=norm)
     if retinanet:
         return _mobilenet_extractor(body, True, cfg.trainable_layers, extra_blocks=LastLevelP6P7(256, 256))
     return _mobilenet_extractor(body, True, cfg.trainable_layers)

@@ -84,3 +84,14 @@ def test_save_is_atomic_no_temp_left(tmp_path):
         save_checkpoint({"x": Boom()}, tmp_path / "b.pt")
     assert (tmp_path / "b.pt").read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.pt"]
+
+
+def test_torchvision_frozen_bn_weights_load_into_bn_model(tmp_path):
+    torch.manual_seed(1)
+    tv = build_detector(dataclasses.replace(CFG, norm="frozen_bn"), 3)
+    path = tmp_path / "tv_frozen.pth"
+    torch.save(tv.state_dict(), path)
+    loaded, _ = load_detector(path, CFG, num_classes=3)  # CFG uses trainable BatchNorm
+    own = loaded.state_dict()
+    assert all(torch.equal(v, own[k]) for k, v in tv.state_dict().items())
+    assert any(k.endswith("num_batches_tracked") for k in own)
