@@ -78,8 +78,6 @@ def export(checkpoint, precisions, calib_data, val_data, out, opset, calib_image
       gkd export runs/student/checkpoints/model.pt --precision fp32,fp16,int8 \\
           --calib-data data/synth/train.json --val-data data/synth/val.json --out runs/student/export
     """
-    import sys
-
     from .pipeline import ExportOptions, export_checkpoint
     from .trt import compute_profile  # noqa: F401  (validate shape options before the slow work)
     from .trt import parse_shapes
@@ -101,5 +99,5 @@ def export(checkpoint, precisions, calib_data, val_data, out, opset, calib_image
     if failed:
         click.echo(f"gkd export: parity FAILED for {', '.join(failed)}: these files are NOT verified "
                    f"(details in {out / 'parity.json'})", err=True)
-        sys.exit(1)
+        raise click.exceptions.Exit(1)  # not a usage error (2): the files exist but are not verified
     click.echo(f"gkd export: {', '.join(precisions)} written to {out} and verified against PyTorch")

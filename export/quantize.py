@@ -7,7 +7,8 @@ Choices (why):
   onnxruntime both consume (TensorRT 11 has no other INT8 path); onnxruntime fuses DQ -> Conv -> Q into QLinearConv
   on the CPU.
 * Only the learned layers (:data:`export.adapters.NETWORK_SCOPES`) are quantized; the geometry (resize, anchors,
-  box decoding, RoIAlign, NMS) stays FP32, as in :mod:`export.fp16`.
+  box decoding, RoIAlign, NMS) stays FP32, as in :mod:`export.fp16`, and so do the last layer of each head
+  (:func:`head_output_nodes`), whose outputs are box deltas and class logits.
 * Calibration runs the FP32 model on images from the user's dataset (never random tensors) at their real sizes;
   the method (MinMax, Entropy or Percentile) and image count are recorded in the file's metadata.
 """
@@ -27,7 +28,7 @@ from ._lazy import lazy_import
 from .adapters import INPUT_NAME, NETWORK_SCOPES
 from .onnx import load_onnx, read_metadata, save_onnx
 
-__all__ = ["quantize_int8", "search_int8", "rank_sensitivity", "quantizable_nodes", "count_qdq", "CALIB_METHODS",
+__all__ = ["quantize_int8", "search_int8", "rank_sensitivity", "quantizable_nodes", "head_output_nodes", "count_qdq", "CALIB_METHODS",
            "INT8_OPS"]
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
@@ -61,6 +62,41 @@ def quantizable_nodes(model, scopes: tuple[str, ...] = NETWORK_SCOPES, op_types:
     return [n.name for n in model.graph.node if n.name.startswith(scopes) and n.op_type in op_types]
 
 
+def head_output_nodes(model, scopes: tuple[str, ...] = NETWORK_SCOPES, op_types: Sequence[str] = INT8_OPS
+                      ) -> list[str]:
+    """Quantizable nodes whose output leaves the network for the geometry (class logits, box deltas).
+
+    Quantizing them would put their *outputs* on a 256-level grid (the QDQ pattern quantizes a Conv's output for
+    fusion): box deltas would move by ~1-2 px and logits by ~0.05. They are kept FP32 by default.
+    """
+    readers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    graph_outputs = {o.name for o in model.graph.output}
+
+    def leaves_network(tensor: str, seen: set) -> bool:
+        """Does ``tensor`` reach the geometry through in-scope data movement (reshape, permute, concat...)?"""
+        if tensor in graph_outputs:
+            return True
+        for r in readers.get(tensor, []):
+            if r.op_type in ("Shape", "Size") or r.name in seen:
+                continue
+            if r.op_type == "RoiAlign" and r.input[0] == tensor:
+                continue  # pools feature values (not coordinates): like any other activation
+            if not r.name.startswith(scopes):
+                return True
+            if r.op_type in op_types:
+                continue  # feeds another learned layer: an ordinary activation
+            seen.add(r.name)
+            if any(leaves_network(o, seen) for o in r.output):
+                return True
+        return False
+
+    return [n.name for n in model.graph.node if n.name.startswith(scopes) and n.op_type in op_types
+            and any(leaves_network(o, set()) for o in n.output)]
+
+
 def count_qdq(model) -> dict[str, int]:
     """Number of QuantizeLinear / DequantizeLinear nodes and INT8 weight initializers in a model."""
     from onnx import TensorProto
@@ -73,7 +109,8 @@ def count_qdq(model) -> dict[str, int]:
 
 def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_images: Sequence[torch.Tensor], *,
                   method: str = "minmax", per_channel: bool = True, exclude: Sequence[str] = (),
-                  cache_path: str | Path | None = None, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+                  cache_path: str | Path | None = None, metadata: dict[str, Any] | None = None,
+                  keep_head_outputs: bool = True) -> dict[str, Any]:
     """Write an explicit Q/DQ INT8 ONNX of ``fp32_path`` (atomically) and return what was done.
 
     Args:
@@ -83,6 +120,7 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_images: Seq
         method: ``minmax``, ``entropy`` or ``percentile`` (onnxruntime's calibrators).
         per_channel: per-output-channel weight scales (recommended for convolutions).
         exclude: node names kept in FP32 (from :func:`search_int8`).
+        keep_head_outputs: keep :func:`head_output_nodes` in FP32 too.
         cache_path: calibration ranges cache (reused when it exists, so a search calibrates once).
         metadata: base gkd metadata to extend and store in the file.
 
@@ -97,7 +135,8 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_images: Seq
         raise GkdError("INT8 quantization needs calibration images; give --calib-data with at least one image")
     out_path = Path(out_path)
     model = load_onnx(fp32_path)
-    nodes = [n for n in quantizable_nodes(model) if n not in set(exclude)]
+    heads = head_output_nodes(model) if keep_head_outputs else []
+    nodes = [n for n in quantizable_nodes(model) if n not in set(exclude) and n not in set(heads)]
     calib = {"minmax": ort_q.CalibrationMethod.MinMax, "entropy": ort_q.CalibrationMethod.Entropy,
              "percentile": ort_q.CalibrationMethod.Percentile}[method]
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -124,7 +163,8 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_images: Seq
         qmodel = onnx.load(str(tmp_out))
     info = {"format": "QDQ", "calibration_method": method, "calibration_images": len(calib_images),
             "per_channel": per_channel, "activations": "uint8 asymmetric", "weights": "int8 symmetric",
-            "quantized_nodes": len(nodes), "excluded_nodes": sorted(exclude), **count_qdq(qmodel)}
+            "quantized_nodes": len(nodes), "excluded_nodes": sorted(exclude), "head_outputs_fp32": heads,
+            **count_qdq(qmodel)}
     meta = dict(metadata if metadata is not None else read_metadata(model))
     meta.update(precision="int8", int8=info)
     save_onnx(qmodel, out_path, meta)

@@ -107,11 +107,38 @@ def rect_data(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def trained(rect_data, tmp_path_factory) -> dict[str, dict]:
     """Tiny trained Faster R-CNN and RetinaNet: ``{arch: {"model", "cfg", "checkpoint"}}``."""
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(1)  # the machine's two cores are shared: one thread is faster than two contended ones
     out = {}
     root = tmp_path_factory.mktemp("ckpt")
     for arch, steps in STEPS.items():
         model, cfg = train_tiny(arch, rect_data["train"], steps)
         path = save_checkpoint(detector_checkpoint(model, cfg, CLASSES, CATEGORY_IDS), root / f"{arch}.pt")
+        if arch == "faster_rcnn":  # in-memory model only: 100 proposals keep each CPU inference ~0.1 s
+            model.rpn._pre_nms_top_n["testing"], model.rpn._post_nms_top_n["testing"] = 200, 100
         out[arch] = {"model": model, "cfg": cfg, "checkpoint": path}
+    return out
+
+
+@pytest.fixture(scope="session")
+def exported(trained, rect_data, tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """FP32, FP16 and INT8 ONNX files of both tiny detectors: ``{arch: {precision: path}}``."""
+    from export.adapters import preprocess_contract
+    from export.fp16 import convert_fp16
+    from export.images import load_image_set
+    from export.onnx import export_onnx, load_onnx, save_onnx
+    from export.quantize import quantize_int8
+
+    root = tmp_path_factory.mktemp("onnx")
+    calib = [im for _, im in load_image_set(rect_data["train"], limit=4).images]
+    sample = load_image_set(rect_data["val"], limit=1).images[0][1].unsqueeze(0)
+    out = {}
+    for arch, t in trained.items():
+        meta = {"contract": preprocess_contract(t["model"], classes=CLASSES, category_ids=CATEGORY_IDS),
+                "precision": "fp32"}
+        paths = {p: root / f"{arch}.{p}.onnx" for p in ("fp32", "fp16", "int8")}
+        export_onnx(t["model"], paths["fp32"], sample, metadata=meta)
+        m16, _ = convert_fp16(load_onnx(paths["fp32"]))
+        save_onnx(m16, paths["fp16"], {**meta, "precision": "fp16"})
+        quantize_int8(paths["fp32"], paths["int8"], calib, metadata={**meta, "precision": "int8"})
+        out[arch] = paths
     return out

@@ -1,0 +1,69 @@
+"""Parity report fields on hand-made detections, where every number can be checked by hand."""
+import pytest
+import torch
+
+from export.parity import Tolerances, compare_outputs, format_table, match_detections, tensor_errors
+
+
+def _dets(boxes, scores, labels, image_id=1):
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "scores": torch.tensor(scores, dtype=torch.float32), "labels": torch.tensor(labels, dtype=torch.int64),
+            "image_id": image_id}
+
+
+REF = _dets([[0, 0, 10, 10], [20, 20, 40, 40], [50, 50, 60, 60], [0, 30, 10, 40]],
+            [0.9, 0.8, 0.7, 0.1], [1, 2, 1, 1])
+# candidate: box 0 shifted by 1 px (IoU 81/119), box 1 exact but score 0.75, box 2 missing, box 2's place taken by a
+# different label (extra), the low-score box 3 gone (below the floor: not missing), listed in a different order
+CAND = _dets([[50, 50, 60, 60], [20, 20, 40, 40], [1, 1, 11, 11]], [0.6, 0.75, 0.85], [2, 2, 1])
+
+
+def test_matching_is_order_free_and_label_aware():
+    pairs = match_detections(REF, CAND, iou=0.5)
+    assert [(r, c) for r, c, _ in pairs] == [(0, 2), (1, 1)]
+    assert pairs[0][2] == pytest.approx(81 / 119)
+    assert pairs[1][2] == pytest.approx(1.0)
+
+
+def test_detection_level_numbers():
+    tol = Tolerances(score_floor=0.3, tensor_gate=False, min_recall=0.5, min_precision=0.5, max_mean_score_delta=0.1)
+    rep = compare_outputs([REF], [CAND], tol)
+    d = rep["detection"]
+    assert d["reference_detections"] == 3 and d["candidate_detections"] == 3
+    assert d["matched"] == 2 and d["missing"] == 1 and d["extra"] == 1
+    assert d["recall"] == pytest.approx(2 / 3) and d["precision"] == pytest.approx(2 / 3)
+    assert d["mean_score_delta"] == pytest.approx((0.05 + 0.05) / 2)
+    assert d["max_score_delta"] == pytest.approx(0.05)
+    assert d["mean_iou"] == pytest.approx((81 / 119 + 1) / 2)
+    assert rep["passed"] and rep["map"] is None
+    strict = compare_outputs([REF], [CAND], tol.replace(min_recall=0.9))
+    assert not strict["passed"] and strict["failures"][0].startswith("detections: recall 0.667 < 0.9")
+
+
+def test_tensor_level_numbers():
+    ref = _dets([[0, 0, 100, 100]], [0.5], [1])
+    cand = _dets([[0, 0, 100.5, 100]], [0.52], [1])
+    t = tensor_errors([ref], [cand], atol=0.4, rtol=1e-3)
+    assert t["boxes"]["max_abs"] == pytest.approx(0.5) and t["boxes"]["mean_abs"] == pytest.approx(0.125)
+    assert t["boxes"]["max_rel"] == pytest.approx(0.005)
+    assert t["scores"]["max_abs"] == pytest.approx(0.02, abs=1e-6)
+    assert t["min_atol"] == pytest.approx(0.5 - 1e-3 * 100)  # the atol that passes at rtol=1e-3
+    assert t["min_rtol"] == pytest.approx(0.04, rel=1e-5)  # 0.02 / 0.5
+    assert t["passed"]  # exactly the minimum atol
+    assert not tensor_errors([ref], [cand], atol=0.39, rtol=1e-3)["passed"]
+    mism = tensor_errors([ref], [_dets([], [], [])], atol=1, rtol=0)
+    assert mism["shape_mismatch_images"] == 1 and mism["compared_images"] == 0 and not mism["passed"]
+
+
+def test_map_level_and_table():
+    gt = {"images": [{"id": 1, "width": 100, "height": 100}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 5, "bbox": [0, 0, 10, 10], "area": 100,
+                           "iscrowd": 0}],
+          "categories": [{"id": 5, "name": "a"}, {"id": 9, "name": "b"}]}
+    ref = _dets([[0, 0, 10, 10]], [0.9], [1])
+    empty = _dets([], [], [])
+    rep = compare_outputs([ref], [empty], Tolerances(tensor_gate=False), gt_json=gt, category_ids=[5, 9])
+    assert rep["map"]["reference"] == pytest.approx(1.0) and rep["map"]["candidate"] == 0.0
+    assert rep["map"]["ratio"] == 0.0 and not rep["map"]["passed"] and not rep["passed"]
+    table = format_table([{"precision": "int8", "provider": "CPUExecutionProvider", "parity": rep}])
+    assert "| int8 | CPUExecutionProvider | 1 |" in table and "FAIL" in table and "1.000 -> 0.000" in table
