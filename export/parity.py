@@ -248,7 +248,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     for row in rows:
         rep = row["parity"]
         d, t, m = rep["detection"], rep["tensor"], rep["map"]
-        box = _fmt(t["boxes"]["max_abs"], ".2g") if t["compared_images"] else "n/a"
+        # a non-gating tensor level compares sets whose order may differ: shown only where it decides the verdict
+        box = _fmt(t["boxes"]["max_abs"], ".2g") if t["compared_images"] and t.get("gating", True) else "n/a"
         mp = f"{m['reference']:.3f} -> {m['candidate']:.3f} ({m['ratio']:.1%})" if m else "no annotations"
         lines.append(f"| {row['precision']} | {row['provider']} | {rep['images']} | {_fmt(d['recall'])} "
                      f"| {_fmt(d['precision'])} | {d['missing']}/{d['extra']} | {_fmt(d['mean_score_delta'], '.4f')} "
