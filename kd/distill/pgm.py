@@ -203,11 +203,8 @@ class PrototypeGenerator:
         self.cfg, self.pairs, self.classes, self.load = cfg, pairs, list(classes), load
         self.samples = sample_images(annotations, len(classes), cfg.min_box_size, cfg.max_images_per_class, seed)
         self.images = sorted({i for imgs in self.samples.values() for i in imgs})
+        #: classes without any valid instance: they get no prototypes (the task warns about them in the run log)
         self.empty_classes = [c for c, imgs in self.samples.items() if not imgs]
-        for c in self.empty_classes:
-            log.warning("class '%s' has no box larger than %g px (distill.pgm.min_box_size): no prototypes; its "
-                        "instances get robust weight 1 and no global-knowledge term", self.classes[c - 1],
-                        cfg.min_box_size)
         self._teacher_cache: dict[str, torch.Tensor] | None = None
         self._labels_cache: torch.Tensor | None = None
 

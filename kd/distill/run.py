@@ -88,11 +88,6 @@ def build_task(cfg: DistillRunConfig, student: nn.Module, teacher: nn.Module | N
         load = pgm_set.__getitem__
     task = DistillationTask(student, teacher, cfg.distill, epochs=cfg.train.epochs, classes=train_index.classes,
                             pgm_annotations=annotations, pgm_load=load, seed=cfg.seed)
-    if task.pairs:
-        log.info("distilling %s: strides %s (student levels %s -> teacher levels %s)", cfg.distill.method,
-                 [p.stride for p in task.pairs], [p.student for p in task.pairs], [p.teacher for p in task.pairs])
-    for note in task.level_notes:
-        log.info("%s", note)
     return task
 
 

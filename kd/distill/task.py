@@ -58,6 +58,7 @@ class DistillationTask(nn.Module):
         self.parts = method_parts(cfg.method)
         self.epochs = max(1, int(epochs))
         self.epoch = 0
+        self._announced = False
         self.classes = list(classes)
         self.arch = student.gkd_meta["arch"]
         self.detector = student
@@ -103,6 +104,9 @@ class DistillationTask(nn.Module):
     def on_epoch_start(self, epoch: int, context: dict[str, Any]) -> dict[str, float]:
         """Set the epoch (attenuation) and refresh the prototypes when due. Returns metrics for the log."""
         self.epoch = int(epoch)
+        if not self._announced:  # here rather than in __init__: the run's log file is open by now
+            self._announced = True
+            self._log_setup()
         metrics: dict[str, float] = {"kd_attenuation": self.attenuation()}
         if self.pgm is not None:
             due = epoch % max(1, self.cfg.pgm.interval) == 0 or self.bank is None
@@ -115,6 +119,18 @@ class DistillationTask(nn.Module):
                          pgm_metrics["pgm_instances"], pgm_metrics["pgm_images"])
             metrics["pgm_refreshed"] = float(due)
         return metrics
+
+    def _log_setup(self) -> None:
+        if self.pairs:
+            log.info("distilling with '%s' at strides %s (student levels %s -> teacher levels %s)", self.cfg.method,
+                     [p.stride for p in self.pairs], [p.student for p in self.pairs], [p.teacher for p in self.pairs])
+        for note in self.level_notes:
+            log.info("%s", note)
+        if self.pgm is not None:
+            for c in self.pgm.empty_classes:
+                log.warning("class '%s' has no box larger than %g px (distill.pgm.min_box_size): no prototypes; "
+                            "its instances get robust weight 1 and no global-knowledge term", self.classes[c - 1],
+                            self.cfg.pgm.min_box_size)
 
     def extra_state(self) -> dict[str, Any]:
         """Adapters' weights and the prototypes in use (tensors and plain values only)."""
