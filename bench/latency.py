@@ -172,7 +172,8 @@ def format_report(rep: dict[str, Any]) -> str:
         s = r["latency"]
         m = r["accuracy"]["bbox_mAP"] if r["accuracy"] else None
         flag = "" if r.get("verified", True) else " (parity NOT verified)"
-        lines.append(f"| {name}{flag} | {r['provider']} | {s['p50']:.1f} | {s['p90']:.1f} | {s['p95']:.1f} | {s['p99']:.1f} "
+        lines.append(f"| {name}{flag} | {r['provider']} | {s['p50']:.1f} | {s['p90']:.1f} | {s['p95']:.1f} "
+                     f"| {s['p99']:.1f} "
                      f"| {s['mean']:.1f} +- {s['std']:.1f} | {s['cov']:.1%} | {s['throughput_ips']:.2f} "
                      f"| {s['p50'] / base:.2f}x | {'-' if m is None else format(m, '.4f')} |")
     for name, why in rep["skipped"].items():

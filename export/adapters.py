@@ -95,7 +95,8 @@ def preprocess_contract(detector: nn.Module, *, classes: list[str] | None = None
     t = detector.transform
     if kind == "retinanet":
         post = {"score_thresh": float(detector.score_thresh), "nms_thresh": float(detector.nms_thresh),
-                "detections_per_img": int(detector.detections_per_img), "topk_candidates": int(detector.topk_candidates)}
+                "detections_per_img": int(detector.detections_per_img),
+                "topk_candidates": int(detector.topk_candidates)}
     else:
         rh = detector.roi_heads
         post = {"score_thresh": float(rh.score_thresh), "nms_thresh": float(rh.nms_thresh),

@@ -28,7 +28,8 @@ from ._lazy import lazy_import
 from .adapters import INPUT_NAME, NETWORK_SCOPES
 from .onnx import load_onnx, read_metadata, save_onnx
 
-__all__ = ["quantize_int8", "search_int8", "rank_sensitivity", "quantizable_nodes", "head_output_nodes", "count_qdq", "CALIB_METHODS",
+__all__ = ["quantize_int8", "search_int8", "rank_sensitivity", "quantizable_nodes", "head_output_nodes", "count_qdq",
+           "CALIB_METHODS",
            "INT8_OPS"]
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")

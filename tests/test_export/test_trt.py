@@ -43,7 +43,8 @@ def _fake_info(kinds):
     fmt = {"FP32": "Row major linear FP32", "FP16": "Channel major FP16 format where channel % 8 == 0",
            "INT8": "Channel major INT8 format where channel % 32 == 0", "INT64": "Row major linear Int64"}
     layers = [{"Name": f"l{i}", "LayerType": "CaskConvolution",
-               "Inputs": [{"Name": "x", "Format/Datatype": fmt[k]}], "Outputs": [{"Name": "y", "Format/Datatype": fmt[k]}]}
+               "Inputs": [{"Name": "x", "Format/Datatype": fmt[k]}],
+               "Outputs": [{"Name": "y", "Format/Datatype": fmt[k]}]}
               for i, k in enumerate(kinds)]
     return json.dumps({"Layers": layers, "Bindings": ["image", "boxes", "scores", "labels"]})
 
