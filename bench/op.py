@@ -12,6 +12,7 @@ bandwidth measured in the same process (read + write bytes of a large tensor cop
 from __future__ import annotations
 
 import math
+import os
 import platform
 import statistics
 import time
@@ -43,6 +44,16 @@ def _time(fn: Callable[[], object], device: torch.device, repeats: int, warmup: 
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return {"median_ms": statistics.median(times), "min_ms": min(times), "repeats": repeats}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def copy_bandwidth(device: torch.device, mbytes: int = 256, repeats: int = 5) -> float:
@@ -104,21 +115,37 @@ def _max_error(wl: dict, fn_a, fn_b) -> float:
     return worst
 
 
+def _same_class_timing(wl: dict, prototypes: int, instances: int, dev: torch.device, repeats: int, warmup: int,
+                       seed: int) -> dict | None:
+    """Time ``max_same_class_cos`` (the robust weight's max over own-class prototypes) on every level's [N, M]."""
+    from kd.prototype import max_same_class_cos
+
+    if prototypes == 0 or instances == 0:
+        return None
+    per_class = max(1, prototypes // 80)  # 80 classes x 10 prototypes at the default size
+    offsets = torch.arange(0, prototypes + per_class, per_class, device=dev).clamp_max(prototypes)
+    labels = torch.randint(0, len(offsets) - 1, (instances,), generator=torch.Generator().manual_seed(seed)).to(dev)
+    with torch.no_grad():
+        cos = [torch.ops.kd.prototype_project(x, wl["boxes"], s, p)[1]
+               for x, s, p in zip(wl["levels"], wl["strides"], wl["banks"])]
+    return _time(lambda: [max_same_class_cos(c, labels, offsets) for c in cos], dev, repeats, warmup)
+
+
 def run_op_benchmark(*, device: str = "cpu", threads: int = 2, batch: int = 2, channels: int = 256,
                      height: int = 800, width: int = 1333, strides: tuple[int, ...] = (4, 8, 16, 32, 64),
-                     instances: int = 256, prototypes: int = 800, dtype: str = "float32", repeats: int = 5,
+                     instances: int = 256, prototypes: int = 800, dtype: str = "float32", repeats: int = 10,
                      reference_repeats: int = 1, warmup: int = 1, prototype_grad: bool = False,
                      seed: int = 0) -> dict:
     """Time the extension, the vectorised and the per-instance versions; returns a JSON-able dict."""
     from kd import _ops
-    from kd.prototype import (max_same_class_cos, prototype_project_reference,
-                              prototype_project_vectorized)
+    from kd.prototype import prototype_project_reference, prototype_project_vectorized
 
     dev = torch.device(device)
     torch.set_num_threads(threads)
     _ops.assert_has_ops()
     if not _ops.has_kernel(dev.type):
         raise click.UsageError(f"kd._C has no {dev.type} kernel ({_ops.backend_summary()})")
+    load_before = os.getloadavg()[0]
     wl = make_workload(batch, channels, height, width, list(strides), instances, prototypes, _DTYPES[dtype], dev,
                        seed)
     versions = {"extension": torch.ops.kd.prototype_project, "vectorized": prototype_project_vectorized,
@@ -132,21 +159,19 @@ def run_op_benchmark(*, device: str = "cpu", threads: int = 2, batch: int = 2, c
         results[name] = {"forward": _time(_runner(fn, wl, False, prototype_grad), dev, reps, wu),
                          "forward_backward": _time(_runner(fn, wl, True, prototype_grad), dev, reps, wu)}
     feature_bytes = sum(x.numel() * x.element_size() for x in wl["levels"])
-    bw = copy_bandwidth(dev)
-    floor = {"forward_ms": feature_bytes / (bw * 1e9) * 1e3, "forward_backward_ms": 2 * feature_bytes / (bw * 1e9) * 1e3}
-    # The robust weight's "max over same-class prototypes", done in PyTorch on the [N, M] output (no second op).
-    per_class = prototypes // 80 if prototypes >= 80 else 1
-    offsets = torch.arange(0, prototypes + 1, per_class, device=dev).clamp_max(prototypes)
-    labels = torch.randint(0, len(offsets) - 1, (instances,), generator=torch.Generator().manual_seed(seed)).to(dev)
-    cos = torch.ops.kd.prototype_project(wl["levels"][0], wl["boxes"], wl["strides"][0], wl["banks"][0])[1]
-    same_class = _time(lambda: [max_same_class_cos(cos, labels, offsets) for _ in strides], dev, repeats, warmup)
+    # Well beyond the last-level cache, about the size of what the operator moves, 64..256 MB.
+    bw = copy_bandwidth(dev, mbytes=int(min(256, max(64, 2 * feature_bytes / 2**20))))
     return {
-        "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor()
-        or platform.machine(), "threads": threads, "torch": torch.__version__, "backend": _ops.backend_summary(),
+        "device": str(dev), "threads": threads, "torch": torch.__version__, "backend": _ops.backend_summary(),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+        "load_average_1min": [load_before, os.getloadavg()[0]],
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
         "batch": batch, "channels": channels, "image": [height, width], "strides": list(strides),
         "levels": [list(x.shape[2:]) for x in wl["levels"]], "instances": instances, "prototypes": prototypes,
         "dtype": dtype, "prototype_grad": prototype_grad, "results": results, "feature_bytes": feature_bytes,
-        "copy_bandwidth_gbs": bw, "floor": floor, "max_same_class_cos": same_class,
+        "copy_bandwidth_gbs": bw,
+        "floor": {"forward_ms": feature_bytes / bw / 1e6, "forward_backward_ms": 2 * feature_bytes / bw / 1e6},
+        "max_same_class_cos": _same_class_timing(wl, prototypes, instances, dev, repeats, warmup, seed),
         "max_abs_diff_extension_vs_vectorized": _max_error(wl, torch.ops.kd.prototype_project,
                                                            prototype_project_vectorized),
     }
@@ -154,18 +179,21 @@ def run_op_benchmark(*, device: str = "cpu", threads: int = 2, batch: int = 2, c
 
 def format_table(r: dict) -> str:
     """The human-readable summary printed by ``gkd bench op``."""
-    lines = [f"prototype projection on {r['device']} ({r['device_name']}, {r['threads']} threads), torch {r['torch']}, "
-             f"{r['backend']}",
+    load = r["load_average_1min"]
+    lines = [f"prototype projection on {r['device']} ({r['device_name']}, {r['threads']} threads, load average "
+             f"{load[0]:.2f} -> {load[1]:.2f}), torch {r['torch']}, {r['backend']}",
              f"B={r['batch']} C={r['channels']} image {r['image'][0]}x{r['image'][1]}, levels {r['levels']} "
              f"(strides {r['strides']}), N={r['instances']} M={r['prototypes']}, {r['dtype']}"
              f"{', prototypes require grad' if r['prototype_grad'] else ''}",
              "",
-             f"{'version':<14}{'forward ms':>12}{'fwd+bwd ms':>12}{'fwd speed-up':>14}{'fwd+bwd speed-up':>18}  runs"]
+             "times: median (min) ms over the runs; speed-up: this version's median over the extension's",
+             f"{'version':<14}{'forward ms':>18}{'fwd+bwd ms':>20}{'fwd speed-up':>14}{'fwd+bwd speed-up':>18}  runs"]
     ext = r["results"]["extension"]
     for name, res in r["results"].items():
-        f, fb = res["forward"]["median_ms"], res["forward_backward"]["median_ms"]
-        lines.append(f"{name:<14}{f:>12.1f}{fb:>12.1f}{f / ext['forward']['median_ms']:>13.1f}x"
-                     f"{fb / ext['forward_backward']['median_ms']:>17.1f}x  {res['forward']['repeats']}")
+        f, fb = res["forward"], res["forward_backward"]
+        lines.append(f"{name:<14}{f['median_ms']:>10.1f} ({f['min_ms']:>6.1f}){fb['median_ms']:>11.1f} "
+                     f"({fb['min_ms']:>7.1f}){f['median_ms'] / ext['forward']['median_ms']:>13.1f}x"
+                     f"{fb['median_ms'] / ext['forward_backward']['median_ms']:>17.1f}x  {f['repeats']}")
     fl = r["floor"]
     lines += ["",
               f"memory-traffic floor at {r['copy_bandwidth_gbs']:.1f} GB/s (measured copy, read+write): forward "
@@ -176,12 +204,15 @@ def format_table(r: dict) -> str:
               f"(achieved {r['feature_bytes'] / ext['forward']['median_ms'] / 1e6:.1f} GB/s forward, "
               f"{2 * r['feature_bytes'] / ext['forward_backward']['median_ms'] / 1e6:.1f} GB/s fwd+bwd)",
               f"max over same-class prototypes (robust weight, PyTorch on cos [N, M]), all levels: "
-              f"{r['max_same_class_cos']['median_ms']:.2f} ms",
+              + (f"{r['max_same_class_cos']['median_ms']:.2f} ms" if r["max_same_class_cos"] else "n/a"),
               f"max |extension - vectorized| (forward outputs): {r['max_abs_diff_extension_vs_vectorized']:.2e}"]
+    if r["device"] == "cpu" and r["THP_MEM_ALLOC_ENABLE"] != "1":
+        lines.append("note: first-touch page faults on fresh gradient tensors are a large part of every version's "
+                     "backward on CPU; on Linux, THP_MEM_ALLOC_ENABLE=1 lets torch use huge pages for large tensors")
     return "\n".join(lines)
 
 
-def _ints(text: str) -> tuple[int, ...]:
+def _ints(ctx: click.Context | None, param: click.Parameter | None, text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(","))
     except ValueError:
@@ -199,33 +230,38 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--channels", type=click.IntRange(1), default=256, show_default=True, help="FPN channels (C).")
 @click.option("--image-size", nargs=2, type=click.IntRange(1), default=(800, 1333), show_default=True,
               help="Input height and width in pixels; level l is ceil(H/s) x ceil(W/s).")
-@click.option("--strides", default="4,8,16,32,64", show_default=True, help="Comma-separated level strides.")
+@click.option("--strides", default="4,8,16,32,64", show_default=True, callback=_ints,
+              help="Comma-separated level strides.")
 @click.option("--instances", type=click.IntRange(0), default=256, show_default=True, help="Boxes per step (N).")
 @click.option("--prototypes", type=click.IntRange(0), default=800, show_default=True,
               help="Prototypes per level (M), e.g. 80 classes x 10.")
 @click.option("--dtype", type=click.Choice(list(_DTYPES), case_sensitive=False), default="float32",
               show_default=True, help="Feature dtype (float16/bfloat16: CUDA only).")
-@click.option("--repeats", type=click.IntRange(1), default=5, show_default=True,
+@click.option("--repeats", type=click.IntRange(1), default=10, show_default=True,
               help="Timed runs of the extension and the vectorised version (median reported).")
 @click.option("--reference-repeats", type=click.IntRange(0), default=1, show_default=True,
               help="Timed runs of the per-instance version (about 18 s each on 2 CPU threads); 0 skips it.")
 @click.option("--prototype-grad/--no-prototype-grad", default=False, show_default=True,
               help="Also differentiate w.r.t. the prototype banks (they are constants in distillation).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random maps, boxes and banks.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results as JSON here.")
 def op(device, threads, batch, channels, image_size, strides, instances, prototypes, dtype, repeats,
        reference_repeats, prototype_grad, seed, json_path):
     """Time kd::prototype_project against the vectorised and per-instance PyTorch versions (forward, fwd+bwd)."""
+    from kd import _ops
     from kd.errors import GkdError
     from kd.io import atomic_write_json
+
+    if not _ops.has_ops():
+        raise GkdError(f"kd._C: {_ops.backend_summary()}; expected the built extension (see docs/operator.md)")
 
     if device == "cuda" and not torch.cuda.is_available():
         raise GkdError("--device cuda: torch sees no CUDA device here; expected a machine with a GPU")
     if device == "cpu" and dtype in ("float16", "bfloat16"):
         raise GkdError(f"--dtype {dtype}: the CPU kernel supports float32/float64; expected one of those on cpu")
     result = run_op_benchmark(device=device, threads=threads, batch=batch, channels=channels, height=image_size[0],
-                              width=image_size[1], strides=_ints(strides), instances=instances,
+                              width=image_size[1], strides=strides, instances=instances,
                               prototypes=prototypes, dtype=dtype, repeats=repeats,
                               reference_repeats=reference_repeats, prototype_grad=prototype_grad, seed=seed)
     click.echo(format_table(result))

@@ -1,10 +1,10 @@
 // CPU kernels of kd::prototype_project and its backward.
 //
 // Design (B*C feature planes of H*W cells, N boxes):
-// * Forward: per plane (parallel over the B*C planes with at::parallel_for), build the plane's integral image in a
-//   thread-local double buffer that stays in L2, then each box of that image costs 4 lookups. The feature map is read
-//   once, whatever the boxes' sizes and overlaps. When the boxes of an image cover fewer cells in total than the
-//   plane has, summing their cells directly is cheaper and is used instead.
+// * Forward: per plane (parallel over the B*C planes, dynamically scheduled on at::parallel_for's threads), build
+//   the plane's integral image in a thread-local double buffer that stays in L2, then each box of that image costs 4
+//   lookups. The feature map is read once, whatever the boxes' sizes and overlaps. When the boxes of an image cover
+//   fewer cells in total than the plane has, summing their cells directly is cheaper and is used instead.
 // * Backward: the gradient of a box mean is grad/area spread uniformly over the box. Per plane, write +-grad/area at
 //   the box's four corners of a 2D difference array, then one 2D prefix sum yields the whole gradient plane: O(HW)
 //   per plane instead of O(sum of box areas), and every gradient cell is written exactly once (no zero fill).
@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "../prototype.h"
@@ -127,41 +128,57 @@ double box_sum_direct(const scalar_t* plane, int64_t width, const Cells& c) {
   return (s0 + s1) + (s2 + s3);
 }
 
-// Planes per parallel chunk: at least at::internal::GRAIN_SIZE cells of work, so that small maps run inline instead
-// of paying for a parallel region (milliseconds on a loaded machine, where a worker thread may wait for a core).
-int64_t plane_grain(int64_t plane_size) {
-  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, plane_size));
+// Runs body(plane, scratch) for every plane in [0, planes) on the intra-op threads, each thread with its own
+// `Scratch` (built by make_scratch()). Planes are claimed in blocks of at least at::internal::GRAIN_SIZE cells from
+// a shared counter (dynamic scheduling): a thread slowed down by another process on a shared machine, or a slower
+// core, then does less work instead of holding up the others, and small maps run inline without a parallel region.
+// Every plane writes its own outputs, so the results do not depend on which thread ran it.
+template <typename MakeScratch, typename Body>
+void for_each_plane(int64_t planes, int64_t plane_size, const MakeScratch& make_scratch, const Body& body) {
+  const int64_t block = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, plane_size));
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), (planes + block - 1) / block);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::max<int64_t>(workers, 1), 1, [&](int64_t, int64_t) {
+    auto scratch = make_scratch();
+    for (int64_t start = next.fetch_add(block); start < planes; start = next.fetch_add(block)) {
+      const int64_t end = std::min(planes, start + block);
+      for (int64_t plane = start; plane < end; ++plane) body(plane, scratch);
+    }
+  });
 }
+
+struct Buffers {
+  std::vector<double> plane;  // forward: (H+1) x (W+1) integral image; backward: H x W difference array
+  std::vector<double> col;    // W running column sums
+};
 
 template <typename scalar_t>
 void pool_forward(const scalar_t* features, int64_t batch, int64_t channels, int64_t height, int64_t width,
                   const BoxTable& t, scalar_t* pooled) {
   const int64_t plane_size = height * width;
   const int64_t w1 = width + 1;
-  at::parallel_for(0, batch * channels, plane_grain(plane_size), [&](int64_t begin, int64_t end) {
-    std::vector<double> integral;  // (H+1) x (W+1); row 0 and column 0 stay zero
-    std::vector<double> col(width);
-    for (int64_t plane = begin; plane < end; ++plane) {
-      const int64_t b = plane / channels;
-      const int64_t ch = plane % channels;
-      const auto& idx = t.by_image[b];
-      if (idx.empty()) continue;
-      const scalar_t* x = features + plane * plane_size;
-      if (t.cells_by_image[b] <= plane_size) {
-        for (const int64_t i : idx) {
-          const Cells& c = t.cells[i];
-          pooled[i * channels + ch] = static_cast<scalar_t>(box_sum_direct(x, width, c) / c.area());
-        }
-        continue;
-      }
-      if (integral.empty()) integral.assign((height + 1) * w1, 0.0);
-      prefix_sum_2d(x, width, integral.data() + w1 + 1, w1, height, width, col.data());
-      const double* s = integral.data();
+  // The integral image is allocated on first use: row 0 and column 0 are never written and stay zero.
+  auto make = [&] { return Buffers{{}, std::vector<double>(width)}; };
+  for_each_plane(batch * channels, plane_size, make, [&](int64_t plane, Buffers& buf) {
+    const int64_t b = plane / channels;
+    const int64_t ch = plane % channels;
+    const auto& idx = t.by_image[b];
+    if (idx.empty()) return;
+    const scalar_t* x = features + plane * plane_size;
+    if (t.cells_by_image[b] <= plane_size) {
       for (const int64_t i : idx) {
         const Cells& c = t.cells[i];
-        const double sum = s[c.r1 * w1 + c.c1] - s[c.r0 * w1 + c.c1] - s[c.r1 * w1 + c.c0] + s[c.r0 * w1 + c.c0];
-        pooled[i * channels + ch] = static_cast<scalar_t>(sum / c.area());
+        pooled[i * channels + ch] = static_cast<scalar_t>(box_sum_direct(x, width, c) / c.area());
       }
+      return;
+    }
+    if (buf.plane.empty()) buf.plane.assign((height + 1) * w1, 0.0);
+    prefix_sum_2d(x, width, buf.plane.data() + w1 + 1, w1, height, width, buf.col.data());
+    const double* s = buf.plane.data();
+    for (const int64_t i : idx) {
+      const Cells& c = t.cells[i];
+      const double sum = s[c.r1 * w1 + c.c1] - s[c.r0 * w1 + c.c1] - s[c.r1 * w1 + c.c0] + s[c.r0 * w1 + c.c0];
+      pooled[i * channels + ch] = static_cast<scalar_t>(sum / c.area());
     }
   });
 }
@@ -171,35 +188,34 @@ template <typename scalar_t>
 void pool_backward(const double* grad, int64_t batch, int64_t channels, int64_t height, int64_t width,
                    const BoxTable& t, scalar_t* grad_features) {
   const int64_t plane_size = height * width;
-  at::parallel_for(0, batch * channels, plane_grain(plane_size), [&](int64_t begin, int64_t end) {
-    std::vector<double> diff(plane_size, 0.0);  // all zero between planes: used corners are reset below
-    std::vector<double> col(width);
-    for (int64_t plane = begin; plane < end; ++plane) {
-      const int64_t b = plane / channels;
-      const int64_t ch = plane % channels;
-      const auto& idx = t.by_image[b];
-      scalar_t* out = grad_features + plane * plane_size;
-      if (idx.empty()) {
-        std::fill(out, out + plane_size, scalar_t(0));
-        continue;
-      }
-      // Corners on row H or column W only affect cells beyond the map, so they are skipped.
-      for (const int64_t i : idx) {
-        const Cells& c = t.cells[i];
-        const double v = grad[i * channels + ch] / c.area();
-        diff[c.r0 * width + c.c0] += v;
-        if (c.c1 < width) diff[c.r0 * width + c.c1] -= v;
-        if (c.r1 < height) diff[c.r1 * width + c.c0] -= v;
-        if (c.r1 < height && c.c1 < width) diff[c.r1 * width + c.c1] += v;
-      }
-      prefix_sum_2d(diff.data(), width, out, width, height, width, col.data());
-      for (const int64_t i : idx) {
-        const Cells& c = t.cells[i];
-        diff[c.r0 * width + c.c0] = 0.0;
-        if (c.c1 < width) diff[c.r0 * width + c.c1] = 0.0;
-        if (c.r1 < height) diff[c.r1 * width + c.c0] = 0.0;
-        if (c.r1 < height && c.c1 < width) diff[c.r1 * width + c.c1] = 0.0;
-      }
+  // The difference array is all zero between planes: the corners a plane sets are reset after its prefix sum.
+  auto make = [&] { return Buffers{std::vector<double>(plane_size, 0.0), std::vector<double>(width)}; };
+  for_each_plane(batch * channels, plane_size, make, [&](int64_t plane, Buffers& buf) {
+    const int64_t b = plane / channels;
+    const int64_t ch = plane % channels;
+    const auto& idx = t.by_image[b];
+    scalar_t* out = grad_features + plane * plane_size;
+    if (idx.empty()) {
+      std::fill(out, out + plane_size, scalar_t(0));
+      return;
+    }
+    double* diff = buf.plane.data();
+    // Corners on row H or column W only affect cells beyond the map, so they are skipped.
+    for (const int64_t i : idx) {
+      const Cells& c = t.cells[i];
+      const double v = grad[i * channels + ch] / c.area();
+      diff[c.r0 * width + c.c0] += v;
+      if (c.c1 < width) diff[c.r0 * width + c.c1] -= v;
+      if (c.r1 < height) diff[c.r1 * width + c.c0] -= v;
+      if (c.r1 < height && c.c1 < width) diff[c.r1 * width + c.c1] += v;
+    }
+    prefix_sum_2d(diff, width, out, width, height, width, buf.col.data());
+    for (const int64_t i : idx) {
+      const Cells& c = t.cells[i];
+      diff[c.r0 * width + c.c0] = 0.0;
+      if (c.c1 < width) diff[c.r0 * width + c.c1] = 0.0;
+      if (c.r1 < height) diff[c.r1 * width + c.c0] = 0.0;
+      if (c.r1 < height && c.c1 < width) diff[c.r1 * width + c.c1] = 0.0;
     }
   });
 }
