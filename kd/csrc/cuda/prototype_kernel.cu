@@ -4,7 +4,8 @@
 // * box_cells_kernel turns boxes into int32 cell ranges with the same double arithmetic as the CPU
 //   (kd::cell_range) and flags the first non-finite box / bad batch index. The forward copies the two flags to the
 //   host once (one synchronisation per call) to raise a clear error; the backward trusts the forward's check and
-//   never synchronises (invalid boxes are still clamped to a valid cell, so no access can go out of bounds).
+//   never synchronises, nor does the forward during CUDA-graph capture (invalid boxes are still clamped to a valid
+//   cell, so no access can go out of bounds).
 // * Forward: one block per (box, 32 channels); each warp reduces one channel of the box with its 32 lanes walking
 //   the box's cells row-major (coalesced along x), then a fixed-order warp shuffle. Deterministic.
 // * Backward: a gather, not a scatter. One block owns a 32x8 tile of one image and writes every channel of it
@@ -18,6 +19,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -180,7 +182,9 @@ at::Tensor box_cells(const at::Tensor& boxes, double stride, int64_t batch, int6
         static_cast<int>(width), cells.mutable_data_ptr<int>(), bad.mutable_data_ptr<int>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (validate) {
+  // A device->host copy is not allowed while a CUDA graph is being captured: skip the check then (invalid boxes
+  // are still clamped to a valid cell).
+  if (validate && c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
     const auto flags = bad.cpu();
     const int bad_finite = flags.const_data_ptr<int>()[0], bad_batch = flags.const_data_ptr<int>()[1];
     if (bad_finite != INT_MAX || bad_batch != INT_MAX) {
