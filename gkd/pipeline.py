@@ -45,17 +45,6 @@ class PipelineConfig:
         return Path(self.runs_dir) / self.name
 
 
-def _flatten(prefix: str, d: Any) -> list[str]:
-    if not isinstance(d, dict):
-        import yaml
-
-        return [f"{prefix}={yaml.safe_dump(d, default_flow_style=True).strip().removesuffix('...').strip()}"]
-    out: list[str] = []
-    for k, v in d.items():
-        out += _flatten(f"{prefix}.{k}" if prefix else k, v)
-    return out
-
-
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -124,11 +113,11 @@ def _stage(manifest: Manifest, name: str, fn: Callable[[], dict[str, Any]]) -> N
 
 
 def _train_stage(cfg: PipelineConfig, config_path: str, overrides: dict, stage: str) -> dict[str, Any]:
-    from kd.config import load_config
+    from kd.config import flatten_overrides, load_config
     from kd.train import train_detector
 
     base = [f"runs_dir={cfg.run_dir}", f"name={stage}", f"seed={cfg.seed}", f"data.root={cfg.data_root}"]
-    run_cfg = load_config(config_path, base + _flatten("", overrides))
+    run_cfg = load_config(config_path, base + flatten_overrides(overrides))
     resume = (run_cfg.run_dir / "checkpoints" / "last.pt").exists()
     record = train_detector(run_cfg, resume=resume)
     model = run_cfg.run_dir / "checkpoints" / "model.pt"

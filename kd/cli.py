@@ -17,8 +17,9 @@ def config_overrides_argument(f):
 
 def split_config_and_overrides(config: Path | None, overrides: tuple[str, ...]) -> tuple[Path | None, list[str]]:
     """CONFIG is optional: when the first argument looks like KEY=VALUE (and is no file), it is an override."""
-    if config is not None and "=" in config.name and not config.exists():
-        return None, [str(config), *overrides]
+    text = str(config) if config is not None else ""
+    if "=" in text and "/" not in text.split("=", 1)[0] and not config.exists():
+        return None, [text, *overrides]
     return config, list(overrides)
 
 

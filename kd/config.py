@@ -21,7 +21,7 @@ from .errors import GkdError
 
 __all__ = [
     "DataConfig", "ModelConfig", "TrainConfig", "EvalConfig", "RunConfig",
-    "load_config", "from_dict", "to_dict", "apply_overrides", "dump_config", "ARCHS", "BACKBONES",
+    "load_config", "from_dict", "to_dict", "apply_overrides", "flatten_overrides", "dump_config", "ARCHS", "BACKBONES",
 ]
 
 ARCHS = ("faster_rcnn", "retinanet")
@@ -298,6 +298,19 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
             node = nxt
         node[parts[-1]] = value
     return data
+
+
+def flatten_overrides(d: Any, prefix: str = "") -> list[str]:
+    """A nested mapping -> ``["a.b=value", ...]`` overrides (values dumped as flow-style YAML)."""
+    import yaml
+
+    if not isinstance(d, dict):
+        text = yaml.safe_dump(d, default_flow_style=True).strip()
+        return [f"{prefix}={text.removesuffix('...').strip()}"]
+    out: list[str] = []
+    for k, v in d.items():
+        out += flatten_overrides(v, f"{prefix}.{k}" if prefix else k)
+    return out
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), cls: type = RunConfig) -> Any:

@@ -1,0 +1,336 @@
+"""``gkd study``: a reproducible distillation study in the shape of the paper's tables, at CPU scale.
+
+One teacher, then the student with each method of the menu on an identical schedule (same number of updates, same
+data order and student initialisation per seed: only the distillation differs), for several seeds; each student
+is evaluated on the same val split, overall and on the hard subsets the synthetic generator tags (small, occluded,
+blurred objects). Ablations: prototypes per class and the global-loss weight. Everything lands in
+``runs/<name>/study.json`` and a Markdown report (``docs/study.md`` by default) with the exact command, the config,
+the machine and the wall time.
+
+Runs execute in parallel worker processes (``jobs``, one torch thread each: on a 2-core machine two single-thread
+runs finish sooner than one two-thread run after the other). Finished runs are skipped when the command is rerun,
+an interrupted one resumes from its last epoch, so a killed study loses at most one epoch per worker.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+__all__ = ["StudyConfig", "run_study", "study", "SUBSETS", "PAPER_TABLES"]
+
+log = logging.getLogger("gkd")
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "kd" / "configs"
+
+#: hard subsets: name -> annotation attribute (written by `gkd data synth`)
+SUBSETS = ("small", "occluded", "blurred")
+
+#: The authors' COCO val2017 numbers (ECCV 2022, from their README; method.md section 5.1). Theirs, not ours.
+PAPER_TABLES = {
+    "Faster R-CNN R101 -> R50 (2x)": [("Teacher R101", 39.8, 60.1, 43.3), ("Student R50", 38.4, 59.0, 42.0),
+                                      ("FGFI", 39.3, 59.8, 42.9), ("DeFeat", 40.3, 60.9, 44.0),
+                                      ("FBKD", 40.2, 60.4, 43.6), ("GID", 40.2, 60.8, 43.6),
+                                      ("Global knowledge (ours in the paper)", 40.6, 61.0, 44.0)],
+    "RetinaNet R101 -> R50 (2x)": [("Teacher R101", 38.9, 58.0, 41.5), ("Student R50", 37.4, 56.7, 39.6),
+                                   ("FGFI", 38.6, 58.7, 41.3), ("DeFeat", 39.3, 58.2, 42.1),
+                                   ("FBKD", 39.3, 58.3, 42.3), ("GID", 39.1, 59.0, 42.3), ("PFI", 39.6, None, None),
+                                   ("Global knowledge (ours in the paper)", 39.8, 58.6, 42.6)],
+}
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """What ``gkd study`` runs. ``teacher`` / ``student`` are overrides on top of the stage configs."""
+
+    name: str = "study"
+    runs_dir: str = "runs"
+    data_root: str = "data/synth"
+    synth_images: int = 800
+    synth_size: int = 256
+    data_seed: int = 0
+    teacher_config: str = str(CONFIG_DIR / "teacher.yaml")
+    student_config: str = str(CONFIG_DIR / "distill_gkd.yaml")
+    #: an existing teacher checkpoint to use instead of training one
+    teacher_checkpoint: str = ""
+    teacher: Any = field(default_factory=dict)
+    student: Any = field(default_factory=dict)
+    methods: tuple[str, ...] = ("none", "local", "robust", "gkd", "pkd", "pkd+global")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    #: ablations on the `gkd` method (the default values are the main runs)
+    ablation_prototypes: tuple[int, ...] = (1, 5)
+    ablation_global_weight: tuple[float, ...] = (1.0, 20.0)
+    ablation_seeds: tuple[int, ...] = (0,)
+    jobs: int = 2
+    report: str = "docs/study.md"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+
+QUICK_OVERRIDES = (
+    "name=study-quick", "data_root=data/synth-quick", "synth_images=160", "synth_size=128",
+    "teacher.train.epochs=6", "teacher.model.min_size=128", "teacher.model.max_size=128",
+    "student.train.epochs=2", "student.model.min_size=128", "student.model.max_size=128",
+    "ablation_prototypes=[1]", "ablation_global_weight=[20.0]", "report=runs/study-quick/study.md",
+)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+def evaluate_with_subsets(checkpoint: Path, val_json: Path, images: Path, max_dets: int = 100) -> dict[str, Any]:
+    """COCO metrics of a detector checkpoint on the val split, overall and on each hard subset."""
+    import torch
+
+    from kd.checkpoint import load_detector
+    from kd.data import CocoDetection, load_coco
+    from kd.engine import make_loader
+    from kd.evaluation import CocoEvaluator, evaluate_detector
+
+    index = load_coco(val_json, image_root=images)
+    model, _ = load_detector(checkpoint)
+    dataset = CocoDetection(index, train=False, min_size=model.transform.min_size[0],
+                            max_size=model.transform.max_size)
+    ev = CocoEvaluator(index.gt_json, index.category_ids, max_dets)
+    with torch.no_grad():
+        out = {"all": evaluate_detector(model, make_loader(dataset, 8, 0), ev, "cpu")}
+    for name in SUBSETS:
+        out[name] = ev.evaluate(ann_filter=lambda a, n=name: bool((a.get("attributes") or {}).get(n)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ one job
+
+
+def _job(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train (or resume) one student and evaluate it; runs in a worker process with one torch thread."""
+    import torch
+
+    torch.set_num_threads(1)
+    from kd.config import load_config
+    from kd.distill.config import DistillRunConfig
+    from kd.distill.run import run_distillation
+    from kd.io import atomic_write_json
+
+    cfg = load_config(spec["config"], spec["overrides"], cls=DistillRunConfig)
+    done = cfg.run_dir / "study_result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    t0 = time.perf_counter()
+    resume = (cfg.run_dir / "checkpoints" / "last.pt").exists()
+    run_distillation(cfg, resume=resume, progress=False)
+    train_s = time.perf_counter() - t0
+    metrics = evaluate_with_subsets(cfg.run_dir / "checkpoints" / "model.pt", cfg.data.path("val"),
+                                    cfg.data.path("images"), cfg.eval.max_dets)
+    result = {**spec["meta"], "run_dir": str(cfg.run_dir), "train_s": round(train_s, 1), "metrics": metrics,
+              "epochs": cfg.train.epochs, "steps_per_epoch": cfg.train.max_steps_per_epoch}
+    atomic_write_json(done, result)
+    return result
+
+
+def _specs(cfg: StudyConfig, teacher_ckpt: Path) -> list[dict[str, Any]]:
+    from kd.config import flatten_overrides
+
+    base = [f"runs_dir={cfg.run_dir / 'students'}", f"data.root={cfg.data_root}", "train.threads=1",
+            # the study made (or was given) the teacher: its checkpoint records its own architecture
+            f"distill.teacher.checkpoint={teacher_ckpt}", "distill.teacher.arch=null", "distill.teacher.backbone=null",
+            *flatten_overrides(cfg.student)]
+    specs = []
+    for seed in cfg.seeds:
+        for method in cfg.methods:
+            tag = method.replace("+", "_")
+            specs.append({"config": cfg.student_config,
+                          "overrides": base + [f"name={tag}-s{seed}", f"seed={seed}", f"distill.method={method}"],
+                          "meta": {"kind": "main", "method": method, "seed": seed}})
+    for seed in cfg.ablation_seeds:
+        for k in cfg.ablation_prototypes:
+            specs.append({"config": cfg.student_config,
+                          "overrides": base + [f"name=gkd-protos{k}-s{seed}", f"seed={seed}", "distill.method=gkd",
+                                               f"distill.pgm.num_prototypes={k}"],
+                          "meta": {"kind": "ablation", "method": "gkd", "seed": seed, "num_prototypes": k}})
+        for w in cfg.ablation_global_weight:
+            specs.append({"config": cfg.student_config,
+                          "overrides": base + [f"name=gkd-gw{w:g}-s{seed}", f"seed={seed}", "distill.method=gkd",
+                                               f"distill.global_weight={w}"],
+                          "meta": {"kind": "ablation", "method": "gkd", "seed": seed, "global_weight": w}})
+    return specs
+
+
+# ------------------------------------------------------------------------------------------------ the study
+
+
+def run_study(cfg: StudyConfig, command: str = "") -> dict[str, Any]:
+    """Data -> teacher -> every (method, seed) student + ablations -> report. Resumable; returns study.json."""
+    from kd.config import flatten_overrides, load_config, to_dict
+    from kd.data import generate_synthetic
+    from kd.io import atomic_write_json, atomic_write_text
+    from kd.train import train_detector
+
+    t_start = time.perf_counter()
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    data_root = Path(cfg.data_root)
+    if not (data_root / "train.json").exists():
+        generate_synthetic(data_root, n_images=cfg.synth_images, seed=cfg.data_seed, image_size=cfg.synth_size,
+                           val_fraction=0.2, progress=True)
+    teacher_file = cfg.run_dir / "teacher_result.json"
+    if not teacher_file.exists():
+        t0 = time.perf_counter()
+        if cfg.teacher_checkpoint:
+            ckpt, tconfig = Path(cfg.teacher_checkpoint), None
+        else:
+            tcfg = load_config(cfg.teacher_config, [f"runs_dir={cfg.run_dir}", "name=teacher",
+                                                    f"data.root={cfg.data_root}", *flatten_overrides(cfg.teacher)])
+            log.info("study: training the teacher -> %s", tcfg.run_dir)
+            train_detector(tcfg, resume=(tcfg.run_dir / "checkpoints" / "last.pt").exists())
+            ckpt, tconfig = tcfg.run_dir / "checkpoints" / "model.pt", to_dict(tcfg)
+        metrics = evaluate_with_subsets(ckpt, data_root / "val.json", data_root / "images")
+        atomic_write_json(teacher_file, {"kind": "teacher", "checkpoint": str(ckpt), "config": tconfig,
+                                         "train_s": round(time.perf_counter() - t0, 1), "metrics": metrics})
+    teacher = json.loads(teacher_file.read_text())
+    teacher_ckpt = Path(teacher["checkpoint"])
+
+    specs = _specs(cfg, teacher_ckpt)
+    log.info("study: %d student runs on %d worker(s)", len(specs), cfg.jobs)
+    results: list[dict[str, Any]] = []
+    if cfg.jobs <= 1:
+        for spec in specs:
+            results.append(_job(spec))
+            log.info("study: finished %s", results[-1]["run_dir"])
+    else:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(_job, spec): spec for spec in specs}
+            for fut in as_completed(futures):
+                results.append(fut.result())
+                log.info("study: finished %s (%d/%d)", results[-1]["run_dir"], len(results), len(specs))
+    wall = time.perf_counter() - t_start
+    study = {"format": "gkd-study", "version": 1, "command": command, "config": to_dict(cfg),
+             "machine": _machine(), "wall_s": round(wall, 1), "teacher": teacher, "runs": results}
+    atomic_write_json(cfg.run_dir / "study.json", study)
+    atomic_write_text(cfg.report, render_report(study))
+    return study
+
+
+def _machine() -> dict[str, Any]:
+    import torch
+
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None or v < 0 else f"{100 * v:.1f}"
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and v >= 0]
+    if not values:
+        return -1.0, 0.0
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(study: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per method of the main runs: mean and std over seeds of each metric (in [0, 1])."""
+    rows = []
+    main = [r for r in study["runs"] if r.get("kind") == "main"]
+    methods = [m for m in study["config"]["methods"] if any(r["method"] == m for r in main)]
+    for method in methods:
+        runs = [r for r in main if r["method"] == method]
+        row = {"method": method, "seeds": sorted(r["seed"] for r in runs)}
+        for key, (subset, metric) in {"mAP": ("all", "bbox_mAP"), "AP50": ("all", "bbox_mAP_50"),
+                                      "AP75": ("all", "bbox_mAP_75"),
+                                      **{f"AP_{s}": (s, "bbox_mAP") for s in SUBSETS}}.items():
+            row[key] = _mean_std([r["metrics"][subset][metric] for r in runs])
+        rows.append(row)
+    return rows
+
+
+def render_report(study: dict[str, Any]) -> str:
+    """The Markdown report: our table (mean +- std over seeds), ablations, the paper's numbers, provenance."""
+    rows = summarize(study)
+    base = next((r for r in rows if r["method"] == "none"), None)
+    t = study["teacher"]["metrics"]
+    cfg = study["config"]
+    lines = ["# Distillation study on the embedded synthetic dataset", "",
+             f"Generated by `{study['command'] or 'gkd study'}` in {study['wall_s'] / 60:.1f} min on "
+             f"{study['machine']['processor']} ({study['machine']['cpus']} CPUs, torch {study['machine']['torch']}).",
+             "COCO box AP (%) on the val split; mean +- std over seeds " + ", ".join(map(str, cfg["seeds"])) +
+             "; every student run has the same schedule, data order and initialisation for a given seed.", "",
+             f"Teacher: {_pct(t['all']['bbox_mAP'])} mAP, {_pct(t['all']['bbox_mAP_50'])} AP50, "
+             f"{_pct(t['all']['bbox_mAP_75'])} AP75 (small {_pct(t['small']['bbox_mAP'])}, occluded "
+             f"{_pct(t['occluded']['bbox_mAP'])}, blurred {_pct(t['blurred']['bbox_mAP'])}).", "",
+             "| method | mAP | AP50 | AP75 | delta vs none | AP small | AP occluded | AP blurred |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        delta = "" if base is None or r is base else f"{100 * (r['mAP'][0] - base['mAP'][0]):+.1f}"
+        cells = [f"{100 * m:.1f} +- {100 * s:.1f}" if m >= 0 else "n/a"
+                 for m, s in (r["mAP"], r["AP50"], r["AP75"])]
+        subs = [f"{100 * r[f'AP_{s}'][0]:.1f} +- {100 * r[f'AP_{s}'][1]:.1f}" if r[f"AP_{s}"][0] >= 0 else "n/a"
+                for s in SUBSETS]
+        lines.append(f"| {r['method']} | {' | '.join(cells)} | {delta or '-'} | {' | '.join(subs)} |")
+    abl = [r for r in study["runs"] if r.get("kind") == "ablation"]
+    if abl:
+        lines += ["", "Ablations of `gkd` (seed " + ", ".join(map(str, cfg["ablation_seeds"])) +
+                  "; the main runs use 10 prototypes per class and global weight 5):", "",
+                  "| variant | seed | mAP | AP50 | AP small | AP occluded |", "|---|---|---|---|---|---|"]
+        for r in sorted(abl, key=lambda r: (str(r.get("num_prototypes", "")), r.get("global_weight", 0))):
+            name = (f"{r['num_prototypes']} prototypes per class" if "num_prototypes" in r
+                    else f"global weight {r['global_weight']:g}")
+            m = r["metrics"]
+            lines.append(f"| {name} | {r['seed']} | {_pct(m['all']['bbox_mAP'])} | {_pct(m['all']['bbox_mAP_50'])} "
+                         f"| {_pct(m['small']['bbox_mAP'])} | {_pct(m['occluded']['bbox_mAP'])} |")
+    lines += ["", "## The paper's COCO numbers, for orientation (theirs, not ours)", "",
+              "From the authors' README (COCO val2017, 2x schedules); not comparable in scale with the table above.", ""]
+    for title, table in PAPER_TABLES.items():
+        lines += [f"{title}:", "", "| method | mAP | AP50 | AP75 |", "|---|---|---|---|"]
+        lines += [f"| {n} | {a} | {b if b is not None else '-'} | {c if c is not None else '-'} |"
+                  for n, a, b, c in table]
+        lines.append("")
+    lines += ["## Provenance", "", "```json", json.dumps({"config": cfg, "machine": study["machine"]}, indent=1),
+              "```", ""]
+    return "\n".join(lines)
+
+
+@click.command("study")
+@click.argument("config", type=click.Path(path_type=Path, dir_okay=False), required=False)
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+@click.option("--quick", is_flag=True, help="A small version (<= 20 minutes on 2 cores) to try the study out.")
+def study(config: Path | None, overrides: tuple[str, ...], quick: bool) -> None:
+    """Compare every distillation method on the embedded dataset, over several seeds, with ablations.
+
+    \b
+    Trains the teacher once, then a student per (method, seed) on an identical schedule, evaluates each on the val
+    split (overall and on small / occluded / blurred objects) and writes a Markdown table in the paper's shape
+    (docs/study.md by default) plus runs/<name>/study.json. Rerunning continues an interrupted study.
+
+    \b
+    Examples:
+      gkd study --quick
+      gkd study seeds=[0,1,2] jobs=2
+      gkd study methods=[none,gkd] seeds=[0] teacher_checkpoint=runs/teacher/checkpoints/best.pt
+    """
+    from kd.cli import split_config_and_overrides
+    from kd.config import load_config
+    from kd.logs import setup_console_logging
+
+    setup_console_logging()
+    config, rest = split_config_and_overrides(config, overrides)
+    cfg = load_config(config, (list(QUICK_OVERRIDES) if quick else []) + rest, cls=StudyConfig)
+    result = run_study(cfg, command=" ".join(["gkd", *sys.argv[1:]]))
+    click.echo(f"wrote {cfg.report} and {cfg.run_dir / 'study.json'} ({result['wall_s'] / 60:.1f} min)")

@@ -1,0 +1,50 @@
+"""gkd study: the report's arithmetic on a hand-made study, and a micro end-to-end run (machinery only)."""
+import json
+
+import pytest
+
+from bench.study import render_report, summarize
+from gkd.cli import main
+
+
+def _run(method, seed, ap, small=0.1):
+    metrics = {s: {"bbox_mAP": ap, "bbox_mAP_50": ap + 0.2, "bbox_mAP_75": ap - 0.05} for s in ("all",)}
+    metrics.update({s: {"bbox_mAP": small} for s in ("small", "occluded", "blurred")})
+    return {"kind": "main", "method": method, "seed": seed, "metrics": metrics}
+
+
+def test_summary_mean_std_and_delta():
+    study = {"config": {"methods": ["none", "gkd"], "seeds": [0, 1], "ablation_seeds": [0]},
+             "runs": [_run("none", 0, 0.30), _run("none", 1, 0.32), _run("gkd", 0, 0.35), _run("gkd", 1, 0.39, -1)],
+             "teacher": {"metrics": {s: {"bbox_mAP": 0.5, "bbox_mAP_50": 0.7, "bbox_mAP_75": 0.5}
+                                     for s in ("all", "small", "occluded", "blurred")}},
+             "machine": {"processor": "x86_64", "cpus": 2, "torch": "2.x"}, "wall_s": 60, "command": "gkd study"}
+    rows = {r["method"]: r for r in summarize(study)}
+    assert rows["none"]["mAP"] == pytest.approx((0.31, 0.0141421356), rel=1e-6)
+    assert rows["gkd"]["mAP"][0] == pytest.approx(0.37)
+    assert rows["gkd"]["AP_small"] == (0.1, 0.0)  # -1 (no such objects) is left out of the mean
+    text = render_report(study)
+    assert "| gkd | 37.0 +- 2.8 | 57.0 +- 2.8 | 32.0 +- 2.8 | +6.0 |" in text
+    assert "Teacher: 50.0 mAP" in text and "theirs, not ours" in text and "40.6" in text
+
+
+def test_micro_study_end_to_end(tmp_path):
+    args = ["study", f"runs_dir={tmp_path}", f"data_root={tmp_path / 'data'}", "synth_images=12", "synth_size=64",
+            "methods=[none,gkd]", "seeds=[0]", "ablation_prototypes=[]", "ablation_global_weight=[]", "jobs=1",
+            f"report={tmp_path / 'study.md'}", "teacher.train.epochs=1", "teacher.model.backbone=resnet18",
+            "teacher.train.max_steps_per_epoch=1", "student.train.max_steps_per_epoch=1", "student.train.epochs=1",
+            "teacher.train.threads=1"]
+    for who in ("teacher", "student"):
+        args += [f"{who}.model.min_size=64", f"{who}.model.max_size=64", f"{who}.model.rois_per_image=16"]
+    args.append("student.distill.pgm.min_box_size=2")
+    assert main(args) == 0
+    study = json.loads((tmp_path / "study" / "study.json").read_text())
+    assert sorted(r["method"] for r in study["runs"]) == ["gkd", "none"]
+    for r in study["runs"]:
+        assert set(r["metrics"]) == {"all", "small", "occluded", "blurred"}
+    report = (tmp_path / "study.md").read_text()
+    assert "| none |" in report and "| gkd |" in report
+    # rerun: everything is cached, nothing retrains
+    before = (tmp_path / "study" / "students" / "gkd-s0" / "checkpoints" / "model.pt").stat().st_mtime
+    assert main(args) == 0
+    assert (tmp_path / "study" / "students" / "gkd-s0" / "checkpoints" / "model.pt").stat().st_mtime == before
