@@ -79,9 +79,9 @@ def export(checkpoint, precisions, calib_data, val_data, out, opset, calib_image
           --calib-data data/synth/train.json --val-data data/synth/val.json --out runs/student/export
     """
     from .pipeline import ExportOptions, export_checkpoint
-    from .trt import compute_profile  # noqa: F401  (validate shape options before the slow work)
     from .trt import parse_shapes
 
+    # shape syntax errors before the slow work (min <= opt <= max needs the model: checked before the engine build)
     for spec, name in ((min_shapes, "--min-shapes"), (opt_shapes, "--opt-shapes"), (max_shapes, "--max-shapes")):
         parse_shapes(spec, name)
     overrides = {"atol": atol, "rtol": rtol, "min_recall": min_recall, "min_map_ratio": min_map_ratio,
