@@ -29,8 +29,9 @@ def distill(config: Path | None, overrides: tuple[str, ...], resume: bool, no_pr
       gkd         the full method: robust local terms + global-knowledge loss (default)
       pkd         Pearson-correlation feature imitation (PKD)
       pkd+global  PKD + the global-knowledge loss
-    Any key can be overridden after CONFIG as KEY=VALUE. The run lives in runs/<name>/ like `gkd train`;
-    checkpoints/model.pt and best.pt hold the student only (for `gkd eval` and `gkd export`).
+    Any key can be overridden after CONFIG as KEY=VALUE (without CONFIG: the built-in defaults).
+    The run lives in runs/<name>/ like `gkd train`; checkpoints/model.pt and best.pt hold the
+    student only (for `gkd eval` and `gkd export`).
 
     \b
     Examples:
@@ -38,13 +39,14 @@ def distill(config: Path | None, overrides: tuple[str, ...], resume: bool, no_pr
       gkd distill kd/configs/distill_gkd.yaml distill.method=robust name=robust
       gkd distill kd/configs/distill_gkd.yaml --resume
     """
-    from ..cli import _summary
+    from ..cli import _summary, split_config_and_overrides
     from ..config import load_config
     from ..logs import setup_console_logging
     from .config import DistillRunConfig
     from .run import run_distillation
 
     setup_console_logging(verbose)
+    config, overrides = split_config_and_overrides(config, overrides)
     cfg = load_config(config, overrides, cls=DistillRunConfig)
     record = run_distillation(cfg, resume=resume, progress=not no_progress)
     click.echo(_summary(cfg.run_dir, record))
