@@ -113,6 +113,10 @@ def export_checkpoint(opts: ExportOptions, log: Callable[[str], None] = print) -
         + (f", calibration on {len(calib_set.images)} image(s) of {opts.calib_data}" if calib_set else ""))
 
     contract = preprocess_contract(model, classes=classes, category_ids=category_ids)
+    from .trt import compute_profile
+
+    # validated here, before anything is written, even where no engine will be built
+    profile = compute_profile(contract, opts.min_shapes, opts.opt_shapes, opts.max_shapes)
     base_meta = {"gkd_export_version": 1, "contract": contract, "opset": opts.opset,
                  "source_checkpoint_sha256": file_sha256(opts.checkpoint)}
     paths = {p: opts.out / f"model.{p}.onnx" for p in PRECISIONS}
@@ -165,7 +169,7 @@ def export_checkpoint(opts: ExportOptions, log: Callable[[str], None] = print) -
         "parity": {"reference": "pytorch fp32 (eager, CPU)", "images": len(parity_set.images),
                    "source": str(parity_src), "annotated": annotated, "reference_map": ref_map,
                    "results": {r["precision"]: r["parity"] for r in rows}},
-        "tensorrt": engines, "versions": _versions(), "seconds": round(time.perf_counter() - t0, 1),
+        "tensorrt": engines, "tensorrt_profile": profile, "versions": _versions(), "seconds": round(time.perf_counter() - t0, 1),
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(opts).items()},
     }
     atomic_write_json(opts.out / "model.json", {"contract": contract, "files": {p: f["onnx"] for p, f in files.items()},

@@ -46,7 +46,7 @@ def test_failed_parity_exits_1(trained, rect_data, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["not_detector", "state_dict", "precision", "int8_no_calib", "unwritable",
-                                  "no_images"])
+                                  "no_images", "bad_profile"])
 def test_bad_inputs_are_one_line(case, trained, rect_data, tmp_path, capsys):
     ckpt = trained["retinanet"]["checkpoint"]
     out = tmp_path / "out"
@@ -71,6 +71,9 @@ def test_bad_inputs_are_one_line(case, trained, rect_data, tmp_path, capsys):
         out = blocker / "sub"  # a folder below a file: cannot be created, even as root
         args[args.index(tmp_path / "out")] = out
         match = "output folder is not writable"
+    elif case == "bad_profile":
+        args += ["--opt-shapes", "image:1x3x20x20", "--min-shapes", "image:1x3x64x64"]
+        match = "min <= opt <= max"
     else:
         args = [ckpt, "--out", out]
         match = "parity needs real images"
