@@ -56,7 +56,7 @@ class StudyConfig:
     runs_dir: str = "runs"
     data_root: str = "data/synth"
     synth_images: int = 800
-    synth_size: int = 256
+    synth_size: int = 160
     data_seed: int = 0
     teacher_config: str = str(CONFIG_DIR / "teacher.yaml")
     student_config: str = str(CONFIG_DIR / "distill_gkd.yaml")
@@ -79,10 +79,10 @@ class StudyConfig:
 
 
 QUICK_OVERRIDES = (
-    "name=study-quick", "data_root=data/synth-quick", "synth_images=160", "synth_size=128",
-    "teacher.train.epochs=6", "teacher.model.min_size=128", "teacher.model.max_size=128",
-    "student.train.epochs=2", "student.model.min_size=128", "student.model.max_size=128",
-    "ablation_prototypes=[1]", "ablation_global_weight=[20.0]", "report=runs/study-quick/study.md",
+    "name=study-quick", "data_root=data/synth-quick", "synth_images=200",
+    "teacher.train.epochs=6", "teacher.train.steps=[5]",
+    "student.train.epochs=2", "student.train.max_steps_per_epoch=12", "student.train.steps=[]",
+    "ablation_prototypes=[]", "ablation_global_weight=[]", "report=runs/study-quick/study.md",
 )
 
 

@@ -33,7 +33,7 @@ class PipelineConfig:
     #: dataset folder; generated with the synthetic generator when it holds no train.json
     data_root: str = "data/synth"
     synth_images: int = 800
-    synth_size: int = 256
+    synth_size: int = 160
     teacher_config: str = str(CONFIG_DIR / "teacher.yaml")
     student_config: str = str(CONFIG_DIR / "student.yaml")
     #: overrides (nested mapping) for the teacher / student run configs, e.g. {"train": {"epochs": 2}}

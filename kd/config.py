@@ -68,6 +68,9 @@ class ModelConfig:
     #: Faster R-CNN: RoIs sampled per image for the box head in training (torchvision/mmdet: 512, 25% positive);
     #: the box head's cost is linear in it, and small images with few objects need far fewer
     rois_per_image: int = 512
+    #: Faster R-CNN: RPN proposals kept after NMS at test time (torchvision: 1000); the box head's cost at inference
+    #: is linear in it, and images with a handful of objects lose nothing at 300
+    proposals_test: int = 1000
     #: detections kept per image and score threshold at inference (COCO protocol: low threshold, 100 boxes)
     score_thresh: float = 0.05
     detections_per_img: int = 100

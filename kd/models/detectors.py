@@ -108,6 +108,7 @@ def build_detector(cfg: ModelConfig, num_classes: int | None = None) -> nn.Modul
                            box_roi_pool=MultiScaleRoIAlign(roi_levels, output_size=7, sampling_ratio=2),
                            box_score_thresh=cfg.score_thresh, box_detections_per_img=cfg.detections_per_img,
                            box_batch_size_per_image=cfg.rois_per_image,
+                           rpn_pre_nms_top_n_test=cfg.proposals_test, rpn_post_nms_top_n_test=cfg.proposals_test,
                            **common)
     model.gkd_meta = {"arch": cfg.arch, "backbone": cfg.backbone, "num_classes": k,
                       "levels": names, "strides": strides}
