@@ -35,10 +35,18 @@ class PipelineConfig:
     synth_images: int = 800
     synth_size: int = 160
     teacher_config: str = str(CONFIG_DIR / "teacher.yaml")
-    student_config: str = str(CONFIG_DIR / "student.yaml")
+    student_config: str = str(CONFIG_DIR / "distill_gkd.yaml")
+    #: an existing teacher checkpoint (gkd or torchvision format) instead of training one
+    teacher_checkpoint: str = ""
     #: overrides (nested mapping) for the teacher / student run configs, e.g. {"train": {"epochs": 2}}
     teacher: Any = field(default_factory=dict)
     student: Any = field(default_factory=dict)
+    #: also train the student without distillation (same schedule) to report what distillation bought
+    baseline: bool = False
+    #: export precisions, and whether to benchmark latency/mAP of the exports
+    precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
+    bench: bool = True
+    bench_iterations: int = 30
 
     @property
     def run_dir(self) -> Path:
@@ -112,20 +120,69 @@ def _stage(manifest: Manifest, name: str, fn: Callable[[], dict[str, Any]]) -> N
     log.info("stage %s: done in %.0f s", name, time.perf_counter() - t0)
 
 
-def _train_stage(cfg: PipelineConfig, config_path: str, overrides: dict, stage: str) -> dict[str, Any]:
-    from kd.config import flatten_overrides, load_config
+def _overrides(cfg: PipelineConfig, stage: str, extra: dict) -> list[str]:
+    from kd.config import flatten_overrides
+
+    return [f"runs_dir={cfg.run_dir}", f"name={stage}", f"seed={cfg.seed}", f"data.root={cfg.data_root}",
+            *flatten_overrides(extra)]
+
+
+def _result(run_dir: Path, record: dict) -> dict[str, Any]:
+    return {"checkpoint": _artifact(run_dir / "checkpoints" / "model.pt"),
+            "metrics": {k: v for k, v in record.items() if k.startswith("val/")}}
+
+
+def _teacher_stage(cfg: PipelineConfig) -> dict[str, Any]:
+    from kd.config import load_config
     from kd.train import train_detector
 
-    base = [f"runs_dir={cfg.run_dir}", f"name={stage}", f"seed={cfg.seed}", f"data.root={cfg.data_root}"]
-    run_cfg = load_config(config_path, base + flatten_overrides(overrides))
-    resume = (run_cfg.run_dir / "checkpoints" / "last.pt").exists()
-    record = train_detector(run_cfg, resume=resume)
-    model = run_cfg.run_dir / "checkpoints" / "model.pt"
-    return {"checkpoint": _artifact(model), "metrics": {k: v for k, v in record.items() if k.startswith("val/")}}
+    run_cfg = load_config(cfg.teacher_config, _overrides(cfg, "teacher", cfg.teacher))
+    record = train_detector(run_cfg, resume=(run_cfg.run_dir / "checkpoints" / "last.pt").exists())
+    return _result(run_cfg.run_dir, record)
+
+
+def _student_stage(cfg: PipelineConfig, teacher_ckpt: str, method: str, stage: str) -> dict[str, Any]:
+    from kd.config import load_config
+    from kd.distill.config import DistillRunConfig
+    from kd.distill.run import run_distillation
+
+    extra = ["distill.teacher.arch=null", "distill.teacher.backbone=null"] if not cfg.teacher_checkpoint else []
+    run_cfg = load_config(cfg.student_config, _overrides(cfg, stage, cfg.student) + extra + [
+        f"distill.teacher.checkpoint={teacher_ckpt}", f"distill.method={method}"], cls=DistillRunConfig)
+    record = run_distillation(run_cfg, resume=(run_cfg.run_dir / "checkpoints" / "last.pt").exists())
+    return {**_result(run_cfg.run_dir, record), "method": method}
+
+
+def _export_stage(cfg: PipelineConfig, student_ckpt: Path) -> dict[str, Any]:
+    from export.pipeline import ExportOptions, export_checkpoint
+
+    out = cfg.run_dir / "export"
+    data = Path(cfg.data_root)
+    manifest = export_checkpoint(ExportOptions(checkpoint=student_ckpt, out=out, precisions=tuple(cfg.precisions),
+                                               calib_data=data / "train.json", val_data=data / "val.json",
+                                               seed=cfg.seed), log=log.info)
+    files = {p: {"onnx": _artifact(out / f["onnx"]), "verified": f["verified"]} for p, f in manifest["files"].items()}
+    return {"dir": str(out), "files": files, "parity": manifest["parity"]["results"],
+            "tensorrt": manifest.get("tensorrt")}
+
+
+def _bench_stage(cfg: PipelineConfig, student_ckpt: Path) -> dict[str, Any]:
+    from bench.latency import format_report, run_latency_benchmark
+    from kd.io import atomic_write_json, atomic_write_text
+
+    out = cfg.run_dir / "bench"
+    rep = run_latency_benchmark(student_ckpt, Path(cfg.data_root) / "val.json", cfg.run_dir / "export",
+                                calib_data=None, warmup=5, iterations=cfg.bench_iterations, threads=1,
+                                map_images=None, latency_images=16, log=log.info)
+    atomic_write_json(out / "latency.json", rep)
+    atomic_write_text(out / "latency.md", format_report(rep) + "\n")
+    return {"report": _artifact(out / "latency.json"), "ratios": rep["ratios"], "targets": rep["targets"],
+            "runners": {n: {"p50_ms": r["latency"]["p50"], "bbox_mAP": (r["accuracy"] or {}).get("bbox_mAP"),
+                            "provider": r["provider"], "verified": r["verified"]} for n, r in rep["runners"].items()}}
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
-    """Run every stage not yet done; return the manifest dict."""
+    """Run every stage not yet done; return the manifest dict (also in ``runs/<name>/manifest.json``)."""
     from kd.data import generate_synthetic
 
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -135,13 +192,63 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     def data_stage():
         if not (data_root / "train.json").exists():
             generate_synthetic(data_root, n_images=cfg.synth_images, seed=cfg.seed, image_size=cfg.synth_size,
-                               val_fraction=0.2)
+                               val_fraction=0.2, progress=True)
         return {"train": _artifact(data_root / "train.json"), "val": _artifact(data_root / "val.json")}
 
     _stage(manifest, "data", data_stage)
-    _stage(manifest, "teacher", lambda: _train_stage(cfg, cfg.teacher_config, cfg.teacher, "teacher"))
-    _stage(manifest, "student", lambda: _train_stage(cfg, cfg.student_config, cfg.student, "student"))
+    if cfg.teacher_checkpoint:
+        _stage(manifest, "teacher", lambda: {"checkpoint": _artifact(Path(cfg.teacher_checkpoint)), "metrics": {}})
+    else:
+        _stage(manifest, "teacher", lambda: _teacher_stage(cfg))
+    teacher_ckpt = manifest.data["stages"]["teacher"]["checkpoint"]["path"]
+    _stage(manifest, "distill", lambda: _student_stage(cfg, teacher_ckpt, "gkd", "distill"))
+    if cfg.baseline:
+        _stage(manifest, "baseline", lambda: _student_stage(cfg, teacher_ckpt, "none", "baseline"))
+    student_ckpt = Path(manifest.data["stages"]["distill"]["checkpoint"]["path"])
+    if cfg.precisions:
+        _stage(manifest, "export", lambda: _export_stage(cfg, student_ckpt))
+        if cfg.bench:
+            _stage(manifest, "bench", lambda: _bench_stage(cfg, student_ckpt))
+    report = render_report(manifest.data)
+    from kd.io import atomic_write_text
+
+    atomic_write_text(cfg.run_dir / "report.md", report)
     return manifest.data
+
+
+def _map(rec: dict | None, key: str = "val/bbox_mAP") -> str:
+    v = (rec or {}).get("metrics", {}).get(key)
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def render_report(m: dict[str, Any]) -> str:
+    """``runs/<name>/report.md``: what was shipped and how it measured."""
+    st = m["stages"]
+    lines = [f"# gkd run report: {m['config']['name']}", "", f"Command: `{' '.join(m['command'])}`", "",
+             "## Accuracy (COCO bbox AP %, val split)", "", "| model | mAP | AP50 | AP75 |", "|---|---|---|---|"]
+    for stage, label in (("teacher", "teacher"), ("baseline", "student, no distillation"),
+                         ("distill", "student, global-knowledge distillation (shipped)")):
+        if stage in st:
+            lines.append(f"| {label} | {_map(st[stage])} | {_map(st[stage], 'val/bbox_mAP_50')} "
+                         f"| {_map(st[stage], 'val/bbox_mAP_75')} |")
+    if "export" in st:
+        lines += ["", "## Exports (parity against the PyTorch student on real val images)", "",
+                  "| precision | file | verified | sha256 |", "|---|---|---|---|"]
+        for p, f in st["export"]["files"].items():
+            lines.append(f"| {p} | {f['onnx']['path']} | {'yes' if f['verified'] else 'NO'} | "
+                         f"{f['onnx']['sha256'][:16]} |")
+        trt = st["export"].get("tensorrt") or {}
+        if isinstance(trt, dict) and trt.get("status"):
+            lines += ["", f"TensorRT: {trt['status']}"]
+    if "bench" in st:
+        lines += ["", "## Latency (batch 1, CPU, 1 thread) and mAP of each runtime", "",
+                  "| runner | runs on | p50 ms | mAP |", "|---|---|---|---|"]
+        for n, r in st["bench"]["runners"].items():
+            mp = "-" if r["bbox_mAP"] is None else f"{100 * r['bbox_mAP']:.1f}"
+            lines.append(f"| {n} | {r['provider']} | {r['p50_ms']:.1f} | {mp} |")
+    lines += ["", "Stage times: " + ", ".join(f"{k} {v.get('seconds', 0):.0f} s" for k, v in st.items()),
+              f"Versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}", ""]
+    return "\n".join(lines)
 
 
 @click.command("run")
@@ -153,16 +260,21 @@ def run(config: Path | None, overrides: tuple[str, ...], quick: bool) -> None:
 
     \b
     Stages, each recorded in runs/<name>/manifest.json and skipped when already done:
-      data     generate the synthetic dataset in data_root (if it has no train.json)
-      teacher  train the teacher           -> runs/<name>/teacher/
-      student  train the student           -> runs/<name>/student/
-    Rerun the same command after an interruption: it continues where it stopped.
+      data      generate the synthetic dataset in data_root (if it has no train.json)
+      teacher   train the teacher (or use teacher_checkpoint=PATH)   -> runs/<name>/teacher/
+      distill   distill the student with global knowledge            -> runs/<name>/distill/
+      baseline  (baseline=true) the student without distillation     -> runs/<name>/baseline/
+      export    ONNX FP32/FP16/INT8 (+ TensorRT where present), parity -> runs/<name>/export/
+      bench     latency and mAP of PyTorch vs each export            -> runs/<name>/bench/
+    A summary goes to runs/<name>/report.md. Rerun the same command after an interruption: it continues where it
+    stopped (finished stages are skipped, a training stage resumes from its last epoch).
 
     \b
     Examples:
       gkd run
       gkd run --quick name=smoke
-      gkd run teacher.train.epochs=4 student.model.backbone=mobilenet_v3_large
+      gkd run teacher.train.epochs=4 student.model.backbone=resnet34 baseline=true
+      gkd run teacher_checkpoint=my_teacher.pt data_root=data/mine
     """
     from kd.cli import split_config_and_overrides
     from kd.config import load_config
@@ -172,18 +284,17 @@ def run(config: Path | None, overrides: tuple[str, ...], quick: bool) -> None:
     config, overrides = split_config_and_overrides(config, overrides)
     pre = list(QUICK_OVERRIDES) if quick else []
     cfg = load_config(config, pre + overrides, cls=PipelineConfig)
-    manifest = run_pipeline(cfg)
-    click.echo(f"done: {cfg.run_dir}  (manifest {cfg.run_dir / 'manifest.json'})")
-    for stage, rec in manifest["stages"].items():
-        metrics = rec.get("metrics") or {}
-        extra = f"  bbox_mAP {metrics['val/bbox_mAP']:.4f}" if "val/bbox_mAP" in metrics else ""
-        click.echo(f"  {stage:<8} {rec.get('seconds', 0):>7.0f} s{extra}")
+    run_pipeline(cfg)
+    click.echo((cfg.run_dir / "report.md").read_text())
+    click.echo(f"done: {cfg.run_dir}  (report.md, manifest.json)")
 
 
 #: the --quick preset: a small dataset and short schedules (overrides applied before the user's)
 QUICK_OVERRIDES = (
-    "name=quick", "data_root=data/synth-quick", "synth_images=120", "synth_size=128",
+    "name=quick", "data_root=data/synth-quick", "synth_images=60", "synth_size=128",
     "teacher.train.epochs=2", "teacher.model.min_size=128", "teacher.model.max_size=128",
-    "student.train.epochs=2", "student.model.min_size=128", "student.model.max_size=128",
+    "teacher.model.backbone=resnet34", "student.train.epochs=2", "student.train.max_steps_per_epoch=3",
+    "student.model.min_size=128", "student.model.max_size=128", "student.distill.pgm.min_box_size=8",
+    "bench_iterations=5",
 )
 
