@@ -13,16 +13,18 @@ __all__ = ["Adapters"]
 
 
 class Adapters(nn.Module):
-    """One ``Conv2d(c_s, c_t, 3, padding=1)`` per level key.
+    """One ``Conv2d(c_s, c_t, kernel, padding=kernel // 2)`` per level key.
 
     Args:
         keys: level keys (e.g. ``["s4", "s8"]``).
         student_channels / teacher_channels: FPN widths (256 for torchvision's FPNs).
+        kernel: 3 (the method) or 1 (a cheaper option: the 3x3 adapters are most of a gkd step's extra cost).
     """
 
-    def __init__(self, keys: list[str], student_channels: int = 256, teacher_channels: int = 256):
+    def __init__(self, keys: list[str], student_channels: int = 256, teacher_channels: int = 256, kernel: int = 3):
         super().__init__()
-        self.convs = nn.ModuleDict({k: nn.Conv2d(student_channels, teacher_channels, 3, padding=1) for k in keys})
+        self.convs = nn.ModuleDict({k: nn.Conv2d(student_channels, teacher_channels, kernel, padding=kernel // 2)
+                                    for k in keys})
 
     def forward(self, key: str, x: torch.Tensor) -> torch.Tensor:
         """``[B, C_s, H, W] -> [B, C_t, H, W]`` for level ``key``."""

@@ -65,6 +65,8 @@ class DistillConfig:
     pgm: PGMConfig = field(default_factory=PGMConfig)
     #: FPN strides to distill (empty = every stride both detectors have)
     strides: tuple[int, ...] = ()
+    #: adapter kernel: 3 (the method: 3x3 conv, padding 1) or 1 (a 1x1 conv: ~9x cheaper, not the method)
+    adapter_kernel: Literal[1, 3] = 3
     #: decoupled feature imitation: foreground (robust-weighted) and background weights
     fg_weight: float = 1.0
     bg_weight: float = 4.0

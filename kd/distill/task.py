@@ -75,7 +75,7 @@ class DistillationTask(nn.Module):
         _check_compatible(student, teacher)
         self.pairs, self.level_notes = pair_levels(student.gkd_meta["strides"], teacher.gkd_meta["strides"],
                                                    cfg.strides)
-        self.adapters = Adapters([p.key for p in self.pairs]) if self.parts.local else None
+        self.adapters = Adapters([p.key for p in self.pairs], kernel=cfg.adapter_kernel) if self.parts.local else None
         # Registered last: parameter order (student, adapters) is what the optimizer state relies on.
         self.teacher = teacher
         self.teacher.eval()

@@ -124,3 +124,13 @@ def test_assign_levels_reference_rule():
     assert assign_levels(boxes, 5).tolist() == [0, 1, 1, 4]
     assert assign_levels(boxes, 2).tolist() == [0, 1, 1, 1]
     assert math.floor(math.log2(112 / 56 + 1e-6)) == 1
+
+
+def test_adapters_keep_the_map_size_for_both_kernels():
+    from kd.distill.adapters import Adapters
+
+    x = torch.randn(2, 256, 5, 7)
+    for k in (3, 1):
+        a = Adapters(["s4", "s8"], kernel=k)
+        assert a.convs["s4"].weight.shape == (256, 256, k, k)
+        assert a("s8", x).shape == x.shape

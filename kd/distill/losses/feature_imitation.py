@@ -78,7 +78,8 @@ def decoupled_imitation(adapted: torch.Tensor, teacher: torch.Tensor,
         ``(L_fg, L_bg)`` scalars.
     """
     c = adapted.shape[1]
-    sq = (adapted - teacher.to(adapted.dtype)).pow(2).sum(dim=1, keepdim=True)  # [B, 1, H, W], summed over C
+    # float32 even under AMP: a sum of C squared differences overflows float16 for ordinary FPN magnitudes.
+    sq = (adapted.float() - teacher.float()).pow(2).sum(dim=1, keepdim=True)  # [B, 1, H, W], summed over C
     mask = mask.to(sq.dtype)
     bg = (mask <= 0).to(sq.dtype)
     # The reference's mask is expanded over the C channels, so its sums count each cell C times.
