@@ -12,6 +12,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "op": ("bench.op:op", "Time the prototype-projection operator: C++/CUDA extension vs the PyTorch versions."),
     "distill": ("bench.distill_step:distill_step", "Time a training step: student alone, + teacher forward, gkd."),
     "latency": ("bench.latency:latency", "Latency and mAP of a model on PyTorch / ONNX Runtime / TensorRT."),
+    "train": ("bench.train_step:train_step", "Seconds per training step and inference img/s: teacher vs student."),
 }
 
 
