@@ -63,7 +63,14 @@ class StudyConfig:
     #: an existing teacher checkpoint to use instead of training one
     teacher_checkpoint: str = ""
     teacher: Any = field(default_factory=dict)
-    student: Any = field(default_factory=dict)
+    #: the paper's protocol (method.md G7): every student starts from the same converged-ish student, trained once
+    #: without distillation for this many epochs (`gkd train` with student_init_config); 0 = from random init
+    student_init_epochs: int = 4
+    student_init_config: str = str(CONFIG_DIR / "student.yaml")
+    student_init: Any = field(default_factory=dict)
+    #: overrides for every student run (the distillation phase), e.g. its schedule
+    student: Any = field(default_factory=lambda: {"train": {"epochs": 3, "max_steps_per_epoch": 20, "steps": [2],
+                                                            "warmup_iters": 10}})
     methods: tuple[str, ...] = ("none", "local", "robust", "gkd", "pkd", "pkd+global")
     seeds: tuple[int, ...] = (0, 1, 2)
     #: ablations on the `gkd` method (the default values are the main runs)
@@ -81,7 +88,7 @@ class StudyConfig:
 QUICK_OVERRIDES = (
     "name=study-quick", "data_root=data/synth-quick", "synth_images=200",
     "teacher.train.epochs=6", "teacher.train.steps=[5]",
-    "student.train.epochs=2", "student.train.max_steps_per_epoch=12", "student.train.steps=[]",
+    "student_init_epochs=2", "student.train.epochs=2", "student.train.max_steps_per_epoch=8",
     "ablation_prototypes=[]", "ablation_global_weight=[]", "report=runs/study-quick/study.md",
 )
 
@@ -139,13 +146,13 @@ def _job(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _specs(cfg: StudyConfig, teacher_ckpt: Path) -> list[dict[str, Any]]:
+def _specs(cfg: StudyConfig, teacher_ckpt: Path, init_ckpt: Path | None) -> list[dict[str, Any]]:
     from kd.config import flatten_overrides
 
     base = [f"runs_dir={cfg.run_dir / 'students'}", f"data.root={cfg.data_root}", "train.threads=1",
             # the study made (or was given) the teacher: its checkpoint records its own architecture
             f"distill.teacher.checkpoint={teacher_ckpt}", "distill.teacher.arch=null", "distill.teacher.backbone=null",
-            *flatten_overrides(cfg.student)]
+            *([f"model.weights={init_ckpt}"] if init_ckpt is not None else []), *flatten_overrides(cfg.student)]
     specs = []
     for seed in cfg.seeds:
         for method in cfg.methods:
@@ -199,8 +206,24 @@ def run_study(cfg: StudyConfig, command: str = "") -> dict[str, Any]:
                                          "train_s": round(time.perf_counter() - t0, 1), "metrics": metrics})
     teacher = json.loads(teacher_file.read_text())
     teacher_ckpt = Path(teacher["checkpoint"])
+    init_ckpt = None
+    if cfg.student_init_epochs > 0:
+        icfg = load_config(cfg.student_init_config, [f"runs_dir={cfg.run_dir}", "name=student-init",
+                                                     f"data.root={cfg.data_root}", f"train.epochs={cfg.student_init_epochs}",
+                                                     "train.max_steps_per_epoch=null", "train.steps=[]",
+                                                     *flatten_overrides(cfg.student_init)])
+        init_ckpt = icfg.run_dir / "checkpoints" / "model.pt"
+        if not (icfg.run_dir / "study_result.json").exists():
+            log.info("study: training the common student initialisation -> %s", icfg.run_dir)
+            t0 = time.perf_counter()
+            train_detector(icfg, resume=(icfg.run_dir / "checkpoints" / "last.pt").exists())
+            metrics = evaluate_with_subsets(init_ckpt, data_root / "val.json", data_root / "images")
+            atomic_write_json(icfg.run_dir / "study_result.json", {
+                "kind": "student_init", "checkpoint": str(init_ckpt), "config": to_dict(icfg),
+                "train_s": round(time.perf_counter() - t0, 1), "metrics": metrics})
+        teacher["student_init"] = json.loads((icfg.run_dir / "study_result.json").read_text())
 
-    specs = _specs(cfg, teacher_ckpt)
+    specs = _specs(cfg, teacher_ckpt, init_ckpt)
     log.info("study: %d student runs on %d worker(s)", len(specs), cfg.jobs)
     results: list[dict[str, Any]] = []
     if cfg.jobs <= 1:
@@ -261,6 +284,17 @@ def summarize(study: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _init_line(study: dict[str, Any]) -> list[str]:
+    init = study["teacher"].get("student_init")
+    if not init:
+        return ["Every student starts from random initialisation.", ""]
+    m = init["metrics"]["all"]
+    return [f"Every student starts from the same student trained without distillation for "
+            f"{init['config']['train']['epochs']} epochs ({_pct(m['bbox_mAP'])} mAP, {_pct(m['bbox_mAP_50'])} AP50), "
+            f"as the paper fine-tunes converged students (method.md G7); `none` is that student trained for the same "
+            f"extra steps without distillation.", ""]
+
+
 def render_report(study: dict[str, Any]) -> str:
     """The Markdown report: our table (mean +- std over seeds), ablations, the paper's numbers, provenance."""
     rows = summarize(study)
@@ -275,6 +309,7 @@ def render_report(study: dict[str, Any]) -> str:
              f"Teacher: {_pct(t['all']['bbox_mAP'])} mAP, {_pct(t['all']['bbox_mAP_50'])} AP50, "
              f"{_pct(t['all']['bbox_mAP_75'])} AP75 (small {_pct(t['small']['bbox_mAP'])}, occluded "
              f"{_pct(t['occluded']['bbox_mAP'])}, blurred {_pct(t['blurred']['bbox_mAP'])}).", "",
+             *_init_line(study), 
              "| method | mAP | AP50 | AP75 | delta vs none | AP small | AP occluded | AP blurred |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -33,8 +33,8 @@ def test_micro_study_end_to_end(tmp_path):
             "methods=[none,gkd]", "seeds=[0]", "ablation_prototypes=[]", "ablation_global_weight=[]", "jobs=1",
             f"report={tmp_path / 'study.md'}", "teacher.train.epochs=1", "teacher.model.backbone=resnet18",
             "teacher.train.max_steps_per_epoch=1", "student.train.max_steps_per_epoch=1", "student.train.epochs=1",
-            "teacher.train.threads=1"]
-    for who in ("teacher", "student"):
+            "teacher.train.threads=1", "student_init_epochs=1", "student_init.train.threads=1"]
+    for who in ("teacher", "student", "student_init"):
         args += [f"{who}.model.min_size=64", f"{who}.model.max_size=64", f"{who}.model.rois_per_image=16"]
     args.append("student.distill.pgm.min_box_size=2")
     assert main(args) == 0
@@ -42,7 +42,11 @@ def test_micro_study_end_to_end(tmp_path):
     assert sorted(r["method"] for r in study["runs"]) == ["gkd", "none"]
     for r in study["runs"]:
         assert set(r["metrics"]) == {"all", "small", "occluded", "blurred"}
+    init = tmp_path / "study" / "student-init" / "checkpoints" / "model.pt"
+    run_cfg = (tmp_path / "study" / "students" / "gkd-s0" / "config.yaml").read_text()
+    assert f"weights: {init}" in run_cfg  # every student starts from the common initialisation
     report = (tmp_path / "study.md").read_text()
+    assert "Every student starts from the same student trained without distillation for 1 epochs" in report
     assert "| none |" in report and "| gkd |" in report
     # rerun: everything is cached, nothing retrains
     before = (tmp_path / "study" / "students" / "gkd-s0" / "checkpoints" / "model.pt").stat().st_mtime
