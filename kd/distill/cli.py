@@ -47,6 +47,6 @@ def distill(config: Path | None, overrides: tuple[str, ...], resume: bool, no_pr
 
     setup_console_logging(verbose)
     config, overrides = split_config_and_overrides(config, overrides)
-    cfg = load_config(config, overrides, cls=DistillRunConfig)
+    cfg = load_config(*split_config_and_overrides(config, overrides), cls=DistillRunConfig)
     record = run_distillation(cfg, resume=resume, progress=not no_progress)
     click.echo(_summary(cfg.run_dir, record))
