@@ -17,4 +17,4 @@ def test_teacher_and_student_measured_side_by_side(tmp_path):
     for r in (t, s):
         assert r["step_s"] > 0 and r["step_cpu_s"] > 0 and r["infer_img_per_s"] > 0
     table = format_report(rep)
-    assert "teacher (faster_rcnn resnet50)" in table and "| 1.00x |" in table
+    assert "teacher (faster_rcnn resnet50)" in table and "| 1.00x |" in table and "by CPU time" in table
