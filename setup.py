@@ -70,6 +70,9 @@ def _extensions():
     # torch >= 2.7 defines Py_LIMITED_API itself for py_limited_api=True extensions; defining it again only warns.
     torch_version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
     define_macros = [] if torch_version >= (2, 7) else [("Py_LIMITED_API", "0x03090000")]
+    # The torch the extension is compiled against, read back by kd._ops, which refuses to run the kernels under
+    # another torch major.minor (libtorch's C++ ABI changes between minor versions; the abi3 tag only covers Python).
+    define_macros += [("KD_TORCH_MAJOR", str(torch_version[0])), ("KD_TORCH_MINOR", str(torch_version[1]))]
     if use_cuda:
         os.environ["CUDA_HOME"] = cuda_home
         cpp_extension.CUDA_HOME = cuda_home

@@ -14,7 +14,7 @@ import logging
 
 import torch
 
-__all__ = ["has_ops", "has_kernel", "backend_summary", "assert_has_ops", "warn_fallback_once"]
+__all__ = ["has_ops", "has_kernel", "backend_summary", "build_info", "assert_has_ops", "warn_fallback_once"]
 
 _log = logging.getLogger("gkd")
 
@@ -22,18 +22,29 @@ _BUILD_HINT = ("build it with `CUDA_HOME=/usr/local/cuda TORCH_CUDA_ARCH_LIST=9.
                "--no-deps -e .` (CPU-only when no nvcc; see docs/operator.md)")
 
 
-def _load() -> tuple[bool, str, dict[str, bool]]:
+def _torch_minor() -> str:
+    """The running torch's "major.minor", e.g. "2.14"."""
+    return ".".join(torch.__version__.split("+")[0].split(".")[:2])
+
+
+def _load(import_module=importlib.import_module) -> tuple[bool, str, dict[str, bool], dict[str, str]]:
     try:
-        importlib.import_module("kd._C")
+        module = import_module("kd._C")
     except (ImportError, OSError) as exc:  # not built, or built against another torch (undefined symbol)
-        return False, f"{type(exc).__name__}: {exc}".splitlines()[0], {}
+        return False, f"{type(exc).__name__}: {exc}".splitlines()[0], {}, {}
+    info = {"compiler": getattr(module, "compiler", "unknown"), "torch": getattr(module, "torch_version", "unknown")}
+    # libtorch has no stable C++ ABI across minor versions, and an extension that loads against another torch can
+    # still crash later (object layouts, inline code). Refuse it here; the registrations it made are then unused.
+    if info["torch"] not in ("unknown", _torch_minor()):
+        return False, (f"kd._C was built against torch {info['torch']} but torch {torch.__version__} is running; "
+                       "rebuild it"), {}, info
     has = torch._C._dispatch_has_kernel_for_dispatch_key
     kernels = {"cpu": has("kd::prototype_project", "CPU"), "cuda": has("kd::prototype_project", "CUDA")}
     kernels["meta"] = True  # the fake kernel registered in kd.prototype serves meta tensors
-    return True, "", kernels
+    return True, "", kernels, info
 
 
-_HAS_OPS, _LOAD_ERROR, _KERNELS = _load()
+_HAS_OPS, _LOAD_ERROR, _KERNELS, _BUILD_INFO = _load()
 _warned = False
 
 
@@ -48,12 +59,18 @@ def has_kernel(device_type: str) -> bool:
 
 
 def backend_summary() -> str:
-    """One short line for logs and benchmark headers, e.g. "C++ CPU + CUDA kernels"."""
+    """One short line for logs and benchmark headers, e.g. "C++ CPU + CUDA kernels (GCC 12.2.0, torch 2.14)"."""
     if not _HAS_OPS:
-        return f"pure-PyTorch fallback (kd._C not importable: {_LOAD_ERROR})"
+        return f"pure-PyTorch fallback (kd._C not usable: {_LOAD_ERROR})"
+    built = f" ({_BUILD_INFO['compiler']}, torch {_BUILD_INFO['torch']})"
     if _KERNELS["cuda"]:
-        return "C++ CPU + CUDA kernels"
-    return "C++ CPU kernel (built without CUDA; pure-PyTorch fallback on GPUs)"
+        return "C++ CPU + CUDA kernels" + built
+    return "C++ CPU kernel (built without CUDA; pure-PyTorch fallback on GPUs)" + built
+
+
+def build_info() -> dict[str, str]:
+    """How ``kd._C`` was built: ``{"compiler": "GCC 12.2.0", "torch": "2.14"}`` ({} when it did not import)."""
+    return dict(_BUILD_INFO)
 
 
 def assert_has_ops() -> None:

@@ -9,9 +9,23 @@
 
 #include "prototype.h"
 
+// Build facts, exposed as kd._C.compiler / kd._C.torch_version so that kd._ops can refuse an extension built against
+// another torch (the C++ ABI of libtorch is not stable across minor versions, and the abi3 tag does not stop pip or an
+// in-place build from pairing them) and so that logs name the toolchain when something goes wrong. setup.py defines
+// KD_TORCH_MAJOR / KD_TORCH_MINOR.
+#define KD_STR_(x) #x
+#define KD_STR(x) KD_STR_(x)
+#if defined(__clang__)
+#define KD_COMPILER "clang " __clang_version__
+#elif defined(__GNUC__)
+#define KD_COMPILER "GCC " __VERSION__
+#else
+#define KD_COMPILER "unknown compiler"
+#endif
+
 extern "C" {
 // `import kd._C` only has to load this shared library so that the static TORCH_LIBRARY registrations run; the
-// module itself is empty. Built against the limited API (abi3), so no pybind11.
+// module itself holds two strings. Built against the limited API (abi3), so no pybind11.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT,
@@ -20,7 +34,17 @@ PyObject* PyInit__C(void) {
       -1,    // size
       nullptr,
   };
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+  if (PyModule_AddStringConstant(module, "compiler", KD_COMPILER) != 0
+#if defined(KD_TORCH_MAJOR) && defined(KD_TORCH_MINOR)
+      || PyModule_AddStringConstant(module, "torch_version", KD_STR(KD_TORCH_MAJOR) "." KD_STR(KD_TORCH_MINOR)) != 0
+#endif
+  ) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 }
 

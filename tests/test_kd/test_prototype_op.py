@@ -5,6 +5,12 @@ variants are marked ``needs_cuda`` and skip where torch sees no GPU.
 """
 import logging
 import math
+import os
+import signal
+import subprocess
+import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -253,23 +259,93 @@ def _bad_inputs():
     ]
 
 
+# Every malformed case through the raw op in a child interpreter, on the CPU and (where there is one) the GPU, with
+# and without requires_grad (the two autograd paths). On a GPU it first runs a CUDA forward and backward, the state in
+# which one GPU run (torch 2.11) died with SIGSEGV at the op's first ValueError. A crash there then fails one test,
+# naming the signal and the child's faulthandler trace, instead of killing the whole pytest session.
+_ERROR_PROBE = r"""
+import importlib.util, re, sys
+import torch
+import kd.prototype  # registers the autograd and fake kernels, as in training
+torch.set_num_threads(1)
+spec = importlib.util.spec_from_file_location("_op_tests", sys.argv[1])
+tests = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tests)
+devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+if "cuda" in devices:
+    f = torch.randn(2, 3, 8, 8, device="cuda", requires_grad=True)
+    b = torch.tensor([[0, 1.0, 1.0, 20.0, 20.0], [1, 0.0, 0.0, 9.0, 9.0]], device="cuda")
+    pooled, cos = torch.ops.kd.prototype_project(f, b, 4.0, torch.randn(4, 3, device="cuda"))
+    (pooled.sum() + cos.sum()).backward()
+    torch.cuda.synchronize()
+for device in devices:
+    for i, (args, message) in enumerate(tests._bad_inputs()):
+        for grad in (False, True):
+            f, b, stride, p = (a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+            if grad:
+                f = f.detach().requires_grad_()
+            try:
+                torch.ops.kd.prototype_project(f, b, stride, p)
+            except ValueError as exc:
+                if not re.search(message, str(exc)):
+                    sys.exit(f"{device} case {i} grad={grad}: ValueError {exc!r} does not match {message!r}")
+            else:
+                sys.exit(f"{device} case {i} grad={grad}: no ValueError")
+            print(f"ok {device} case {i} grad={grad}", flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def error_probe():
+    """The finished child process of ``_ERROR_PROBE`` (run once per module, ~3 s)."""
+    if not _ops.has_ops():
+        pytest.fail(f"the extension is not built: {_ops.backend_summary()}")
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-X", "faulthandler", "-c", _ERROR_PROBE, str(Path(__file__).resolve())],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=root)
+
+
+def _probe_report(proc) -> str:
+    how = (f"was killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
+           else f"exited with status {proc.returncode}")
+    return f"the error probe {how} ({_ops.backend_summary()}); its output ends:\n{(proc.stdout + proc.stderr)[-3000:]}"
+
+
+def test_malformed_inputs_raise_in_a_child_process_without_crashing(error_probe):
+    assert error_probe.returncode == 0, _probe_report(error_probe)
+    cases = len(_bad_inputs()) * 2 * (2 if torch.cuda.is_available() else 1)
+    assert error_probe.stdout.count("ok ") == cases, _probe_report(error_probe)
+
+
+def _fail_if_the_probe_crashed(request):
+    """Fail (not crash) an in-process error test of the compiled op when the child already died of a signal."""
+    proc = request.getfixturevalue("error_probe")
+    if proc.returncode < 0:
+        pytest.fail("not run in this process, it would kill the test session: " + _probe_report(proc))
+
+
 @pytest.mark.parametrize("impl", [*IMPLS, "reference"])
 @pytest.mark.parametrize("case", range(len(_bad_inputs())))
-def test_malformed_inputs_raise_value_error(impl, case):
+def test_malformed_inputs_raise_value_error(impl, case, request):
     args, message = _bad_inputs()[case]
+    if impl == "op":
+        _fail_if_the_probe_crashed(request)
     fn = IMPLS.get(impl, prototype_project_reference)
     with pytest.raises(ValueError, match=message):
         fn(*args)
 
 
-def test_half_on_cpu_is_refused_with_the_reason():
+def test_half_on_cpu_is_refused_with_the_reason(request):
+    _fail_if_the_probe_crashed(request)
     f, b, p = torch.randn(1, 2, 3, 3).half(), torch.tensor([[0, 0.0, 0.0, 4.0, 4.0]]), torch.randn(2, 2).half()
     with pytest.raises(ValueError, match="float16/bfloat16 are supported on CUDA only"):
         _op(f, b, 4.0, p)
 
 
 @pytest.mark.needs_cuda
-def test_cuda_errors_name_the_box():
+def test_cuda_errors_name_the_box(request):
+    _fail_if_the_probe_crashed(request)
     f = torch.randn(2, 3, 4, 5, device="cuda")
     b = torch.tensor([[0, 1.0, 1.0, 5.0, 5.0], [3, 0.0, 0.0, 3.0, 3.0]], device="cuda")
     with pytest.raises(ValueError, match="boxes\\[1\\] has batch index 3(\\.0)?;"):
@@ -372,6 +448,22 @@ def test_fallback_runs_vectorized_and_warns_once(monkeypatch, caplog):
 def test_backend_summary_names_the_backend():
     summary = _ops.backend_summary()
     assert summary.startswith("C++ CPU") if _ops.has_ops() else summary.startswith("pure-PyTorch")
+
+
+def test_build_info_matches_the_running_torch():
+    if not _ops.has_ops():
+        pytest.fail(f"the extension is not built: {_ops.backend_summary()}")
+    info = _ops.build_info()
+    assert info["torch"] == ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    assert info["compiler"].split()[0] in ("GCC", "clang") and info["compiler"] in _ops.backend_summary()
+
+
+def test_extension_built_against_another_torch_is_refused():
+    # A build for another torch minor may import (no missing symbol) yet disagree on C++ object layouts.
+    fake = types.SimpleNamespace(compiler="GCC 12.2.0", torch_version="2.3")
+    ok, why, kernels, info = _ops._load(import_module=lambda name: fake)
+    assert not ok and not kernels and info == {"compiler": "GCC 12.2.0", "torch": "2.3"}
+    assert why.startswith("kd._C was built against torch 2.3 but torch ") and why.endswith("rebuild it")
 
 
 def test_max_same_class_cos():
