@@ -21,7 +21,6 @@ OpenMP's synchronisation makes small kernels an order of magnitude slower.
 from __future__ import annotations
 
 import dataclasses
-import json
 import platform
 import statistics
 import time
@@ -155,7 +154,6 @@ def run_distill_benchmark(cfg, *, teacher_path: Path | None = None, methods: tup
         A dict: ``steps`` (per variant: median/mean/min seconds per step), ``ratios``, ``breakdown_s`` (parts of
         one instrumented gkd step), ``refresh`` (first and later refresh times, epoch time, fractions), settings.
     """
-    from kd.distill.task import DistillationTask
     from kd.engine import build_optimizer, seed_everything, select_device
     from kd.train import build_model
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import Any, Callable, Sequence
 
 import click
 import torch
+
+from ._machine import cpu_name
 
 __all__ = ["latency", "latency_stats", "measure_latency", "run_latency_benchmark"]
 
@@ -69,16 +70,6 @@ def measure_latency(calls: dict[str, Callable[[int], Any]], *, warmup: int, iter
             calls[name](i)
             times[name].append((clock() - t0) * 1000.0)
     return times
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def run_latency_benchmark(checkpoint: Path, data: Path, export_dir: Path, *, calib_data: Path | None,
@@ -151,7 +142,7 @@ def run_latency_benchmark(checkpoint: Path, data: Path, export_dir: Path, *, cal
     return {
         "benchmark": "latency", "report_version": 1, "checkpoint": str(checkpoint), "data": str(data),
         "export_dir": str(export_dir),
-        "device": {"cpu": _cpu_name(), "logical_cores": os.cpu_count(), "threads": threads,
+        "device": {"cpu": cpu_name(), "logical_cores": os.cpu_count(), "threads": threads,
                    "torch": torch.__version__},
         "protocol": {"batch": 1, "input": "decoded RGB float32 [1, 3, H, W] in [0, 1], original size",
                      "timed": "whole model incl. in-graph resize/normalise/NMS; image decoding excluded",

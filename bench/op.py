@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -21,6 +20,8 @@ from typing import Callable
 
 import click
 import torch
+
+from ._machine import cpu_name
 
 __all__ = ["op", "run_op_benchmark"]
 
@@ -44,16 +45,6 @@ def _time(fn: Callable[[], object], device: torch.device, repeats: int, warmup: 
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return {"median_ms": statistics.median(times), "min_ms": min(times), "repeats": repeats}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def copy_bandwidth(device: torch.device, mbytes: int = 256, repeats: int = 5) -> float:
@@ -163,7 +154,7 @@ def run_op_benchmark(*, device: str = "cpu", threads: int = 2, batch: int = 2, c
     bw = copy_bandwidth(dev, mbytes=int(min(256, max(64, 2 * feature_bytes / 2**20))))
     return {
         "device": str(dev), "threads": threads, "torch": torch.__version__, "backend": _ops.backend_summary(),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
         "load_average_1min": [load_before, os.getloadavg()[0]],
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
         "batch": batch, "channels": channels, "image": [height, width], "strides": list(strides),
@@ -203,7 +194,7 @@ def format_table(r: dict) -> str:
               f"{ext['forward_backward']['median_ms'] / fl['forward_backward_ms']:.1f}x "
               f"(achieved {r['feature_bytes'] / ext['forward']['median_ms'] / 1e6:.1f} GB/s forward, "
               f"{2 * r['feature_bytes'] / ext['forward_backward']['median_ms'] / 1e6:.1f} GB/s fwd+bwd)",
-              f"max over same-class prototypes (robust weight, PyTorch on cos [N, M]), all levels: "
+              "max over same-class prototypes (robust weight, PyTorch on cos [N, M]), all levels: "
               + (f"{r['max_same_class_cos']['median_ms']:.2f} ms" if r["max_same_class_cos"] else "n/a"),
               f"max |extension - vectorized| (forward outputs): {r['max_abs_diff_extension_vs_vectorized']:.2e}"]
     if r["device"] == "cpu" and r["THP_MEM_ALLOC_ENABLE"] != "1":

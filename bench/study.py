@@ -208,10 +208,10 @@ def run_study(cfg: StudyConfig, command: str = "") -> dict[str, Any]:
     teacher_ckpt = Path(teacher["checkpoint"])
     init_ckpt = None
     if cfg.student_init_epochs > 0:
-        icfg = load_config(cfg.student_init_config, [f"runs_dir={cfg.run_dir}", "name=student-init",
-                                                     f"data.root={cfg.data_root}", f"train.epochs={cfg.student_init_epochs}",
-                                                     "train.max_steps_per_epoch=null", "train.steps=[]",
-                                                     *flatten_overrides(cfg.student_init)])
+        icfg = load_config(cfg.student_init_config, [
+            f"runs_dir={cfg.run_dir}", "name=student-init", f"data.root={cfg.data_root}",
+            f"train.epochs={cfg.student_init_epochs}", "train.max_steps_per_epoch=null", "train.steps=[]",
+            *flatten_overrides(cfg.student_init)])
         init_ckpt = icfg.run_dir / "checkpoints" / "model.pt"
         if not (icfg.run_dir / "study_result.json").exists():
             log.info("study: training the common student initialisation -> %s", icfg.run_dir)
@@ -249,8 +249,10 @@ def run_study(cfg: StudyConfig, command: str = "") -> dict[str, Any]:
 def _machine() -> dict[str, Any]:
     import torch
 
+    from ._machine import cpu_name
+
     return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "processor": cpu_name(),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
@@ -331,7 +333,8 @@ def render_report(study: dict[str, Any]) -> str:
             lines.append(f"| {name} | {r['seed']} | {_pct(m['all']['bbox_mAP'])} | {_pct(m['all']['bbox_mAP_50'])} "
                          f"| {_pct(m['small']['bbox_mAP'])} | {_pct(m['occluded']['bbox_mAP'])} |")
     lines += ["", "## The paper's COCO numbers, for orientation (theirs, not ours)", "",
-              "From the authors' README (COCO val2017, 2x schedules); not comparable in scale with the table above.", ""]
+              "From the authors' README (COCO val2017, 2x schedules); not comparable in scale with the table above.",
+              ""]
     for title, table in PAPER_TABLES.items():
         lines += [f"{title}:", "", "| method | mAP | AP50 | AP75 |", "|---|---|---|---|"]
         lines += [f"| {n} | {a} | {b if b is not None else '-'} | {c if c is not None else '-'} |"

@@ -169,7 +169,8 @@ def export_checkpoint(opts: ExportOptions, log: Callable[[str], None] = print) -
         "parity": {"reference": "pytorch fp32 (eager, CPU)", "images": len(parity_set.images),
                    "source": str(parity_src), "annotated": annotated, "reference_map": ref_map,
                    "results": {r["precision"]: r["parity"] for r in rows}},
-        "tensorrt": engines, "tensorrt_profile": profile, "versions": _versions(), "seconds": round(time.perf_counter() - t0, 1),
+        "tensorrt": engines, "tensorrt_profile": profile, "versions": _versions(),
+        "seconds": round(time.perf_counter() - t0, 1),
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(opts).items()},
     }
     atomic_write_json(opts.out / "model.json", {"contract": contract, "files": {p: f["onnx"] for p, f in files.items()},

@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "distill": ("kd.distill.cli:distill", "Train a student from a teacher with global-knowledge distillation."),
     "export": ("export.cli:export", "Export a checkpoint to ONNX (FP32/FP16/INT8) and TensorRT, with parity checks."),
     "bench": ("bench.cli:bench", "Benchmarks: latency and accuracy of exported models, the custom operator, KD steps."),
-    "study": ("bench.study:study", "Compare the distillation methods over seeds on the embedded dataset (the paper's tables)."),
+    "study": ("bench.study:study", "Compare distillation methods over seeds on equal budgets (the paper's tables)."),
     "run": ("gkd.pipeline:run", "The whole pipeline in one command: data -> teacher -> distill -> export -> bench."),
 }
 

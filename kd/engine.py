@@ -27,12 +27,12 @@ import torch
 from torch import nn
 
 from .checkpoint import FORMAT, detector_checkpoint, load_checkpoint, save_checkpoint
-from .config import RunConfig, dump_config, from_dict, to_dict
+from .config import RunConfig, dump_config, to_dict
 from .errors import GkdError
 from .io import append_jsonl, atomic_write_text
 
 __all__ = ["fit", "select_device", "seed_everything", "EpochSampler", "build_optimizer", "build_lr_lambda",
-           "make_loader", "config_from_checkpoint", "RESUMABLE_KEYS"]
+           "make_loader", "RESUMABLE_KEYS"]
 
 log = logging.getLogger("gkd")
 
@@ -371,9 +371,3 @@ def _attach_log_file(path: Path) -> None:
     log.addHandler(fh)
     if log.level == logging.NOTSET:
         log.setLevel(logging.INFO)
-
-
-def config_from_checkpoint(ckpt: dict, cls: type = RunConfig) -> RunConfig:
-    """The resolved config stored in a run checkpoint."""
-    return from_dict(cls, ckpt["config"], "checkpoint config")
-

@@ -90,4 +90,5 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise GkdError(f"{path}: malformed or truncated JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+        raise GkdError(f"{path}: malformed or truncated JSON at line {exc.lineno} column {exc.colno}: "
+                       f"{exc.msg}") from None

@@ -87,7 +87,6 @@ def test_fewer_prototypes_than_asked_for_small_classes():
 
 
 def test_sampling_is_seeded_capped_and_independent_per_class():
-    g = torch.Generator().manual_seed(0)
     ann = []
     for i in range(50):
         labels = torch.tensor([1, 2]) if i % 2 else torch.tensor([1, 1])

@@ -11,8 +11,10 @@ from kd.data import generate_synthetic
 from kd.task import DetectionTask
 from kd.train import train_detector
 
-BASE = ["model.backbone=resnet18", "model.min_size=64", "model.max_size=64", "model.anchor_sizes=[8,16,32,64,128]",
-        "model.rois_per_image=64", "train.batch_size=4", "train.warmup_iters=2", "train.lr=0.01", "train.threads=1", "eval.batch_size=8"]
+BASE = ["model.backbone=resnet18", "model.min_size=64", "model.max_size=64",
+        "model.anchor_sizes=[8,16,32,64,128]",
+        "model.rois_per_image=64", "train.batch_size=4", "train.warmup_iters=2", "train.lr=0.01", "train.threads=1",
+        "eval.batch_size=8"]
 
 
 @pytest.fixture(scope="module")
