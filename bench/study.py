@@ -30,7 +30,7 @@ import click
 __all__ = ["StudyConfig", "run_study", "study", "SUBSETS", "PAPER_TABLES"]
 
 log = logging.getLogger("gkd")
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "kd" / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "kd" / "configs" / "study"
 
 #: hard subsets: name -> annotation attribute (written by `gkd data synth`)
 SUBSETS = ("small", "occluded", "blurred")
@@ -59,18 +59,17 @@ class StudyConfig:
     synth_size: int = 160
     data_seed: int = 0
     teacher_config: str = str(CONFIG_DIR / "teacher.yaml")
-    student_config: str = str(CONFIG_DIR / "distill_gkd.yaml")
+    student_config: str = str(CONFIG_DIR / "distill.yaml")
     #: an existing teacher checkpoint to use instead of training one
     teacher_checkpoint: str = ""
     teacher: Any = field(default_factory=dict)
     #: the paper's protocol (method.md G7): every student starts from the same converged-ish student, trained once
     #: without distillation for this many epochs (`gkd train` with student_init_config); 0 = from random init
-    student_init_epochs: int = 4
-    student_init_config: str = str(CONFIG_DIR / "student.yaml")
+    student_init_epochs: int = 3
+    student_init_config: str = str(CONFIG_DIR / "student_init.yaml")
     student_init: Any = field(default_factory=dict)
     #: overrides for every student run (the distillation phase), e.g. its schedule
-    student: Any = field(default_factory=lambda: {"train": {"epochs": 3, "max_steps_per_epoch": 20, "steps": [2],
-                                                            "warmup_iters": 10}})
+    student: Any = field(default_factory=dict)
     methods: tuple[str, ...] = ("none", "local", "robust", "gkd", "pkd", "pkd+global")
     seeds: tuple[int, ...] = (0, 1, 2)
     #: ablations on the `gkd` method (the default values are the main runs)

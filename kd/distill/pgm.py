@@ -232,13 +232,14 @@ class PrototypeGenerator:
             fs = student.backbone(x.tensors)
             ft = teacher.backbone(x.tensors) if with_teacher else None
             for p in self.pairs:
-                dummy = torch.zeros(1, fs[p.student].shape[1], device=device)
-                feats_s[p.key].append(prototype_project(fs[p.student], boxes5, p.stride, dummy)[0].float().cpu())
-                if ft is not None:
-                    feats_t[p.key].append(prototype_project(ft[p.teacher], boxes5, p.stride, dummy)[0].float().cpu())
-        cat = lambda d: {k: (torch.cat(v) if v else torch.zeros(0, 256)) for k, v in d.items()}  # noqa: E731
+                feats_s[p.key].append(_pool(fs[p.student], boxes5, p.stride))
+                if ft is not None:  # the teacher's FPN may be wider than the student's
+                    feats_t[p.key].append(_pool(ft[p.teacher], boxes5, p.stride))
+        s_width = student.gkd_meta.get("channels", 256)
+        t_width = teacher.gkd_meta.get("channels", 256)
+        cat = lambda d, c: {k: (torch.cat(v) if v else torch.zeros(0, c)) for k, v in d.items()}  # noqa: E731
         lab = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
-        return cat(feats_s), (cat(feats_t) if with_teacher else None), lab
+        return cat(feats_s, s_width), (cat(feats_t, t_width) if with_teacher else None), lab
 
     def refresh(self, student: torch.nn.Module, teacher: torch.nn.Module,
                 device: torch.device) -> tuple[PrototypeBank, dict[str, float]]:
@@ -279,3 +280,9 @@ class PrototypeGenerator:
                    "pgm_instances": int(labels.numel()),
                    "pgm_prototypes": sum(bank.count(p.key) for p in self.pairs)}
         return bank.to(device), metrics
+
+
+def _pool(fmap: torch.Tensor, boxes5: torch.Tensor, stride: int) -> torch.Tensor:
+    """``[N, C]`` float32 CPU: each box's crop of ``fmap [B, C, H, W]`` average-pooled (the op's first output)."""
+    dummy = torch.zeros(1, fmap.shape[1], device=fmap.device, dtype=fmap.dtype)
+    return prototype_project(fmap, boxes5, stride, dummy)[0].float().cpu()

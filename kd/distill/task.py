@@ -73,9 +73,15 @@ class DistillationTask(nn.Module):
         if teacher is None:
             raise GkdError(f"distill.teacher.checkpoint: method '{cfg.method}' needs a teacher")
         _check_compatible(student, teacher)
+        if self.parts.pkd and student.gkd_meta["channels"] != teacher.gkd_meta["channels"]:
+            raise GkdError(f"distill.method={cfg.method}: PKD compares feature maps channel by channel; the student's "
+                           f"FPN is {student.gkd_meta['channels']} wide, the teacher's "
+                           f"{teacher.gkd_meta['channels']} (model.fpn_channels must match)")
         self.pairs, self.level_notes = pair_levels(student.gkd_meta["strides"], teacher.gkd_meta["strides"],
                                                    cfg.strides)
-        self.adapters = Adapters([p.key for p in self.pairs], kernel=cfg.adapter_kernel) if self.parts.local else None
+        self.adapters = (Adapters([p.key for p in self.pairs], student.gkd_meta["channels"],
+                                  teacher.gkd_meta["channels"], kernel=cfg.adapter_kernel)
+                         if self.parts.local else None)
         # Registered last: parameter order (student, adapters) is what the optimizer state relies on.
         self.teacher = teacher
         self.teacher.eval()
@@ -288,6 +294,7 @@ class DistillationTask(nn.Module):
                 with torch.no_grad():
                     _, cos_t = prototype_project(t_map, inst.boxes, p.stride, self.bank.teacher[p.key])
                 w, has = robust_weights(cos_s, cos_t, inst.labels, self.bank.labels[p.key])
+                w = w.float()  # under CUDA autocast the cosines are half; the weights mix with float32 tensors
                 weights_seen.append(w)
                 if parts.global_ and has.any():
                     glob_terms.append(global_relation_loss(cos_s[has], cos_t[has], w[has]))

@@ -34,17 +34,26 @@ def _backbone(cfg: ModelConfig, retinanet: bool) -> nn.Module:
     from torchvision.models import mobilenet_v3_large, resnet
     from torchvision.models.detection.backbone_utils import _mobilenet_extractor, _resnet_fpn_extractor
     from torchvision.ops import misc as misc_ops
-    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+    from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
 
     if cfg.backbone.startswith("resnet"):
         if not 0 <= cfg.trainable_layers <= 5:
             raise GkdError(f"model.trainable_layers must be in 0..5 for ResNet, got {cfg.trainable_layers}")
         norm = misc_ops.FrozenBatchNorm2d if cfg.norm == "frozen_bn" else nn.BatchNorm2d
         body = getattr(resnet, cfg.backbone)(weights=None, norm_layer=norm)
+        c = cfg.fpn_channels
         if retinanet:
-            return _resnet_fpn_extractor(body, cfg.trainable_layers, returned_layers=[2, 3, 4],
-                                         extra_blocks=LastLevelP6P7(256, 256))
-        return _resnet_fpn_extractor(body, cfg.trainable_layers)
+            fpn = _resnet_fpn_extractor(body, cfg.trainable_layers, returned_layers=[2, 3, 4],
+                                        extra_blocks=LastLevelP6P7(c, c))
+        else:
+            fpn = _resnet_fpn_extractor(body, cfg.trainable_layers)
+        if c != 256:  # torchvision hard-codes 256: swap in the same FPN at the requested width (freezing is kept)
+            inner = [block[0].in_channels for block in fpn.fpn.inner_blocks]
+            fpn.fpn = FeaturePyramidNetwork(inner, c, extra_blocks=LastLevelP6P7(c, c) if retinanet else LastLevelMaxPool())
+            fpn.out_channels = c
+        return fpn
+    if cfg.fpn_channels != 256:
+        raise GkdError(f"model.fpn_channels: MobileNetV3 FPNs are 256 wide in torchvision, got {cfg.fpn_channels}")
     if not 0 <= cfg.trainable_layers <= 6:
         raise GkdError(f"model.trainable_layers must be in 0..6 for MobileNetV3, got {cfg.trainable_layers}")
     # torchvision's own MobileNetV3 BatchNorm settings when it trains
@@ -101,17 +110,20 @@ def build_detector(cfg: ModelConfig, num_classes: int | None = None) -> nn.Modul
         model = RetinaNet(backbone, k + 1, anchor_generator=anchors, score_thresh=cfg.score_thresh,
                           detections_per_img=cfg.detections_per_img, **common)
     else:
+        from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
         from torchvision.ops import MultiScaleRoIAlign
 
         roi_levels = [n for n in names if n != "pool"][:4]
-        model = FasterRCNN(backbone, k + 1, rpn_anchor_generator=anchors,
+        model = FasterRCNN(backbone, None, rpn_anchor_generator=anchors,
+                           box_head=TwoMLPHead(backbone.out_channels * 7 * 7, cfg.box_head_dim),
+                           box_predictor=FastRCNNPredictor(cfg.box_head_dim, k + 1),
                            box_roi_pool=MultiScaleRoIAlign(roi_levels, output_size=7, sampling_ratio=2),
                            box_score_thresh=cfg.score_thresh, box_detections_per_img=cfg.detections_per_img,
                            box_batch_size_per_image=cfg.rois_per_image,
                            rpn_pre_nms_top_n_test=cfg.proposals_test, rpn_post_nms_top_n_test=cfg.proposals_test,
                            **common)
     model.gkd_meta = {"arch": cfg.arch, "backbone": cfg.backbone, "num_classes": k,
-                      "levels": names, "strides": strides}
+                      "levels": names, "strides": strides, "channels": backbone.out_channels}
     return model
 
 

@@ -228,3 +228,34 @@ def test_load_teacher_checks_architecture_and_classes(tmp_path):
                         cfg).gkd_meta["backbone"] == "resnet18"
     with pytest.raises(GkdError, match="distill.teacher.checkpoint: not set"):
         load_teacher(TeacherConfig(), CLASSES, cfg)
+
+
+def test_narrow_student_fpn_is_adapted_to_the_teacher_width():
+    """A 64-wide student FPN against a 128-wide teacher: the adapters map 64 -> 128; PKD (no adapter) refuses."""
+    student = build_detector(dataclasses.replace(model_cfg(), fpn_channels=64, box_head_dim=128), 3)
+    teacher = build_detector(dataclasses.replace(model_cfg(), fpn_channels=128), 3)
+    task, data = make_task(method="gkd", teacher=teacher)
+    task = DistillationTask(student, teacher, task.cfg, epochs=4, classes=CLASSES,
+                            pgm_annotations=[(t["boxes"], t["labels"]) for _, t in data],
+                            pgm_load=lambda i: data[i], seed=0)
+    task.on_epoch_start(0, {"device": torch.device("cpu")})
+    task.train()
+    conv = next(iter(task.adapters.convs.values()))
+    assert (conv.in_channels, conv.out_channels) == (64, 128)
+    out = task(*batch(data))
+    assert torch.isfinite(out["loss"]) and out["loss_kd_global"] > 0
+    out["loss"].backward()
+    with pytest.raises(GkdError, match="fpn_channels must match"):
+        DistillationTask(student, teacher, DistillConfig(method="pkd"), epochs=1, classes=CLASSES)
+
+
+@pytest.mark.parametrize("method", ["robust", "gkd"])
+def test_half_precision_robust_weights_mix_with_float32(method, monkeypatch):
+    """Under CUDA autocast the prototype cosines, hence the robust weights, come out in float16; writing them into
+    the float32 soft-label weights crashed the robust methods on the first GPU run. The CPU op refuses half
+    precision, so the half weights are injected here."""
+    task, data = make_task(method=method)
+    monkeypatch.setattr(task_mod, "robust_weights", lambda *a: tuple(
+        t.half() if t.is_floating_point() else t for t in robust_weights(*a)))
+    out = task(*batch(data))
+    assert torch.isfinite(out["loss"]) and out["robust_weight_mean"] > 0

@@ -42,3 +42,43 @@ def test_resnet50_and_101_strides_and_class_count():
 def test_mobilenet_fpn_has_two_stride_32_levels():
     m = build_detector(ModelConfig(backbone="mobilenet_v3_large", min_size=64, max_size=64), 2)
     assert dict(m.gkd_meta["strides"]) == {"0": 32, "1": 32, "pool": 64}
+
+
+@pytest.mark.parametrize("arch", ["faster_rcnn", "retinanet"])
+def test_narrow_fpn_and_box_head(arch, tmp_path):
+    """fpn_channels / box_head_dim reach every level, the heads and a checkpoint round trip; strides unchanged."""
+    from kd.checkpoint import detector_checkpoint, load_detector, save_checkpoint
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch=arch, backbone="resnet18", min_size=64, max_size=64, rois_per_image=16,
+                      fpn_channels=64, box_head_dim=128)
+    model = build_detector(cfg, 3)
+    wide = build_detector(ModelConfig(arch=arch, backbone="resnet18", min_size=64, max_size=64), 3)
+    assert model.gkd_meta["channels"] == 64 and wide.gkd_meta["channels"] == 256
+    assert model.gkd_meta["strides"] == wide.gkd_meta["strides"]
+    with OutputRecorder(model.backbone) as fpn:
+        losses = model([torch.rand(3, 64, 64)], TARGET)
+    assert all(f.shape[1] == 64 for f in fpn.outputs[-1].values())
+    sum(losses.values()).backward()
+    if arch == "faster_rcnn":
+        assert model.roi_heads.box_head.fc6.in_features == 64 * 7 * 7
+        assert model.roi_heads.box_predictor.cls_score.in_features == 128
+    # trainable_layers still freezes the stem when the FPN is swapped for a narrower one
+    frozen = build_detector(ModelConfig(arch=arch, backbone="resnet18", min_size=64, max_size=64,
+                                        fpn_channels=64, trainable_layers=3), 3)
+    assert not frozen.backbone.body.conv1.weight.requires_grad
+    assert frozen.backbone.body.layer4[0].conv1.weight.requires_grad
+    path = tmp_path / "m.pt"
+    save_checkpoint(detector_checkpoint(model, cfg, ["a", "b", "c"], [1, 2, 3]), path)
+    loaded, _ = load_detector(path)
+    model.eval()
+    x = [torch.rand(3, 64, 64)]
+    with torch.no_grad():
+        assert torch.equal(model.backbone(x[0][None])["0"], loaded.backbone(x[0][None])["0"])
+
+
+def test_mobilenet_fpn_width_is_fixed():
+    from kd.errors import GkdError
+
+    with pytest.raises(GkdError, match="model.fpn_channels"):
+        build_detector(ModelConfig(backbone="mobilenet_v3_large", min_size=64, max_size=64, fpn_channels=128), 2)
