@@ -84,11 +84,12 @@ class StudyConfig:
         return Path(self.runs_dir) / self.name
 
 
+#: ``--quick``: the same data and teacher recipe on a 640-step schedule (half the teacher's), one epoch of student
+#: initialisation, then `none`, `local` and `gkd` for one seed, one epoch each: a real but small comparison
 QUICK_OVERRIDES = (
-    "name=study-quick", "data_root=data/synth-quick", "synth_images=200",
-    "teacher.train.epochs=6", "teacher.train.steps=[5]",
-    "student_init_epochs=2", "student.train.epochs=2", "student.train.max_steps_per_epoch=8",
-    "ablation_prototypes=[]", "ablation_global_weight=[]", "report=runs/study-quick/study.md",
+    "name=study-quick", "teacher.train.epochs=8", "teacher.train.steps=[6,7]", "student_init_epochs=1",
+    "student.train.epochs=1", "methods=[none,local,gkd]", "seeds=[0]", "ablation_prototypes=[]",
+    "ablation_global_weight=[]", "report=runs/study-quick/study.md",
 )
 
 

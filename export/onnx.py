@@ -10,7 +10,6 @@ Never run this file as a script (``python export/onnx.py``): its folder would sh
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from kd.errors import GkdError
-from kd.io import atomic_write
+from kd.io import atomic_write, file_sha256
 
 from ._lazy import lazy_import
 from .adapters import INPUT_NAME, OUTPUT_NAMES, ExportWrapper
@@ -35,15 +34,6 @@ SUPPORTED_OPSETS = (16, 17, 18, 19, 20)
 #: "" and "ai.onnx" are the standard operator set; anything else would need a plugin or custom kernel
 STANDARD_DOMAINS = ("", "ai.onnx")
 METADATA_KEY = "gkd.metadata"
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file (streamed)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_onnx(path: str | Path, what: str = "ONNX file"):

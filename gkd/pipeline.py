@@ -6,7 +6,6 @@ stages and resumes an interrupted training stage from its last epoch, so nothing
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import platform
 import sys
@@ -51,14 +50,6 @@ class PipelineConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.name
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _versions() -> dict[str, str]:
@@ -106,7 +97,9 @@ class Manifest:
 
 
 def _artifact(path: Path) -> dict[str, str]:
-    return {"path": str(path), "sha256": sha256(path)}
+    from kd.io import file_sha256
+
+    return {"path": str(path), "sha256": file_sha256(path)}
 
 
 def _stage(manifest: Manifest, name: str, fn: Callable[[], dict[str, Any]]) -> None:

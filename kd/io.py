@@ -5,6 +5,7 @@ Every file the toolkit writes goes to a temporary file in the same folder first 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -92,3 +93,12 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     except json.JSONDecodeError as exc:
         raise GkdError(f"{path}: malformed or truncated JSON at line {exc.lineno} column {exc.colno}: "
                        f"{exc.msg}") from None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, streamed in 1 MiB chunks (checkpoints, ONNX files, engines, manifests)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

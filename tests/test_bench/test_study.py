@@ -52,3 +52,21 @@ def test_micro_study_end_to_end(tmp_path):
     before = (tmp_path / "study" / "students" / "gkd-s0" / "checkpoints" / "model.pt").stat().st_mtime
     assert main(args) == 0
     assert (tmp_path / "study" / "students" / "gkd-s0" / "checkpoints" / "model.pt").stat().st_mtime == before
+
+
+def test_quick_preset_and_default_stage_configs_are_valid():
+    """The presets name real keys, and the study's stage configs load and agree on the model (teacher, init and
+    students share the architecture: the teacher is stronger because it trains longer)."""
+    from bench.study import QUICK_OVERRIDES, StudyConfig
+    from kd.config import load_config
+    from kd.distill.config import DistillRunConfig
+
+    quick = load_config(None, list(QUICK_OVERRIDES), cls=StudyConfig)
+    default = StudyConfig()
+    assert quick.methods == ("none", "local", "gkd") and quick.seeds == (0,)
+    assert quick.teacher_config == default.teacher_config and quick.data_root == default.data_root
+    teacher = load_config(default.teacher_config, [])
+    init = load_config(default.student_init_config, [])
+    student = load_config(default.student_config, [], cls=DistillRunConfig)
+    assert teacher.model == init.model == student.model
+    assert teacher.train.epochs > 4 * student.train.epochs and student.distill.method == "gkd"
