@@ -332,7 +332,9 @@ def render_report(study: dict[str, Any]) -> str:
             m = r["metrics"]
             lines.append(f"| {name} | {r['seed']} | {_pct(m['all']['bbox_mAP'])} | {_pct(m['all']['bbox_mAP_50'])} "
                          f"| {_pct(m['small']['bbox_mAP'])} | {_pct(m['occluded']['bbox_mAP'])} |")
-    lines += ["", "## The paper's COCO numbers, for orientation (theirs, not ours)", "",
+    lines += ["", "What these numbers mean, why `gkd` does or does not beat `local` here, and what was tried: "
+              "docs/study_notes.md.", "",
+              "## The paper's COCO numbers, for orientation (theirs, not ours)", "",
               "From the authors' README (COCO val2017, 2x schedules); not comparable in scale with the table above.",
               ""]
     for title, table in PAPER_TABLES.items():
