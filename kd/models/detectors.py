@@ -114,9 +114,12 @@ def build_detector(cfg: ModelConfig, num_classes: int | None = None) -> nn.Modul
         from torchvision.ops import MultiScaleRoIAlign
 
         roi_levels = [n for n in names if n != "pool"][:4]
-        model = FasterRCNN(backbone, None, rpn_anchor_generator=anchors,
-                           box_head=TwoMLPHead(backbone.out_channels * 7 * 7, cfg.box_head_dim),
-                           box_predictor=FastRCNNPredictor(cfg.box_head_dim, k + 1),
+        # torchvision builds a 1024-wide head itself; letting it do so keeps its initialisation order, so a given
+        # seed gives the same weights as before the option existed
+        heads = {} if cfg.box_head_dim == 1024 else {
+            "box_head": TwoMLPHead(backbone.out_channels * 7 * 7, cfg.box_head_dim),
+            "box_predictor": FastRCNNPredictor(cfg.box_head_dim, k + 1)}
+        model = FasterRCNN(backbone, None if heads else k + 1, rpn_anchor_generator=anchors, **heads,
                            box_roi_pool=MultiScaleRoIAlign(roi_levels, output_size=7, sampling_ratio=2),
                            box_score_thresh=cfg.score_thresh, box_detections_per_img=cfg.detections_per_img,
                            box_batch_size_per_image=cfg.rois_per_image,
