@@ -3,7 +3,6 @@
 # teacher-recipe sweep on the GPU machine: 12 epochs x 80 steps, eval every epoch
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
 export PYTHONUNBUFFERED=1
-G="python3 -c 'from gkd.cli import main; main()'"
 python3 -c 'from gkd.cli import main; main()' data synth --out data/synth --images 800 --seed 0 --size 160 --val-fraction 0.2 >/dev/null || exit 1
 run() { name=$1; shift; python3 -c 'from gkd.cli import main; main()' train kd/configs/teacher.yaml name=$name runs_dir=sweep train.epochs=12 "train.steps=[9,11]" train.threads=2 "$@" > sweep_$name.log 2>&1; echo "$name rc=$?"; }
 run r50_256 &
@@ -22,5 +21,5 @@ for l in open(sys.argv[1]):
     if 'bbox_mAP' in r or any(k.startswith('val') for k in r): print({k:(round(v,4) if isinstance(v,float) else v) for k,v in r.items() if 'mAP' in k or k in ('epoch','step','loss','time_s')})
 PY
 done
-tail -3 sweep_*.log
+tail -n 3 sweep_*.log
 mkdir -p $OUT && tar czf $OUT/sweep.tgz sweep/*/metrics.jsonl sweep_*.log

@@ -235,11 +235,10 @@ class PrototypeGenerator:
                 feats_s[p.key].append(_pool(fs[p.student], boxes5, p.stride))
                 if ft is not None:  # the teacher's FPN may be wider than the student's
                     feats_t[p.key].append(_pool(ft[p.teacher], boxes5, p.stride))
-        s_width = student.gkd_meta.get("channels", 256)
-        t_width = teacher.gkd_meta.get("channels", 256)
         cat = lambda d, c: {k: (torch.cat(v) if v else torch.zeros(0, c)) for k, v in d.items()}  # noqa: E731
         lab = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
-        return cat(feats_s, s_width), (cat(feats_t, t_width) if with_teacher else None), lab
+        return (cat(feats_s, student.gkd_meta["channels"]),
+                cat(feats_t, teacher.gkd_meta["channels"]) if with_teacher else None, lab)
 
     def refresh(self, student: torch.nn.Module, teacher: torch.nn.Module,
                 device: torch.device) -> tuple[PrototypeBank, dict[str, float]]:

@@ -49,7 +49,8 @@ def _backbone(cfg: ModelConfig, retinanet: bool) -> nn.Module:
             fpn = _resnet_fpn_extractor(body, cfg.trainable_layers)
         if c != 256:  # torchvision hard-codes 256: swap in the same FPN at the requested width (freezing is kept)
             inner = [block[0].in_channels for block in fpn.fpn.inner_blocks]
-            fpn.fpn = FeaturePyramidNetwork(inner, c, extra_blocks=LastLevelP6P7(c, c) if retinanet else LastLevelMaxPool())
+            extra = LastLevelP6P7(c, c) if retinanet else LastLevelMaxPool()
+            fpn.fpn = FeaturePyramidNetwork(inner, c, extra_blocks=extra)
             fpn.out_channels = c
         return fpn
     if cfg.fpn_channels != 256:
@@ -100,6 +101,9 @@ def build_detector(cfg: ModelConfig, num_classes: int | None = None) -> nn.Modul
     if cfg.min_size < 32 or cfg.max_size < cfg.min_size:
         raise GkdError(f"model.min_size/max_size must satisfy 32 <= min_size <= max_size, "
                        f"got {cfg.min_size}/{cfg.max_size}")
+    for key in ("fpn_channels", "box_head_dim"):
+        if getattr(cfg, key) < 1:
+            raise GkdError(f"model.{key} must be a positive width, got {getattr(cfg, key)}")
     retinanet = cfg.arch == "retinanet"
     backbone = _backbone(cfg, retinanet)
     strides = _level_strides(backbone)

@@ -82,3 +82,6 @@ def test_mobilenet_fpn_width_is_fixed():
 
     with pytest.raises(GkdError, match="model.fpn_channels"):
         build_detector(ModelConfig(backbone="mobilenet_v3_large", min_size=64, max_size=64, fpn_channels=128), 2)
+    for key in ("fpn_channels", "box_head_dim"):
+        with pytest.raises(GkdError, match=f"model.{key} must be a positive width, got 0"):
+            build_detector(ModelConfig(backbone="resnet18", min_size=64, max_size=64, **{key: 0}), 2)
