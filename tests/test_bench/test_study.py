@@ -23,9 +23,21 @@ def test_summary_mean_std_and_delta():
     assert rows["none"]["mAP"] == pytest.approx((0.31, 0.0141421356), rel=1e-6)
     assert rows["gkd"]["mAP"][0] == pytest.approx(0.37)
     assert rows["gkd"]["AP_small"] == (0.1, 0.0)  # -1 (no such objects) is left out of the mean
+    assert rows["gkd"]["vs_none"] == pytest.approx((0.06, 0.0141421356, 2)) and rows["none"]["vs_none"] is None
+    assert rows["gkd"]["vs_local"] is None  # no `local` runs in this study
     text = render_report(study)
-    assert "| gkd | 37.0 +- 2.8 | 57.0 +- 2.8 | 32.0 +- 2.8 | +6.0 |" in text
+    assert "| gkd | 37.0 +- 2.8 | 57.0 +- 2.8 | 32.0 +- 2.8 | +6.0 +- 1.4 | - |" in text
     assert "Teacher: 50.0 mAP" in text and "theirs, not ours" in text and "40.6" in text
+
+
+def test_paired_delta_removes_the_shared_seed_variation():
+    """Seed 1 is harder for every method: unpaired, gkd and local overlap (std 5 points); paired, gkd is 1 point
+    ahead at every seed, with no spread. Seeds run by one method only are left out of the pairing."""
+    runs = [_run("local", 0, 0.30), _run("local", 1, 0.20), _run("gkd", 0, 0.31), _run("gkd", 1, 0.21),
+            _run("gkd", 2, 0.90)]
+    rows = {r["method"]: r for r in summarize({"config": {"methods": ["local", "gkd"]}, "runs": runs})}
+    assert rows["local"]["mAP"][1] == pytest.approx(0.0707106781)
+    assert rows["gkd"]["vs_local"] == pytest.approx((0.01, 0.0, 2))
 
 
 def test_micro_study_end_to_end(tmp_path):
