@@ -120,17 +120,50 @@ def evaluate_with_subsets(checkpoint: Path, val_json: Path, images: Path, max_de
 # ------------------------------------------------------------------------------------------------ one job
 
 
+def _config_differences(expected: Any, stored: Any, prefix: str = "") -> list[str]:
+    """Dotted keys where a stored run config differs from the expected one. ``model.num_classes`` 0 means "from the
+    data", which the run resolves and stores: any stored count matches it."""
+    if isinstance(expected, dict) and isinstance(stored, dict):
+        out = []
+        for key in sorted(set(expected) | set(stored)):
+            out += _config_differences(expected.get(key), stored.get(key), f"{prefix}{key}.")
+        return out
+    key = prefix.rstrip(".")
+    if key == "model.num_classes" and expected == 0:
+        return []
+    return [] if expected == stored else [f"{key}={stored!r} there, {expected!r} asked"]
+
+
+def check_reusable(run_dir: Path, expected: dict[str, Any]) -> None:
+    """Refuse to reuse (resume or take the result of) a study run made with another config.
+
+    A study caches every stage by folder; rerunning it after changing the schedule, the seeds' configs or a stage
+    config would otherwise silently mix runs of two designs in one table."""
+    import yaml
+
+    from kd.errors import GkdError
+
+    stored_file = run_dir / "config.yaml"
+    if not stored_file.exists():
+        return
+    diffs = _config_differences(expected, yaml.safe_load(stored_file.read_text()))
+    if diffs:
+        raise GkdError(f"{run_dir} was made with another config ({'; '.join(diffs[:3])}"
+                       f"{'; ...' if len(diffs) > 3 else ''}): give the study a new name=, or delete that folder")
+
+
 def _job(spec: dict[str, Any]) -> dict[str, Any]:
     """Train (or resume) one student and evaluate it; runs in a worker process with one torch thread."""
     import torch
 
     torch.set_num_threads(1)
-    from kd.config import load_config
+    from kd.config import load_config, to_dict
     from kd.distill.config import DistillRunConfig
     from kd.distill.run import run_distillation
     from kd.io import atomic_write_json
 
     cfg = load_config(spec["config"], spec["overrides"], cls=DistillRunConfig)
+    check_reusable(cfg.run_dir, to_dict(cfg))
     done = cfg.run_dir / "study_result.json"
     if done.exists():
         return json.loads(done.read_text())
@@ -181,6 +214,7 @@ def run_study(cfg: StudyConfig, command: str = "") -> dict[str, Any]:
     """Data -> teacher -> every (method, seed) student + ablations -> report. Resumable; returns study.json."""
     from kd.config import flatten_overrides, load_config, to_dict
     from kd.data import generate_synthetic
+    from kd.errors import GkdError
     from kd.io import atomic_write_json, atomic_write_text
     from kd.train import train_detector
 
@@ -198,6 +232,7 @@ def run_study(cfg: StudyConfig, command: str = "") -> dict[str, Any]:
         else:
             tcfg = load_config(cfg.teacher_config, [f"runs_dir={cfg.run_dir}", "name=teacher",
                                                     f"data.root={cfg.data_root}", *flatten_overrides(cfg.teacher)])
+            check_reusable(tcfg.run_dir, to_dict(tcfg))
             log.info("study: training the teacher -> %s", tcfg.run_dir)
             train_detector(tcfg, resume=(tcfg.run_dir / "checkpoints" / "last.pt").exists())
             ckpt, tconfig = tcfg.run_dir / "checkpoints" / "model.pt", to_dict(tcfg)
@@ -205,6 +240,13 @@ def run_study(cfg: StudyConfig, command: str = "") -> dict[str, Any]:
         atomic_write_json(teacher_file, {"kind": "teacher", "checkpoint": str(ckpt), "config": tconfig,
                                          "train_s": round(time.perf_counter() - t0, 1), "metrics": metrics})
     teacher = json.loads(teacher_file.read_text())
+    if cfg.teacher_checkpoint and Path(cfg.teacher_checkpoint) != Path(teacher["checkpoint"]):
+        raise GkdError(f"{teacher_file} records teacher {teacher['checkpoint']}, but this study asks for "
+                       f"teacher_checkpoint={cfg.teacher_checkpoint}: give the study a new name=, or delete that file")
+    if not cfg.teacher_checkpoint and teacher["config"] is not None:
+        tcfg = load_config(cfg.teacher_config, [f"runs_dir={cfg.run_dir}", "name=teacher",
+                                                f"data.root={cfg.data_root}", *flatten_overrides(cfg.teacher)])
+        check_reusable(tcfg.run_dir, to_dict(tcfg))
     teacher_ckpt = Path(teacher["checkpoint"])
     init_ckpt = None
     if cfg.student_init_epochs > 0:
@@ -213,6 +255,7 @@ def run_study(cfg: StudyConfig, command: str = "") -> dict[str, Any]:
             f"train.epochs={cfg.student_init_epochs}", "train.max_steps_per_epoch=null", "train.steps=[]",
             *flatten_overrides(cfg.student_init)])
         init_ckpt = icfg.run_dir / "checkpoints" / "model.pt"
+        check_reusable(icfg.run_dir, to_dict(icfg))
         if not (icfg.run_dir / "study_result.json").exists():
             log.info("study: training the common student initialisation -> %s", icfg.run_dir)
             t0 = time.perf_counter()

@@ -40,7 +40,7 @@ def test_paired_delta_removes_the_shared_seed_variation():
     assert rows["gkd"]["vs_local"] == pytest.approx((0.01, 0.0, 2))
 
 
-def test_micro_study_end_to_end(tmp_path):
+def _micro_args(tmp_path):
     args = ["study", f"runs_dir={tmp_path}", f"data_root={tmp_path / 'data'}", "synth_images=12", "synth_size=64",
             "methods=[none,gkd]", "seeds=[0]", "ablation_prototypes=[]", "ablation_global_weight=[]", "jobs=1",
             f"report={tmp_path / 'study.md'}", "teacher.train.epochs=1", "teacher.model.backbone=resnet18",
@@ -49,6 +49,11 @@ def test_micro_study_end_to_end(tmp_path):
     for who in ("teacher", "student", "student_init"):
         args += [f"{who}.model.min_size=64", f"{who}.model.max_size=64", f"{who}.model.rois_per_image=16"]
     args.append("student.distill.pgm.min_box_size=2")
+    return args
+
+
+def test_micro_study_end_to_end(tmp_path, capsys):
+    args = _micro_args(tmp_path)
     assert main(args) == 0
     study = json.loads((tmp_path / "study" / "study.json").read_text())
     assert sorted(r["method"] for r in study["runs"]) == ["gkd", "none"]
@@ -64,6 +69,15 @@ def test_micro_study_end_to_end(tmp_path):
     before = (tmp_path / "study" / "students" / "gkd-s0" / "checkpoints" / "model.pt").stat().st_mtime
     assert main(args) == 0
     assert (tmp_path / "study" / "students" / "gkd-s0" / "checkpoints" / "model.pt").stat().st_mtime == before
+    # rerun with another design: a cached run made with another config is never mixed into the table; a one-line
+    # error names the folder and the key (the student-init schedule, then a student override) before anything trains
+    capsys.readouterr()
+    assert main([*args, "student_init_epochs=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "student-init was made with another config (train.epochs=1 there, 2 asked)" in err
+    assert len(err.splitlines()) == 1
+    assert main([*args, "student.distill.global_weight=7"]) == 2
+    assert "distill.global_weight=5.0 there, 7.0 asked" in capsys.readouterr().err
 
 
 def test_quick_preset_and_default_stage_configs_are_valid():
