@@ -16,6 +16,23 @@ __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_wr
            "append_jsonl", "read_json"]
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it; restored on the next line
+    os.umask(mask)
+    return mask
+
+
+def _final_mode(path: Path) -> int:
+    """The permission bits a plain ``open(path, "w")`` would leave: the existing file's, else 0o666 minus umask.
+
+    ``mkstemp`` creates its file 0o600, which would make every checkpoint, config and report private to its owner
+    on a shared machine."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_current_umask()
+
+
 def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None]) -> Path:
     """Call ``writer(tmp_path)`` and atomically move the result to ``path``.
 
@@ -38,6 +55,7 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None]) -> Pat
     tmp_path = Path(tmp)
     try:
         writer(tmp_path)
+        os.chmod(tmp_path, _final_mode(path))
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
