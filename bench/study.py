@@ -364,6 +364,21 @@ def _init_line(study: dict[str, Any]) -> list[str]:
             f"extra steps without distillation.", ""]
 
 
+def _stage_times_line(study: dict[str, Any]) -> list[str]:
+    """Each stage's own time, also for stages a rerun reused: the wall time above is one invocation's only."""
+    runs = [r for r in study["runs"] if "train_s" in r]
+    if "train_s" not in study["teacher"] or not runs:
+        return []
+    init = study["teacher"].get("student_init")
+    teacher = ("teacher given as a checkpoint (evaluated in {:.1f} min)" if study["config"].get("teacher_checkpoint")
+               else "teacher {:.1f} min").format(study["teacher"]["train_s"] / 60)
+    parts = [teacher, *([f"student initialisation {init['train_s'] / 60:.1f} min"] if init else []),
+             f"{len(runs)} student runs {sum(r['train_s'] for r in runs) / 60:.1f} min in all "
+             f"({study['config'].get('jobs', 1)} at a time)"]
+    return ["Stage times, each measured when it ran (a rerun reuses finished stages, and the time above counts only "
+            "its own invocation): " + ", ".join(parts) + ".", ""]
+
+
 def render_report(study: dict[str, Any]) -> str:
     """The Markdown report: our table (mean +- std over seeds), ablations, the paper's numbers, provenance."""
     rows = summarize(study)
@@ -375,6 +390,7 @@ def render_report(study: dict[str, Any]) -> str:
              "COCO box AP (%) on the val split; mean +- std over seeds " + ", ".join(map(str, cfg["seeds"])) +
              "; every student run has the same schedule, data order and initialisation for a given seed.",
              "The deltas are paired: the mean +- std over seeds of (method - reference) at the same seed.", "",
+             *_stage_times_line(study),
              f"Teacher: {_pct(t['all']['bbox_mAP'])} mAP, {_pct(t['all']['bbox_mAP_50'])} AP50, "
              f"{_pct(t['all']['bbox_mAP_75'])} AP75 (small {_pct(t['small']['bbox_mAP'])}, occluded "
              f"{_pct(t['occluded']['bbox_mAP'])}, blurred {_pct(t['blurred']['bbox_mAP'])}).", "",

@@ -28,6 +28,13 @@ def test_summary_mean_std_and_delta():
     text = render_report(study)
     assert "| gkd | 37.0 +- 2.8 | 57.0 +- 2.8 | 32.0 +- 2.8 | +6.0 +- 1.4 | - |" in text
     assert "Teacher: 50.0 mAP" in text and "theirs, not ours" in text and "40.6" in text
+    assert "Stage times" not in text  # a study without per-stage times says nothing about them
+
+    study["teacher"]["train_s"] = 600.0
+    study["config"]["jobs"] = 2
+    for r, t in zip(study["runs"], (60.0, 90.0, 120.0, 30.0)):
+        r["train_s"] = t
+    assert ("teacher 10.0 min, 4 student runs 5.0 min in all (2 at a time)." in render_report(study))
 
 
 def test_paired_delta_removes_the_shared_seed_variation():
