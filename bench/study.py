@@ -224,15 +224,17 @@ def run_study(cfg: StudyConfig, command: str = "") -> dict[str, Any]:
     if not (data_root / "train.json").exists():
         generate_synthetic(data_root, n_images=cfg.synth_images, seed=cfg.data_seed, image_size=cfg.synth_size,
                            val_fraction=0.2, progress=True)
+    tcfg = None
+    if not cfg.teacher_checkpoint:
+        tcfg = load_config(cfg.teacher_config, [f"runs_dir={cfg.run_dir}", "name=teacher",
+                                                f"data.root={cfg.data_root}", *flatten_overrides(cfg.teacher)])
+        check_reusable(tcfg.run_dir, to_dict(tcfg))
     teacher_file = cfg.run_dir / "teacher_result.json"
     if not teacher_file.exists():
         t0 = time.perf_counter()
-        if cfg.teacher_checkpoint:
+        if tcfg is None:
             ckpt, tconfig = Path(cfg.teacher_checkpoint), None
         else:
-            tcfg = load_config(cfg.teacher_config, [f"runs_dir={cfg.run_dir}", "name=teacher",
-                                                    f"data.root={cfg.data_root}", *flatten_overrides(cfg.teacher)])
-            check_reusable(tcfg.run_dir, to_dict(tcfg))
             log.info("study: training the teacher -> %s", tcfg.run_dir)
             train_detector(tcfg, resume=(tcfg.run_dir / "checkpoints" / "last.pt").exists())
             ckpt, tconfig = tcfg.run_dir / "checkpoints" / "model.pt", to_dict(tcfg)
@@ -240,13 +242,11 @@ def run_study(cfg: StudyConfig, command: str = "") -> dict[str, Any]:
         atomic_write_json(teacher_file, {"kind": "teacher", "checkpoint": str(ckpt), "config": tconfig,
                                          "train_s": round(time.perf_counter() - t0, 1), "metrics": metrics})
     teacher = json.loads(teacher_file.read_text())
-    if cfg.teacher_checkpoint and Path(cfg.teacher_checkpoint) != Path(teacher["checkpoint"]):
-        raise GkdError(f"{teacher_file} records teacher {teacher['checkpoint']}, but this study asks for "
-                       f"teacher_checkpoint={cfg.teacher_checkpoint}: give the study a new name=, or delete that file")
-    if not cfg.teacher_checkpoint and teacher["config"] is not None:
-        tcfg = load_config(cfg.teacher_config, [f"runs_dir={cfg.run_dir}", "name=teacher",
-                                                f"data.root={cfg.data_root}", *flatten_overrides(cfg.teacher)])
-        check_reusable(tcfg.run_dir, to_dict(tcfg))
+    asked = cfg.teacher_checkpoint or "a teacher trained by the study"
+    if (Path(cfg.teacher_checkpoint) != Path(teacher["checkpoint"]) if cfg.teacher_checkpoint
+            else teacher["config"] is None):
+        raise GkdError(f"{teacher_file} records teacher {teacher['checkpoint']}, but this study asks for {asked}: "
+                       f"give the study a new name=, or delete that file")
     teacher_ckpt = Path(teacher["checkpoint"])
     init_ckpt = None
     if cfg.student_init_epochs > 0:
