@@ -7,6 +7,10 @@ grouped by their difficulty tags and by whether the teacher detects them (a dete
 IoU >= 0.5 and score >= 0.3): the paper's premise is that w is low where the teacher is wrong.
 
     .venv/bin/python docs/measurements/robust_weight_diagnostic.py STUDENT.pt [STUDENT.pt ...]
+
+Needs the default study's teacher (runs/study/teacher, made by `gkd study`) and data (data/synth). The figures in
+robust_weight_diagnostic.json were made with the study's student initialisation and its seed-0 `local`, `robust`
+and `gkd` students (runs/study/student-init and runs/study/students/*-s0, checkpoints/model.pt).
 """
 from __future__ import annotations
 
