@@ -120,20 +120,6 @@ def evaluate_with_subsets(checkpoint: Path, val_json: Path, images: Path, max_de
 # ------------------------------------------------------------------------------------------------ one job
 
 
-def _config_differences(expected: Any, stored: Any, prefix: str = "") -> list[str]:
-    """Dotted keys where a stored run config differs from the expected one. ``model.num_classes`` 0 means "from the
-    data", which the run resolves and stores: any stored count matches it."""
-    if isinstance(expected, dict) and isinstance(stored, dict):
-        out = []
-        for key in sorted(set(expected) | set(stored)):
-            out += _config_differences(expected.get(key), stored.get(key), f"{prefix}{key}.")
-        return out
-    key = prefix.rstrip(".")
-    if key == "model.num_classes" and expected == 0:
-        return []
-    return [] if expected == stored else [f"{key}={stored!r} there, {expected!r} asked"]
-
-
 def check_reusable(run_dir: Path, expected: dict[str, Any]) -> None:
     """Refuse to reuse (resume or take the result of) a study run made with another config.
 
@@ -141,12 +127,16 @@ def check_reusable(run_dir: Path, expected: dict[str, Any]) -> None:
     config would otherwise silently mix runs of two designs in one table."""
     import yaml
 
+    from kd.config import config_differences
     from kd.errors import GkdError
 
     stored_file = run_dir / "config.yaml"
     if not stored_file.exists():
         return
-    diffs = _config_differences(expected, yaml.safe_load(stored_file.read_text()))
+    # model.num_classes 0 means "from the data": the run stores the count it resolved, which any count matches
+    diffs = [f"{key}={there!r} there, {asked!r} asked"
+             for key, there, asked in config_differences(yaml.safe_load(stored_file.read_text()), expected)
+             if not (key == "model.num_classes" and asked == 0)]
     if diffs:
         raise GkdError(f"{run_dir} was made with another config ({'; '.join(diffs[:3])}"
                        f"{'; ...' if len(diffs) > 3 else ''}): give the study a new name=, or delete that folder")

@@ -21,7 +21,8 @@ from .errors import GkdError
 
 __all__ = [
     "DataConfig", "ModelConfig", "TrainConfig", "EvalConfig", "RunConfig",
-    "load_config", "from_dict", "to_dict", "apply_overrides", "flatten_overrides", "dump_config", "ARCHS", "BACKBONES",
+    "load_config", "from_dict", "to_dict", "config_differences", "apply_overrides", "flatten_overrides", "dump_config",
+    "ARCHS", "BACKBONES",
 ]
 
 ARCHS = ("faster_rcnn", "retinanet")
@@ -240,6 +241,20 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old value, new value)`` for every leaf where two plain config dicts differ, sorted by key.
+
+    Used to refuse resuming or reusing a run made with another config (kd.engine, bench.study)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append((prefix + k, a, b))
+    return out
 
 
 def _merge(base: dict, over: dict) -> dict:

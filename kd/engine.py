@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .checkpoint import FORMAT, detector_checkpoint, load_checkpoint, save_checkpoint
-from .config import RunConfig, dump_config, to_dict
+from .config import RunConfig, config_differences, dump_config, to_dict
 from .errors import GkdError
 from .io import append_jsonl, atomic_write_text
 
@@ -129,19 +129,10 @@ def _restore_rng(state: dict[str, Any]) -> None:
 
 
 def _check_resume_config(saved: dict, cfg: RunConfig, path: Path) -> None:
-    now = to_dict(cfg)
-
-    def walk(a, b, prefix=""):
-        for k in sorted(set(a) | set(b)):
-            key = prefix + k
-            va, vb = a.get(k), b.get(k)
-            if isinstance(va, dict) and isinstance(vb, dict):
-                walk(va, vb, key + ".")
-            elif va != vb and key not in RESUMABLE_KEYS:
-                raise GkdError(f"{path}: cannot resume: '{key}' was {va!r} in the interrupted run, now {vb!r} "
-                               f"(only {', '.join(RESUMABLE_KEYS)} may change on resume)")
-
-    walk(saved, now)
+    for key, va, vb in config_differences(saved, to_dict(cfg)):
+        if key not in RESUMABLE_KEYS:
+            raise GkdError(f"{path}: cannot resume: '{key}' was {va!r} in the interrupted run, now {vb!r} "
+                           f"(only {', '.join(RESUMABLE_KEYS)} may change on resume)")
 
 
 class _Progress:

@@ -63,3 +63,14 @@ def test_base_inheritance_and_roundtrip(tmp_path):
     again = load_config(out)
     assert again == cfg and to_dict(again) == to_dict(cfg)
     assert isinstance(again, RunConfig)
+
+
+def test_config_differences_lists_every_differing_leaf_by_dotted_key():
+    from kd.config import config_differences
+
+    old = {"model": {"backbone": "resnet18", "anchor_sizes": [8, 16]}, "train": {"lr": 0.01, "epochs": 2}}
+    new = {"model": {"backbone": "resnet18", "anchor_sizes": [8, 32]}, "train": {"lr": 0.02, "epochs": 2},
+           "seed": 1}
+    assert config_differences(old, new) == [("model.anchor_sizes", [8, 16], [8, 32]), ("seed", None, 1),
+                                            ("train.lr", 0.01, 0.02)]
+    assert config_differences(old, old) == []
