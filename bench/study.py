@@ -430,7 +430,8 @@ def study(config: Path | None, overrides: tuple[str, ...], quick: bool) -> None:
     \b
     Trains the teacher once, then a student per (method, seed) on an identical schedule, evaluates each on the val
     split (overall and on small / occluded / blurred objects) and writes a Markdown table in the paper's shape
-    (docs/study.md by default) plus runs/<name>/study.json. Rerunning continues an interrupted study.
+    (docs/study.md by default) plus runs/<name>/study.json. Rerunning continues an interrupted study; a cached
+    run made with another config is refused (use a new name=). Deltas are paired by seed.
 
     \b
     Examples:

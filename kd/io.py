@@ -17,7 +17,15 @@ __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_wr
 
 
 def _current_umask() -> int:
-    mask = os.umask(0o022)  # the only portable way to read it is to set it; restored on the next line
+    """The process umask, read without changing it where the OS allows (Linux: /proc), since setting it to read it
+    briefly changes the mode of files other threads create."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere the only portable way to read it is to set it; restored on the next line
     os.umask(mask)
     return mask
 
