@@ -1,4 +1,9 @@
-"""Builds the optional C++/CUDA extension ``kd._C``; all metadata lives in setup.cfg.
+"""Package layout and the optional C++/CUDA extension ``gkd.kd._C``; the metadata lives in setup.cfg.
+
+Layout: the repository keeps its three parts as top-level folders (``kd/``, ``export/``, ``bench/``) beside the CLI
+package ``gkd/``, and installs all of them under the one import name ``gkd``: ``gkd.kd``, ``gkd.export``,
+``gkd.bench`` (``package_dir`` maps each folder). Generic top-level names such as ``export`` would collide with other
+projects' modules (YOLOv5 has an ``export.py`` at its root). Packages are discovered, not listed.
 
 Build matrix (each case keeps the package installable):
 
@@ -14,11 +19,34 @@ headers that ATen includes are taken from the ``nvidia`` pip packages that ship 
 """
 import glob
 import os
+import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("kd", "csrc")
+#: repository folder -> import name
+PARTS = {"kd": "gkd.kd", "export": "gkd.export", "bench": "gkd.bench"}
+
+
+def _packages() -> tuple[list[str], dict[str, str]]:
+    """Every package under ``gkd/`` and the three part folders, named as installed (``kd.data`` -> ``gkd.kd.data``)."""
+    packages = find_packages(ROOT, include=["gkd", "gkd.*"])
+    for folder, name in PARTS.items():
+        packages += [name + sub[len(folder):] for sub in find_packages(ROOT, include=[folder, folder + ".*"])]
+    return packages, {"gkd": "gkd", **{name: folder for folder, name in PARTS.items()}}
+
+
+def _import_torch_or_exit():
+    """torch is needed to compile the extension against the torch it will run with; say how when it is missing."""
+    try:
+        import torch
+    except ImportError:
+        sys.exit("gkd: building the C++/CUDA extension needs the torch you will run it with, and this build "
+                 "environment has none (pip's build isolation). Install torch first, then build without isolation: "
+                 "pip install torch==2.14.1 torchvision==0.29.1 && pip install --no-build-isolation .  "
+                 "(or GKD_NO_EXT=1 pip install . for no extension: a slower pure-PyTorch operator)")
+    return torch
 
 
 def _find_cuda_home():
@@ -56,7 +84,7 @@ def _extensions():
     main_sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")))
     if not main_sources:
         return [], {}
-    import torch
+    torch = _import_torch_or_exit()
     from torch.utils import cpp_extension
 
     cpu_sources = sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
@@ -80,7 +108,7 @@ def _extensions():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
         extra_compile_args["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"]
         ext = cpp_extension.CUDAExtension(
-            "kd._C",
+            "gkd.kd._C",
             main_sources + cpu_sources + cuda_sources,
             include_dirs=_nvidia_include_dirs(torch),
             extra_compile_args=extra_compile_args,
@@ -88,23 +116,28 @@ def _extensions():
             define_macros=define_macros + [("WITH_CUDA", None)],
             py_limited_api=True,
         )
-        print(f"gkd: building kd._C with CUDA (CUDA_HOME={cuda_home}, "
+        print(f"gkd: building gkd.kd._C with CUDA (CUDA_HOME={cuda_home}, "
               f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'auto')})")
     else:
         ext = cpp_extension.CppExtension(
-            "kd._C",
+            "gkd.kd._C",
             main_sources + cpu_sources,
             extra_compile_args={"cxx": extra_compile_args["cxx"]},
             extra_link_args=["-fopenmp"],
             define_macros=define_macros,
             py_limited_api=True,
         )
-        print("gkd: building kd._C for CPU only (no nvcc found or GKD_CPU_ONLY=1)")
+        print("gkd: building gkd.kd._C for CPU only (no nvcc found or GKD_CPU_ONLY=1)")
     return [ext], {"build_ext": cpp_extension.BuildExtension}
 
 
 ext_modules, cmdclass = _extensions()
+packages, package_dir = _packages()
 setup(
+    packages=packages,
+    package_dir=package_dir,
+    package_data={"gkd.kd": ["csrc/*.cpp", "csrc/*.h", "csrc/*/*.cpp", "csrc/*/*.cu", "csrc/*/*.h",
+                             "configs/*.yaml", "configs/*/*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},

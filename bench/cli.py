@@ -9,10 +9,10 @@ __all__ = ["bench"]
 
 # name -> ("module:attribute", short help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "op": ("bench.op:op", "Time the prototype-projection operator: C++/CUDA extension vs the PyTorch versions."),
-    "distill": ("bench.distill_step:distill_step", "Time a training step: student alone, + teacher forward, gkd."),
-    "latency": ("bench.latency:latency", "Latency and mAP of a model on PyTorch / ONNX Runtime / TensorRT."),
-    "train": ("bench.train_step:train_step", "Seconds per training step and inference img/s: teacher vs student."),
+    "op": ("gkd.bench.op:op", "Time the prototype-projection operator: C++/CUDA extension vs the PyTorch versions."),
+    "distill": ("gkd.bench.distill_step:distill_step", "Time a training step: student alone, + teacher forward, gkd."),
+    "latency": ("gkd.bench.latency:latency", "Latency and mAP of a model on PyTorch / ONNX Runtime / TensorRT."),
+    "train": ("gkd.bench.train_step:train_step", "Seconds per training step and inference img/s: teacher vs student."),
 }
 
 

@@ -30,10 +30,11 @@ from typing import Any, Callable
 
 import click
 import torch
+from gkd.kd import CONFIG_DIR
 
 __all__ = ["distill_step", "run_distill_benchmark"]
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "kd" / "configs" / "distill_gkd.yaml"
+DEFAULT_CONFIG = CONFIG_DIR / "distill_gkd.yaml"
 
 
 def _sync(device: torch.device) -> None:
@@ -102,9 +103,9 @@ def _threads(n: int):
 
 def _prefetch(cfg, n: int):
     """The first ``n`` training batches in the run's seeded order, in memory."""
-    from kd.data import CocoDetection, collate
-    from kd.engine import EpochSampler
-    from kd.train import load_splits
+    from gkd.kd.data import CocoDetection, collate
+    from gkd.kd.engine import EpochSampler
+    from gkd.kd.train import load_splits
 
     train_index, _ = load_splits(cfg)
     ds = CocoDetection(train_index, train=True, min_size=cfg.model.min_size, max_size=cfg.model.max_size,
@@ -120,8 +121,8 @@ def _prefetch(cfg, n: int):
 
 def _teacher(cfg, classes, teacher_path: Path | None):
     """The configured teacher, or a randomly initialised one of its declared architecture (same cost)."""
-    from kd.distill.run import load_teacher
-    from kd.models.detectors import build_detector
+    from gkd.kd.distill.run import load_teacher
+    from gkd.kd.models.detectors import build_detector
 
     tcfg = cfg.distill.teacher
     if teacher_path is not None:
@@ -154,8 +155,8 @@ def run_distill_benchmark(cfg, *, teacher_path: Path | None = None, methods: tup
         A dict: ``steps`` (per variant: median/mean/min seconds per step), ``ratios``, ``breakdown_s`` (parts of
         one instrumented gkd step), ``refresh`` (first and later refresh times, epoch time, fractions), settings.
     """
-    from kd.engine import build_optimizer, seed_everything, select_device
-    from kd.train import build_model
+    from gkd.kd.engine import build_optimizer, seed_everything, select_device
+    from gkd.kd.train import build_model
 
     device = select_device(cfg.train.device)
     with _threads(threads):
@@ -166,7 +167,7 @@ def run_distill_benchmark(cfg, *, teacher_path: Path | None = None, methods: tup
         teacher.to(device)
         batches = [([im.to(device) for im in ims], [{k2: (v.to(device) if torch.is_tensor(v) else v)
                                                       for k2, v in t.items()} for t in tgs]) for ims, tgs in batches]
-        from kd.distill.run import build_task
+        from gkd.kd.distill.run import build_task
 
         def make(method: str):
             seed_everything(cfg.seed)
@@ -253,7 +254,7 @@ def run_distill_benchmark(cfg, *, teacher_path: Path | None = None, methods: tup
 
 def _breakdown(task, batch, device, cfg) -> dict[str, float]:
     """One instrumented gkd step: seconds per part (the parts overlap nowhere; 'other' is the rest)."""
-    import kd.distill.task as task_mod
+    import gkd.kd.distill.task as task_mod
 
     sec = _Sections(device)
     student, teacher = task.detector, task.teacher
@@ -350,11 +351,11 @@ def distill_step(config: Path | None, overrides: tuple[str, ...], teacher: Path 
       gkd data synth --out data/synth
       gkd bench distill --methods local,robust,gkd,pkd,pkd+global --out runs/bench/distill_step.json
     """
-    from kd.cli import split_config_and_overrides
-    from kd.config import load_config
-    from kd.distill.config import METHODS, DistillRunConfig
-    from kd.errors import GkdError
-    from kd.io import atomic_write_json
+    from gkd.kd.cli import split_config_and_overrides
+    from gkd.kd.config import load_config
+    from gkd.kd.distill.config import METHODS, DistillRunConfig
+    from gkd.kd.errors import GkdError
+    from gkd.kd.io import atomic_write_json
 
     wanted = tuple(m.strip() for m in methods.split(",") if m.strip())
     bad = [m for m in wanted if m not in METHODS]

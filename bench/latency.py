@@ -76,13 +76,13 @@ def run_latency_benchmark(checkpoint: Path, data: Path, export_dir: Path, *, cal
                           warmup: int, iterations: int, threads: int, map_images: int | None, latency_images: int,
                           log: Callable[[str], None] = print) -> dict[str, Any]:
     """The benchmark behind ``gkd bench latency``; returns the report dict (see docs/export.md)."""
-    from export.images import load_image_set
-    from export.parity import coco_map, collect_outputs
-    from export.pipeline import ExportOptions, export_checkpoint
-    from export.runtime import OrtRunner, TorchRunner
-    from kd.checkpoint import load_detector
-    from kd.errors import GkdError
-    from kd.io import read_json
+    from gkd.export.images import load_image_set
+    from gkd.export.parity import coco_map, collect_outputs
+    from gkd.export.pipeline import ExportOptions, export_checkpoint
+    from gkd.export.runtime import OrtRunner, TorchRunner
+    from gkd.kd.checkpoint import load_detector
+    from gkd.kd.errors import GkdError
+    from gkd.kd.io import read_json
 
     torch.set_num_threads(threads)
     manifest_path = export_dir / "export.json"
@@ -193,7 +193,7 @@ def format_report(rep: dict[str, Any]) -> str:
               help="Write the JSON report here (default: <export-dir>/latency.json).")
 def latency(checkpoint, data, export_dir, calib_data, warmup, iterations, threads, latency_images, map_images, out):
     """Latency and mAP of CHECKPOINT in PyTorch eager vs its ONNX exports on onnxruntime, batch 1, one run."""
-    from kd.io import atomic_write_json
+    from gkd.kd.io import atomic_write_json
 
     rep = run_latency_benchmark(checkpoint, data, export_dir, calib_data=calib_data, warmup=warmup,
                                 iterations=iterations, threads=threads, map_images=map_images,

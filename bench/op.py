@@ -109,7 +109,7 @@ def _max_error(wl: dict, fn_a, fn_b) -> float:
 def _same_class_timing(wl: dict, prototypes: int, instances: int, dev: torch.device, repeats: int, warmup: int,
                        seed: int) -> dict | None:
     """Time ``max_same_class_cos`` (the robust weight's max over own-class prototypes) on every level's [N, M]."""
-    from kd.prototype import max_same_class_cos
+    from gkd.kd.prototype import max_same_class_cos
 
     if prototypes == 0 or instances == 0:
         return None
@@ -128,14 +128,14 @@ def run_op_benchmark(*, device: str = "cpu", threads: int = 2, batch: int = 2, c
                      reference_repeats: int = 1, warmup: int = 1, prototype_grad: bool = False,
                      seed: int = 0) -> dict:
     """Time the extension, the vectorised and the per-instance versions; returns a JSON-able dict."""
-    from kd import _ops
-    from kd.prototype import prototype_project_reference, prototype_project_vectorized
+    from gkd.kd import _ops
+    from gkd.kd.prototype import prototype_project_reference, prototype_project_vectorized
 
     dev = torch.device(device)
     torch.set_num_threads(threads)
     _ops.assert_has_ops()
     if not _ops.has_kernel(dev.type):
-        raise click.UsageError(f"kd._C has no {dev.type} kernel ({_ops.backend_summary()})")
+        raise click.UsageError(f"gkd.kd._C has no {dev.type} kernel ({_ops.backend_summary()})")
     load_before = os.getloadavg()[0]
     wl = make_workload(batch, channels, height, width, list(strides), instances, prototypes, _DTYPES[dtype], dev,
                        seed)
@@ -240,12 +240,12 @@ def _ints(ctx: click.Context | None, param: click.Parameter | None, text: str) -
 def op(device, threads, batch, channels, image_size, strides, instances, prototypes, dtype, repeats,
        reference_repeats, prototype_grad, seed, json_path):
     """Time kd::prototype_project against the vectorised and per-instance PyTorch versions (forward, fwd+bwd)."""
-    from kd import _ops
-    from kd.errors import GkdError
-    from kd.io import atomic_write_json
+    from gkd.kd import _ops
+    from gkd.kd.errors import GkdError
+    from gkd.kd.io import atomic_write_json
 
     if not _ops.has_ops():
-        raise GkdError(f"kd._C: {_ops.backend_summary()}; expected the built extension (see docs/operator.md)")
+        raise GkdError(f"gkd.kd._C: {_ops.backend_summary()}; expected the built extension (see docs/operator.md)")
 
     if device == "cuda" and not torch.cuda.is_available():
         raise GkdError("--device cuda: torch sees no CUDA device here; expected a machine with a GPU")

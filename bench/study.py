@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import click
+from gkd.kd import CONFIG_DIR
 
 __all__ = ["StudyConfig", "run_study", "study", "SUBSETS", "PAPER_TABLES"]
 
 log = logging.getLogger("gkd")
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "kd" / "configs" / "study"
+STUDY_CONFIG_DIR = CONFIG_DIR / "study"
 
 #: hard subsets: name -> annotation attribute (written by `gkd data synth`)
 SUBSETS = ("small", "occluded", "blurred")
@@ -58,15 +59,15 @@ class StudyConfig:
     synth_images: int = 800
     synth_size: int = 160
     data_seed: int = 0
-    teacher_config: str = str(CONFIG_DIR / "teacher.yaml")
-    student_config: str = str(CONFIG_DIR / "distill.yaml")
+    teacher_config: str = str(STUDY_CONFIG_DIR / "teacher.yaml")
+    student_config: str = str(STUDY_CONFIG_DIR / "distill.yaml")
     #: an existing teacher checkpoint to use instead of training one
     teacher_checkpoint: str = ""
     teacher: Any = field(default_factory=dict)
     #: the paper's protocol (method.md G7): every student starts from the same converged-ish student, trained once
     #: without distillation for this many epochs (`gkd train` with student_init_config); 0 = from random init
     student_init_epochs: int = 3
-    student_init_config: str = str(CONFIG_DIR / "student_init.yaml")
+    student_init_config: str = str(STUDY_CONFIG_DIR / "student_init.yaml")
     student_init: Any = field(default_factory=dict)
     #: overrides for every student run (the distillation phase), e.g. its schedule
     student: Any = field(default_factory=dict)
@@ -100,10 +101,10 @@ def evaluate_with_subsets(checkpoint: Path, val_json: Path, images: Path, max_de
     """COCO metrics of a detector checkpoint on the val split, overall and on each hard subset."""
     import torch
 
-    from kd.checkpoint import load_detector
-    from kd.data import CocoDetection, load_coco
-    from kd.engine import make_loader
-    from kd.evaluation import CocoEvaluator, evaluate_detector
+    from gkd.kd.checkpoint import load_detector
+    from gkd.kd.data import CocoDetection, load_coco
+    from gkd.kd.engine import make_loader
+    from gkd.kd.evaluation import CocoEvaluator, evaluate_detector
 
     index = load_coco(val_json, image_root=images)
     model, _ = load_detector(checkpoint)
@@ -127,8 +128,8 @@ def check_reusable(run_dir: Path, expected: dict[str, Any]) -> None:
     config would otherwise silently mix runs of two designs in one table."""
     import yaml
 
-    from kd.config import config_differences
-    from kd.errors import GkdError
+    from gkd.kd.config import config_differences
+    from gkd.kd.errors import GkdError
 
     stored_file = run_dir / "config.yaml"
     if not stored_file.exists():
@@ -147,10 +148,10 @@ def _job(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    from kd.config import load_config, to_dict
-    from kd.distill.config import DistillRunConfig
-    from kd.distill.run import run_distillation
-    from kd.io import atomic_write_json
+    from gkd.kd.config import load_config, to_dict
+    from gkd.kd.distill.config import DistillRunConfig
+    from gkd.kd.distill.run import run_distillation
+    from gkd.kd.io import atomic_write_json
 
     cfg = load_config(spec["config"], spec["overrides"], cls=DistillRunConfig)
     check_reusable(cfg.run_dir, to_dict(cfg))
@@ -170,7 +171,7 @@ def _job(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _specs(cfg: StudyConfig, teacher_ckpt: Path, init_ckpt: Path | None) -> list[dict[str, Any]]:
-    from kd.config import flatten_overrides
+    from gkd.kd.config import flatten_overrides
 
     base = [f"runs_dir={cfg.run_dir / 'students'}", f"data.root={cfg.data_root}", "train.threads=1",
             # the study made (or was given) the teacher: its checkpoint records its own architecture
@@ -202,11 +203,11 @@ def _specs(cfg: StudyConfig, teacher_ckpt: Path, init_ckpt: Path | None) -> list
 
 def run_study(cfg: StudyConfig, command: str = "") -> dict[str, Any]:
     """Data -> teacher -> every (method, seed) student + ablations -> report. Resumable; returns study.json."""
-    from kd.config import flatten_overrides, load_config, to_dict
-    from kd.data import generate_synthetic
-    from kd.errors import GkdError
-    from kd.io import atomic_write_json, atomic_write_text
-    from kd.train import train_detector
+    from gkd.kd.config import flatten_overrides, load_config, to_dict
+    from gkd.kd.data import generate_synthetic
+    from gkd.kd.errors import GkdError
+    from gkd.kd.io import atomic_write_json, atomic_write_text
+    from gkd.kd.train import train_detector
 
     t_start = time.perf_counter()
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -439,9 +440,9 @@ def study(config: Path | None, overrides: tuple[str, ...], quick: bool) -> None:
       gkd study seeds=[0,1,2] jobs=2
       gkd study methods=[none,gkd] seeds=[0] teacher_checkpoint=runs/teacher/checkpoints/best.pt
     """
-    from kd.cli import split_config_and_overrides
-    from kd.config import load_config
-    from kd.logs import setup_console_logging
+    from gkd.kd.cli import split_config_and_overrides
+    from gkd.kd.config import load_config
+    from gkd.kd.logs import setup_console_logging
 
     setup_console_logging()
     config, rest = split_config_and_overrides(config, overrides)

@@ -16,10 +16,10 @@ from typing import Any
 
 import click
 import torch
+from gkd.kd import CONFIG_DIR
 
 __all__ = ["train_step", "run_train_benchmark"]
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "kd" / "configs"
 
 
 def _timed(fn) -> tuple[float, float]:
@@ -31,10 +31,10 @@ def _timed(fn) -> tuple[float, float]:
 def run_train_benchmark(configs: dict[str, Path], overrides: list[str], steps: int, infer_images: int,
                         threads: int) -> dict[str, Any]:
     """Measure each named config; returns the report dict."""
-    from kd.config import load_config
-    from kd.data import CocoDetection, collate
-    from kd.engine import EpochSampler, build_optimizer, seed_everything
-    from kd.train import build_model, load_splits
+    from gkd.kd.config import load_config
+    from gkd.kd.data import CocoDetection, collate
+    from gkd.kd.engine import EpochSampler, build_optimizer, seed_everything
+    from gkd.kd.train import build_model, load_splits
 
     torch.set_num_threads(threads)
     cfgs = {name: load_config(path, overrides) for name, path in configs.items()}
@@ -120,7 +120,7 @@ def train_step(overrides, teacher_cfg, student_cfg, steps, infer_images, threads
 
     KEY=VALUE overrides apply to both configs (e.g. data.root=data/mine). Needs the dataset (gkd data synth).
     """
-    from kd.io import atomic_write_json
+    from gkd.kd.io import atomic_write_json
 
     rep = run_train_benchmark({"teacher": teacher_cfg, "student": student_cfg}, list(overrides), steps,
                               infer_images, threads)

@@ -1,7 +1,7 @@
 """gkd export side: ONNX (FP32/FP16/INT8), TensorRT engines, runners and parity checks.
 
-Imports ``kd``, never ``bench``. Submodules import onnx / onnxruntime / tensorrt inside their functions, so
-``import export`` stays light. Entry point: ``gkd export`` (:mod:`export.cli`); library: :func:`export.pipeline.
+Imports ``gkd.kd``, never ``gkd.bench``. Submodules import onnx / onnxruntime / tensorrt inside their functions, so
+``import gkd.export`` stays light. Entry point: ``gkd export`` (:mod:`gkd.export.cli`); library: :func:`gkd.export.pipeline.
 export_checkpoint`. See docs/export.md.
 """
 

@@ -1,6 +1,6 @@
 """One place for optional dependencies: import them only when a feature needs them, with an actionable message.
 
-``import export`` must stay light (no onnx, onnxruntime, tensorrt or pycuda): every module here imports heavy
+``import gkd.export`` must stay light (no onnx, onnxruntime, tensorrt or pycuda): every module here imports heavy
 packages inside the functions that use them, through :func:`lazy_import` when a missing package is a user problem.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ import importlib
 import importlib.util
 from types import ModuleType
 
-from kd.errors import GkdError
+from gkd.kd.errors import GkdError
 
 __all__ = ["lazy_import", "has_module"]
 

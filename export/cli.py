@@ -1,5 +1,5 @@
 """``gkd export``: a checkpoint to ONNX (FP32/FP16/INT8) and TensorRT engines, each run and compared before it is
-called good. The work is :func:`export.pipeline.export_checkpoint`; this module only parses options."""
+called good. The work is :func:`gkd.export.pipeline.export_checkpoint`; this module only parses options."""
 from __future__ import annotations
 
 from pathlib import Path

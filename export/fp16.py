@@ -1,6 +1,6 @@
 """FP16 ONNX: the learned layers in FP16, the geometry in FP32, inputs and outputs unchanged (FP32 / INT64).
 
-Rule (why): the backbone, FPN and heads (:data:`export.adapters.NETWORK_SCOPES`) are convolutions on normalised
+Rule (why): the backbone, FPN and heads (:data:`gkd.export.adapters.NETWORK_SCOPES`) are convolutions on normalised
 activations, where FP16 costs little accuracy and is what makes an FP16 engine fast. Everything else is arithmetic
 on pixel coordinates (resize scale, anchors, box decoding with ``exp``, RoIAlign sampling positions, NMS IoU, the
 final rescale) where FP16's 11-bit mantissa gives 0.5 px steps at 1000 px and ``exp`` overflows past 11: those
@@ -61,7 +61,7 @@ def convert_fp16(model, *, scopes: tuple[str, ...] = NETWORK_SCOPES, ops: frozen
     """Convert an FP32 detector graph to mixed FP16/FP32.
 
     Args:
-        model: an FP32 ``onnx.ModelProto`` from :func:`export.onnx.export_onnx` (not modified).
+        model: an FP32 ``onnx.ModelProto`` from :func:`gkd.export.onnx.export_onnx` (not modified).
         scopes: node-name prefixes whose ops may run in FP16.
         ops: op types that may run in FP16.
         keep_fp32_nodes: node names forced to stay FP32 (e.g. found sensitive).

@@ -1,6 +1,6 @@
-"""Real images for calibration, parity and benchmarks, read from a COCO-format JSON file through ``kd.data``.
+"""Real images for calibration, parity and benchmarks, read from a COCO-format JSON file through ``gkd.kd.data``.
 
-Images load as the evaluation path loads them (``kd.data.coco.load_image``: EXIF orientation applied, converted to
+Images load as the evaluation path loads them (``gkd.kd.data.coco.load_image``: EXIF orientation applied, converted to
 8-bit RGB), as float32 ``[3, H, W]`` in [0, 1] at their original size: the exported graph does the resize.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ class ImageSet:
     Attributes:
         path: the COCO JSON file.
         images: ``[(image_id, tensor [3, H, W] float32 in [0, 1])]``.
-        gt_json: the cleaned COCO dict (for ``kd.evaluation.CocoEvaluator``).
+        gt_json: the cleaned COCO dict (for ``gkd.kd.evaluation.CocoEvaluator``).
         category_ids: COCO category id of labels 1..K.
         classes: class names of labels 1..K.
         has_annotations: whether the chosen images hold any annotation (mAP is meaningful).
@@ -42,12 +42,12 @@ def load_image_set(json_path: str | Path, *, limit: int | None = None, seed: int
     """Read up to ``limit`` images (a seeded random subset when the file has more) of a COCO JSON file.
 
     Args:
-        json_path: COCO instances JSON; validated by ``kd.data.coco.load_coco`` (one-line errors).
+        json_path: COCO instances JSON; validated by ``gkd.kd.data.coco.load_coco`` (one-line errors).
         limit: number of images (None = all).
         seed: picks the subset, so runs are reproducible.
         image_root: folder of the image files (default: ``images/`` next to the JSON, else its folder).
     """
-    from kd.data.coco import load_coco, load_image
+    from gkd.kd.data.coco import load_coco, load_image
 
     index = load_coco(json_path, image_root=image_root)
     entries = list(index.images)

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from kd.errors import GkdError
-from kd.io import atomic_write, file_sha256
+from gkd.kd.errors import GkdError
+from gkd.kd.io import atomic_write, file_sha256
 
 from ._lazy import lazy_import
 from .adapters import INPUT_NAME, OUTPUT_NAMES, ExportWrapper

@@ -10,7 +10,7 @@
    precision of the candidates scoring >= ``score_floor``, missing / extra counts, mean and max score delta, mean IoU.
    The floor keeps detections that hover at the model's own score threshold (0.05) from flipping in and out and
    raising false alarms; candidates below the floor still count as matches.
-3. **mAP** (when the images have annotations): COCO bbox mAP of both through ``kd.evaluation.CocoEvaluator``,
+3. **mAP** (when the images have annotations): COCO bbox mAP of both through ``gkd.kd.evaluation.CocoEvaluator``,
    delta and ratio.
 """
 from __future__ import annotations
@@ -182,7 +182,7 @@ def detection_errors(ref: Outputs, cand: Outputs, iou: float, score_floor: float
 
 def coco_map(outputs: Outputs, gt_json: dict, category_ids: Sequence[int]) -> dict[str, float]:
     """COCO bbox metrics of ``outputs`` (boxes already in original-image pixels)."""
-    from kd.evaluation import CocoEvaluator
+    from gkd.kd.evaluation import CocoEvaluator
 
     ev = CocoEvaluator(gt_json, category_ids)
     ev.process([{"image_id": o["image_id"]} for o in outputs], outputs)

@@ -1,7 +1,7 @@
 """``gkd export`` as a library call: checkpoint -> ONNX (FP32/FP16/INT8) -> parity on real images -> engines.
 
 Nothing is called good before it has been run: every ONNX written is executed with onnxruntime on real images and
-compared with the PyTorch checkpoint (:mod:`export.parity`); the manifest marks a file ``verified`` only then.
+compared with the PyTorch checkpoint (:mod:`gkd.export.parity`); the manifest marks a file ``verified`` only then.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 import torch
 
-from kd.errors import GkdError
-from kd.io import atomic_write_json, atomic_write_text
+from gkd.kd.errors import GkdError
+from gkd.kd.io import atomic_write_json, atomic_write_text
 
 from ._lazy import has_module
 from .adapters import preprocess_contract
@@ -79,7 +79,7 @@ def export_checkpoint(opts: ExportOptions, log: Callable[[str], None] = print) -
     Raises:
         GkdError: bad input (checked before anything is written) or a failed step.
     """
-    from kd.checkpoint import load_detector
+    from gkd.kd.checkpoint import load_detector
 
     from .images import load_image_set
     from .runtime import OrtRunner, TorchRunner

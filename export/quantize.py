@@ -6,8 +6,8 @@ Choices (why):
 * **QDQ format**, per-channel symmetric INT8 weights, asymmetric UINT8 activations: the format TensorRT 10/11 and
   onnxruntime both consume (TensorRT 11 has no other INT8 path); onnxruntime fuses DQ -> Conv -> Q into QLinearConv
   on the CPU.
-* Only the learned layers (:data:`export.adapters.NETWORK_SCOPES`) are quantized; the geometry (resize, anchors,
-  box decoding, RoIAlign, NMS) stays FP32, as in :mod:`export.fp16`, and so do the last layer of each head
+* Only the learned layers (:data:`gkd.export.adapters.NETWORK_SCOPES`) are quantized; the geometry (resize, anchors,
+  box decoding, RoIAlign, NMS) stays FP32, as in :mod:`gkd.export.fp16`, and so do the last layer of each head
   (:func:`head_output_nodes`), whose outputs are box deltas and class logits.
 * Calibration runs the FP32 model on images from the user's dataset (never random tensors) at their real sizes;
   the method (MinMax, Entropy or Percentile) and image count are recorded in the file's metadata.
@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from kd.errors import GkdError
+from gkd.kd.errors import GkdError
 
 from ._lazy import lazy_import
 from .adapters import INPUT_NAME, NETWORK_SCOPES
@@ -115,7 +115,7 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_images: Seq
     """Write an explicit Q/DQ INT8 ONNX of ``fp32_path`` (atomically) and return what was done.
 
     Args:
-        fp32_path: the FP32 ONNX from :func:`export.onnx.export_onnx`.
+        fp32_path: the FP32 ONNX from :func:`gkd.export.onnx.export_onnx`.
         out_path: where to write the INT8 ONNX.
         calib_images: ``[3, H, W]`` float32 images in [0, 1] from the calibration dataset.
         method: ``minmax``, ``entropy`` or ``percentile`` (onnxruntime's calibrators).

@@ -3,7 +3,7 @@
 A runner is a context manager with ``infer(feed) -> outputs``: ``feed`` is ``{"image": [1, 3, H, W] float32 in
 [0, 1]}`` and the outputs are ``{"boxes": [N, 4], "scores": [N], "labels": [N]}`` torch tensors on the CPU. All
 runners get the same input and return the same outputs: resize, normalisation, padding, NMS and the mapping back to
-input pixels happen inside the model (see :mod:`export.adapters`), so no runner does any pre- or post-processing of
+input pixels happen inside the model (see :mod:`gkd.export.adapters`), so no runner does any pre- or post-processing of
 its own. ``provider`` names what actually executed the model (for onnxruntime read back from the session: asking
 for CUDA silently falls back to the CPU when CUDA is unusable).
 """
@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from kd.errors import GkdError
+from gkd.kd.errors import GkdError
 
 from ._lazy import lazy_import
 from .adapters import INPUT_NAME, OUTPUT_NAMES, ExportWrapper
@@ -153,7 +153,7 @@ class TrtRunner(Runner):
     """TensorRT engine on torch CUDA buffers, on ``torch.cuda.current_stream()``.
 
     The engine's stamp (sidecar JSON) must match this machine (TensorRT version, GPU, compute capability) and the
-    engine file: see :func:`export.trt.check_stamp`. Output sizes depend on the data (number of detections), so the
+    engine file: see :func:`gkd.export.trt.check_stamp`. Output sizes depend on the data (number of detections), so the
     outputs are allocated through an output allocator once the engine knows them.
 
     Args:

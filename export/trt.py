@@ -2,7 +2,7 @@
 11.x (strong typing), verification of the precision actually built, and a stamp that ties an engine to a machine.
 
 * **TensorRT 11** removed weak typing: no FP16/INT8 builder flags, no calibrators. Precision comes from the ONNX:
-  the FP16 ONNX for FP16, the Q/DQ ONNX for INT8 (see :mod:`export.fp16`, :mod:`export.quantize`).
+  the FP16 ONNX for FP16, the Q/DQ ONNX for INT8 (see :mod:`gkd.export.fp16`, :mod:`gkd.export.quantize`).
 * **TensorRT 10.x** (what JetPack ships) is weakly typed: the FP32 ONNX plus ``BuilderFlag.FP16`` for FP16, the Q/DQ
   ONNX plus ``INT8`` (and ``FP16`` for the layers left unquantized) for INT8.
 * Requested precision is never trusted: after the build the engine inspector lists every layer's tensor formats;
@@ -21,8 +21,8 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-from kd.errors import GkdError
-from kd.io import atomic_write_bytes, atomic_write_json, read_json
+from gkd.kd.errors import GkdError
+from gkd.kd.io import atomic_write_bytes, atomic_write_json, read_json
 
 from ._lazy import lazy_import
 from .adapters import INPUT_NAME

@@ -1,3 +1,14 @@
-"""The ``gkd`` command line and the one-command pipeline (the only place that uses kd, export and bench together)."""
+"""gkd: distill object detectors with global knowledge, then ship them.
 
-__all__: list[str] = []
+The installed package holds the whole toolkit under one import name:
+
+* ``gkd.kd``: training (data, detectors, distillation, the C++/CUDA operator); never imports the two below;
+* ``gkd.export``: ONNX / TensorRT export, runners, parity; imports ``gkd.kd`` only;
+* ``gkd.bench``: latency and accuracy harnesses, the study;
+* ``gkd.cli`` and ``gkd.pipeline``: the ``gkd`` command and the one-command pipeline, on top of all three.
+
+``import gkd`` is light (no torch).
+"""
+
+__all__ = ["__version__"]
+__version__ = "0.1.0"

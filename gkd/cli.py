@@ -2,7 +2,7 @@
 
 Each package owns its commands (``kd/cli.py``, ``kd/data/cli.py``, ``export/cli.py``, ``bench/cli.py``); this group
 only gathers them by import path, so ``gkd --help`` stays fast and ``kd`` never imports ``export`` or ``bench``.
-User errors (``kd.GkdError``) are printed as one line, ``gkd: error: ...``, with exit status 2.
+User errors (``gkd.kd.GkdError``) are printed as one line, ``gkd: error: ...``, with exit status 2.
 """
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ __all__ = ["cli", "main"]
 
 # name -> ("module:attribute", one-line help shown by `gkd --help` without importing the module)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "data": ("kd.data.cli:data", "Generate the embedded synthetic dataset or convert VOC / YOLO labels to COCO JSON."),
-    "train": ("kd.cli:train", "Train a detector (a teacher, or a student without distillation) from a YAML config."),
-    "eval": ("kd.cli:evaluate", "Evaluate a checkpoint on a COCO-format dataset (COCO mAP + detections JSON)."),
-    "distill": ("kd.distill.cli:distill", "Train a student from a teacher with global-knowledge distillation."),
-    "export": ("export.cli:export", "Export a checkpoint to ONNX (FP32/FP16/INT8) and TensorRT, with parity checks."),
-    "bench": ("bench.cli:bench", "Benchmarks: latency and accuracy of exported models, the custom operator, KD steps."),
-    "study": ("bench.study:study", "Compare distillation methods over seeds on equal budgets (the paper's tables)."),
+    "data": ("gkd.kd.data.cli:data", "Generate the embedded synthetic dataset or convert VOC / YOLO labels to COCO JSON."),
+    "train": ("gkd.kd.cli:train", "Train a detector (a teacher, or a student without distillation) from a YAML config."),
+    "eval": ("gkd.kd.cli:evaluate", "Evaluate a checkpoint on a COCO-format dataset (COCO mAP + detections JSON)."),
+    "distill": ("gkd.kd.distill.cli:distill", "Train a student from a teacher with global-knowledge distillation."),
+    "export": ("gkd.export.cli:export", "Export a checkpoint to ONNX (FP32/FP16/INT8) and TensorRT, with parity checks."),
+    "bench": ("gkd.bench.cli:bench", "Benchmarks: latency and accuracy of exported models, the custom operator, KD steps."),
+    "study": ("gkd.bench.study:study", "Compare distillation methods over seeds on equal budgets (the paper's tables)."),
     "run": ("gkd.pipeline:run", "The whole pipeline in one command: data -> teacher -> distill -> export -> bench."),
 }
 
@@ -82,7 +82,7 @@ def cli() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``gkd`` console script."""
-    from kd.errors import GkdError
+    from gkd.kd.errors import GkdError
 
     try:
         rv = cli.main(args=argv, prog_name="gkd", standalone_mode=False)

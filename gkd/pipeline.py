@@ -1,13 +1,29 @@
 """``gkd run``: the one-command pipeline, data -> teacher -> student -> export -> bench -> report.
 
-Each stage writes into ``runs/<name>/<stage>/`` and is recorded in ``runs/<name>/manifest.json`` (artifact paths with
-SHA-256, tool versions, the exact command, seeds, timings). Rerunning the same command after a kill skips finished
-stages and resumes an interrupted training stage from its last epoch, so nothing already computed is lost.
+Each stage writes into ``runs/<name>/<stage>/`` and is recorded in ``runs/<name>/manifest.json``.
+
+**Content-keyed stages.** Every stage has a key: the SHA-256 of what its result depends on (its resolved config,
+the SHA-256 of its input files, gkd's version). A stage is reused only when its recorded key matches and its output
+files are still there with the recorded SHA-256; otherwise it runs again, and so do the stages after it (their
+inputs changed). The report names, for each stage, whether it ran or was reused and why ("changed:
+student.train.lr 0.02 -> 0.01", "interrupted: resumed", "output modified: ...").
+
+**Interrupted stages.** A training stage killed mid-run is resumed from its last finished epoch when the same
+command runs again (the run folder's ``last.pt`` holds the exact config, so a resume is only done when that config
+is the stage's current one); the result equals an uninterrupted run's on the same machine.
+
+**Configs are resolved before anything runs.** The teacher and student configs (with this run's ``teacher.*`` /
+``student.*`` sections merged in as data) are validated first, so a misspelt key stops the run with a one-line error
+naming it and the closest valid key, before any stage starts.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import platform
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -15,21 +31,23 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
+from gkd.kd import CONFIG_DIR
 
-__all__ = ["PipelineConfig", "run_pipeline", "run"]
+__all__ = ["PipelineConfig", "run_pipeline", "resolve_stage_configs", "run", "QUICK"]
 
 log = logging.getLogger("gkd")
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "kd" / "configs"
+#: config keys that do not change a training stage's result (they are left out of its key)
+UNKEYED = ("train.threads", "data.num_workers")
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """What ``gkd run`` does. Stage sections are overrides applied on top of the stage's own YAML config."""
+    """What ``gkd run`` does. ``teacher`` / ``student`` are merged over the stage's own YAML config."""
 
     name: str = "default"
     runs_dir: str = "runs"
     seed: int = 0
-    #: dataset folder; generated with the synthetic generator when it holds no train.json
+    #: dataset folder; the synthetic generator fills it when it holds no train.json
     data_root: str = "data/synth"
     synth_images: int = 800
     synth_size: int = 160
@@ -37,23 +55,90 @@ class PipelineConfig:
     student_config: str = str(CONFIG_DIR / "distill_gkd.yaml")
     #: an existing teacher checkpoint (gkd or torchvision format) instead of training one
     teacher_checkpoint: str = ""
-    #: overrides (nested mapping) for the teacher / student run configs, e.g. {"train": {"epochs": 2}}
-    teacher: Any = field(default_factory=dict)
-    student: Any = field(default_factory=dict)
+    #: nested mappings merged over the teacher / student run configs, e.g. {"train": {"epochs": 2}}
+    teacher: dict = field(default_factory=dict)
+    student: dict = field(default_factory=dict)
     #: also train the student without distillation (same schedule) to report what distillation bought
     baseline: bool = False
     #: export precisions, and whether to benchmark latency/mAP of the exports
     precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
     bench: bool = True
     bench_iterations: int = 30
+    #: validation images cycled through while timing
+    bench_images: int = 16
 
     @property
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.name
 
 
+#: the --quick preset: a small dataset and short schedules (the user's keys are applied over it)
+QUICK: dict[str, Any] = {
+    "name": "quick", "data_root": "data/synth-quick", "synth_images": 60, "synth_size": 128, "bench_iterations": 5,
+    "teacher": {"train": {"epochs": 2}, "model": {"min_size": 128, "max_size": 128, "backbone": "resnet34"}},
+    "student": {"train": {"epochs": 2, "max_steps_per_epoch": 3}, "model": {"min_size": 128, "max_size": 128},
+                "distill": {"pgm": {"min_box_size": 8}}},
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# stage configs
+
+
+@dataclass(frozen=True)
+class StageConfigs:
+    """The resolved run configs of the training stages (``teacher`` is None when a checkpoint is given)."""
+
+    teacher: Any
+    distill: Any
+    baseline: Any
+
+
+def _stage_updates(cfg: PipelineConfig, stage: str, section: dict, prefix: str) -> dict:
+    """The user's ``teacher.*`` / ``student.*`` section under this run's fixed keys (stage folder, data, seed)."""
+    from gkd.kd.config import merge_dicts
+    from gkd.kd.errors import GkdError
+
+    for key in ("name", "runs_dir"):
+        if key in section:
+            raise GkdError(f"{prefix}{key}: set by gkd run (runs/<name>/<stage>/); use {key}=... for the whole run")
+    fixed = {"runs_dir": str(cfg.run_dir), "name": stage, "seed": cfg.seed, "data": {"root": cfg.data_root}}
+    return merge_dicts(fixed, section)
+
+
+def resolve_stage_configs(cfg: PipelineConfig) -> StageConfigs:
+    """Validate and resolve every training stage's config before any stage runs (one-line errors name the key)."""
+    from gkd.kd.config import RunConfig, load_config, merge_dicts
+    from gkd.kd.distill.config import DistillRunConfig
+
+    teacher = None
+    if not cfg.teacher_checkpoint:
+        teacher = load_config(cfg.teacher_config, cls=RunConfig, key_prefix="teacher.",
+                              updates=_stage_updates(cfg, "teacher", cfg.teacher, "teacher."))
+    teacher_ckpt = cfg.teacher_checkpoint or str(cfg.run_dir / "teacher" / "checkpoints" / "model.pt")
+    # a teacher trained here is a gkd checkpoint that names its own architecture
+    declared = {} if cfg.teacher_checkpoint else {"arch": None, "backbone": None}
+    forced = {"distill": {"method": "gkd", "teacher": {"checkpoint": teacher_ckpt, **declared}}}
+
+    def student(stage: str, method: str | None):
+        updates = merge_dicts(_stage_updates(cfg, stage, cfg.student, "student."), forced)
+        if method:
+            updates = merge_dicts(updates, {"distill": {"method": method}})
+        elif "method" in cfg.student.get("distill", {}):
+            updates["distill"]["method"] = cfg.student["distill"]["method"]
+        return load_config(cfg.student_config, cls=DistillRunConfig, key_prefix="student.", updates=updates)
+
+    return StageConfigs(teacher=teacher, distill=student("distill", None),
+                        baseline=student("baseline", "none") if cfg.baseline else None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the manifest and content keys
+
+
 def _versions() -> dict[str, str]:
     import importlib.metadata as md
+    import subprocess
 
     out = {"python": platform.python_version(), "platform": platform.platform()}
     for pkg in ("gkd", "torch", "torchvision", "onnx", "onnxruntime-gpu", "onnxruntime", "pycocotools", "tensorrt"):
@@ -62,8 +147,6 @@ def _versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     try:
-        import subprocess
-
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parent, timeout=5)
         if sha.returncode == 0:
@@ -73,81 +156,217 @@ def _versions() -> dict[str, str]:
     return out
 
 
-class Manifest:
-    """``runs/<name>/manifest.json``: stage records, rewritten atomically after every stage."""
-
-    def __init__(self, path: Path, cfg: PipelineConfig):
-        from kd.config import to_dict
-        from kd.io import read_json
-
-        self.path = path
-        self.data: dict[str, Any] = read_json(path, "manifest") if path.exists() else {}
-        self.data.update({"format": "gkd-manifest", "version": 1, "command": sys.argv,
-                          "config": to_dict(cfg), "versions": _versions()})
-        self.data.setdefault("stages", {})
-
-    def done(self, stage: str) -> bool:
-        return self.data["stages"].get(stage, {}).get("status") == "done"
-
-    def record(self, stage: str, **info: Any) -> None:
-        from kd.io import atomic_write_json
-
-        self.data["stages"][stage] = {"status": "done", **info}
-        atomic_write_json(self.path, self.data)
-
-
 def _artifact(path: Path) -> dict[str, str]:
-    from kd.io import file_sha256
+    from gkd.kd.io import file_sha256
 
     return {"path": str(path), "sha256": file_sha256(path)}
 
 
-def _stage(manifest: Manifest, name: str, fn: Callable[[], dict[str, Any]]) -> None:
-    if manifest.done(name):
-        log.info("stage %s: already done, skipped (see %s)", name, manifest.path)
-        return
-    log.info("stage %s: starting", name)
+def _key(inputs: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _artifacts_in(record: Any) -> list[dict]:
+    """Every ``{"path", "sha256"}`` artifact recorded anywhere in a stage record."""
+    if isinstance(record, dict):
+        if set(record) == {"path", "sha256"}:
+            return [record]
+        return [a for v in record.values() for a in _artifacts_in(v)]
+    if isinstance(record, list):
+        return [a for v in record for a in _artifacts_in(v)]
+    return []
+
+
+@dataclass
+class Outcome:
+    """What one stage did in this invocation."""
+
+    stage: str
+    action: str  # "reused" | "ran"
+    reason: str
+    seconds: float = 0.0
+
+
+class Manifest:
+    """``runs/<name>/manifest.json``: one record per stage (key, inputs, outputs), rewritten atomically."""
+
+    VERSION = 2
+
+    def __init__(self, path: Path, cfg: PipelineConfig):
+        from gkd.kd.config import to_dict
+        from gkd.kd.io import read_json
+
+        self.path = path
+        old = read_json(path, "manifest") if path.exists() else {}
+        stages = old.get("stages") if isinstance(old, dict) and old.get("version") == self.VERSION else None
+        # an older manifest's records carry no keys: its stages run again
+        self.data: dict[str, Any] = {"format": "gkd-manifest", "version": self.VERSION, "command": sys.argv,
+                                     "config": to_dict(cfg), "versions": _versions(),
+                                     "stages": stages if isinstance(stages, dict) else {}}
+
+    @property
+    def stages(self) -> dict[str, Any]:
+        return self.data["stages"]
+
+    def write(self, stage: str, record: dict[str, Any]) -> None:
+        self.stages[stage] = record
+        self.save()
+
+    def save(self) -> None:
+        from gkd.kd.io import atomic_write_json
+
+        atomic_write_json(self.path, self.data)
+
+
+def _why_run(old: dict | None, key: str, inputs: dict[str, Any], prefix: str = "") -> str | None:
+    """Why a stage must run (None: its recorded result can be reused).
+
+    ``prefix`` is how the user spells the stage's config keys (``student.`` for ``student.train.lr``)."""
+    from gkd.kd.config import config_differences
+    from gkd.kd.io import file_sha256
+
+    if not old:
+        return "not run before"
+    if old.get("key") != key:
+        diffs = config_differences(old.get("inputs", {}), inputs)
+        shown = [f"{prefix}{k.removeprefix('config.')} {a!r} -> {b!r}" if k.startswith("config.")
+                 else f"input {k.split('.')[0]!r}" for k, a, b in diffs]
+        shown = list(dict.fromkeys(shown))  # one line per changed input, however many of its hashes changed
+        more = f" (+{len(shown) - 3} more)" if len(shown) > 3 else ""
+        return "changed: " + ", ".join(shown[:3]) + more
+    if old.get("status") != "done":
+        return "interrupted earlier (a training stage resumes from its last finished epoch)"
+    for art in _artifacts_in(old.get("outputs", {})):
+        p = Path(art["path"])
+        if not p.is_file():
+            return f"output missing: {p}"
+        if file_sha256(p) != art["sha256"]:
+            return f"output modified since it was made: {p}"
+    return None
+
+
+def _run_stage(manifest: Manifest, outcomes: list[Outcome], stage: str, inputs: dict[str, Any],
+               fn: Callable[[], dict[str, Any]], prefix: str = "") -> dict[str, Any]:
+    """Reuse or run ``stage``; returns its record (``outputs``, ``metrics``, ...)."""
+    from gkd import __version__
+
+    inputs = {**inputs, "gkd": __version__}
+    key = _key(inputs)
+    old = manifest.stages.get(stage)
+    reason = _why_run(old, key, inputs, prefix)
+    if reason is None:
+        log.info("stage %s: reused (key %s, unchanged)", stage, key[:12])
+        outcomes.append(Outcome(stage, "reused", "unchanged"))
+        return old
+    log.info("stage %s: running (%s)", stage, reason)
+    manifest.write(stage, {"status": "running", "key": key, "inputs": inputs, "command": sys.argv})
     t0 = time.perf_counter()
     info = fn()
-    manifest.record(name, seconds=round(time.perf_counter() - t0, 1), **info)
-    log.info("stage %s: done in %.0f s", name, time.perf_counter() - t0)
+    seconds = round(time.perf_counter() - t0, 1)
+    record = {"status": "done", "key": key, "inputs": inputs, "command": sys.argv, "seconds": seconds, **info}
+    manifest.write(stage, record)
+    outcomes.append(Outcome(stage, "ran", reason, seconds))
+    log.info("stage %s: done in %.0f s", stage, seconds)
+    return record
 
 
-def _overrides(cfg: PipelineConfig, stage: str, extra: dict) -> list[str]:
-    from kd.config import flatten_overrides
-
-    return [f"runs_dir={cfg.run_dir}", f"name={stage}", f"seed={cfg.seed}", f"data.root={cfg.data_root}",
-            *flatten_overrides(extra)]
+# ----------------------------------------------------------------------------------------------------------------
+# the stages
 
 
-def _result(run_dir: Path, record: dict) -> dict[str, Any]:
-    return {"checkpoint": _artifact(run_dir / "checkpoints" / "model.pt"),
+def _synth_params(cfg: PipelineConfig) -> dict[str, Any]:
+    return {"n_images": cfg.synth_images, "seed": cfg.seed, "image_size": cfg.synth_size, "val_fraction": 0.2}
+
+
+def _generated_here(root: Path) -> dict | None:
+    """The generator's meta.json of ``root`` (None when the data there is not gkd's synthetic data)."""
+    meta = root / "meta.json"
+    if not meta.is_file():
+        return None
+    try:
+        data = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("generator") == "gkd.synth" else None
+
+
+def _data_inputs(cfg: PipelineConfig) -> dict[str, Any]:
+    root = Path(cfg.data_root)
+    if (root / "train.json").is_file() and _generated_here(root) is None:  # the user's own data: keyed by content
+        return {"data_root": str(root), "user_data": {n: _artifact(root / n)["sha256"] for n in ("train.json",
+                                                                                              "val.json")}}
+    return {"data_root": str(root), "synthetic": _synth_params(cfg)}
+
+
+def _data_stage(cfg: PipelineConfig) -> dict[str, Any]:
+    from gkd.kd.data import generate_synthetic
+    from gkd.kd.errors import GkdError
+
+    root = Path(cfg.data_root)
+    meta = _generated_here(root)
+    want = _synth_params(cfg)
+    if not (root / "train.json").is_file() or (meta and any(meta.get(k) != v for k, v in want.items())):
+        generate_synthetic(root, **want, progress=True)
+    if not (root / "val.json").is_file():
+        raise GkdError(f"{root}: holds train.json but no val.json; gkd run needs both (and images/)")
+    return {"outputs": {"train": _artifact(root / "train.json"), "val": _artifact(root / "val.json")}}
+
+
+def _training_inputs(run_cfg, **inputs: Any) -> dict[str, Any]:
+    from gkd.kd.config import to_dict
+
+    config = to_dict(run_cfg)
+    for dotted in UNKEYED:
+        section, key = dotted.split(".")
+        config.get(section, {}).pop(key, None)
+    return {"config": config, **inputs}
+
+
+def _prepare_run_dir(run_cfg) -> bool:
+    """Whether the stage's run folder holds an interrupted run of exactly this config (then resume it).
+
+    A folder made with another config (or without a finished epoch) belongs to a superseded result of this same
+    stage: it is removed, so that the stage starts clean.
+    """
+    from gkd.kd.checkpoint import load_checkpoint
+    from gkd.kd.config import config_differences, to_dict
+
+    last = run_cfg.run_dir / "checkpoints" / "last.pt"
+    if last.is_file():
+        saved = load_checkpoint(last).get("config", {})
+        wanted = to_dict(run_cfg)
+        if not wanted["model"]["num_classes"]:  # 0 = the dataset's class count, which the run recorded
+            wanted["model"]["num_classes"] = saved.get("model", {}).get("num_classes", 0)
+        diffs = [k for k, _, _ in config_differences(saved, wanted) if k not in UNKEYED]
+        if not diffs:
+            log.info("resuming the interrupted run in %s", run_cfg.run_dir)
+            return True
+        log.info("removing %s: made with another config (%s)", run_cfg.run_dir, ", ".join(diffs[:3]))
+    if run_cfg.run_dir.exists():
+        shutil.rmtree(run_cfg.run_dir)
+    return False
+
+
+def _training_result(run_cfg, record: dict[str, Any]) -> dict[str, Any]:
+    return {"outputs": {"checkpoint": _artifact(run_cfg.run_dir / "checkpoints" / "model.pt")},
             "metrics": {k: v for k, v in record.items() if k.startswith("val/")}}
 
 
-def _teacher_stage(cfg: PipelineConfig) -> dict[str, Any]:
-    from kd.config import load_config
-    from kd.train import train_detector
+def _teacher_stage(run_cfg) -> dict[str, Any]:
+    from gkd.kd.train import train_detector
 
-    run_cfg = load_config(cfg.teacher_config, _overrides(cfg, "teacher", cfg.teacher))
-    record = train_detector(run_cfg, resume=(run_cfg.run_dir / "checkpoints" / "last.pt").exists())
-    return _result(run_cfg.run_dir, record)
+    return _training_result(run_cfg, train_detector(run_cfg, resume=_prepare_run_dir(run_cfg)))
 
 
-def _student_stage(cfg: PipelineConfig, teacher_ckpt: str, method: str, stage: str) -> dict[str, Any]:
-    from kd.config import load_config
-    from kd.distill.config import DistillRunConfig
-    from kd.distill.run import run_distillation
+def _student_stage(run_cfg) -> dict[str, Any]:
+    from gkd.kd.distill.run import run_distillation
 
-    extra = ["distill.teacher.arch=null", "distill.teacher.backbone=null"] if not cfg.teacher_checkpoint else []
-    run_cfg = load_config(cfg.student_config, _overrides(cfg, stage, cfg.student) + extra + [
-        f"distill.teacher.checkpoint={teacher_ckpt}", f"distill.method={method}"], cls=DistillRunConfig)
-    record = run_distillation(run_cfg, resume=(run_cfg.run_dir / "checkpoints" / "last.pt").exists())
-    return {**_result(run_cfg.run_dir, record), "method": method}
+    record = run_distillation(run_cfg, resume=_prepare_run_dir(run_cfg))
+    return {**_training_result(run_cfg, record), "method": run_cfg.distill.method}
 
 
 def _export_stage(cfg: PipelineConfig, student_ckpt: Path) -> dict[str, Any]:
-    from export.pipeline import ExportOptions, export_checkpoint
+    from gkd.export.pipeline import ExportOptions, export_checkpoint
 
     out = cfg.run_dir / "export"
     data = Path(cfg.data_root)
@@ -155,58 +374,84 @@ def _export_stage(cfg: PipelineConfig, student_ckpt: Path) -> dict[str, Any]:
                                                calib_data=data / "train.json", val_data=data / "val.json",
                                                seed=cfg.seed), log=log.info)
     files = {p: {"onnx": _artifact(out / f["onnx"]), "verified": f["verified"]} for p, f in manifest["files"].items()}
-    return {"dir": str(out), "files": files, "parity": manifest["parity"]["results"],
+    return {"dir": str(out), "outputs": {"files": files}, "parity": manifest["parity"]["results"],
             "tensorrt": manifest.get("tensorrt")}
 
 
 def _bench_stage(cfg: PipelineConfig, student_ckpt: Path) -> dict[str, Any]:
-    from bench.latency import format_report, run_latency_benchmark
-    from kd.io import atomic_write_json, atomic_write_text
+    from gkd.bench.latency import format_report, run_latency_benchmark
+    from gkd.kd.io import atomic_write_json, atomic_write_text
 
     out = cfg.run_dir / "bench"
     rep = run_latency_benchmark(student_ckpt, Path(cfg.data_root) / "val.json", cfg.run_dir / "export",
                                 calib_data=None, warmup=5, iterations=cfg.bench_iterations, threads=1,
-                                map_images=None, latency_images=16, log=log.info)
+                                map_images=None, latency_images=cfg.bench_images, log=log.info)
     atomic_write_json(out / "latency.json", rep)
     atomic_write_text(out / "latency.md", format_report(rep) + "\n")
-    return {"report": _artifact(out / "latency.json"), "ratios": rep["ratios"], "targets": rep["targets"],
+    return {"outputs": {"report": _artifact(out / "latency.json")}, "ratios": rep["ratios"],
+            "targets": rep["targets"],
             "runners": {n: {"p50_ms": r["latency"]["p50"], "bbox_mAP": (r["accuracy"] or {}).get("bbox_mAP"),
                             "provider": r["provider"], "verified": r["verified"]} for n, r in rep["runners"].items()}}
 
 
-def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
-    """Run every stage not yet done; return the manifest dict (also in ``runs/<name>/manifest.json``)."""
-    from kd.data import generate_synthetic
+def _sha(record: dict[str, Any], *path: str) -> str:
+    node: Any = record["outputs"]
+    for p in path:
+        node = node[p]
+    return node["sha256"]
 
+
+def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
+    """Run every stage whose key changed; return the manifest dict (also in ``runs/<name>/manifest.json``).
+
+    ``manifest["invocation"]`` lists what each stage did this time (reused / ran / resumed, and why).
+    """
+    from gkd.kd.errors import GkdError
+    from gkd.kd.io import atomic_write_text
+
+    stage_cfgs = resolve_stage_configs(cfg)  # before anything runs: a bad key costs nothing
+    if cfg.teacher_checkpoint and not Path(cfg.teacher_checkpoint).is_file():
+        raise GkdError(f"teacher_checkpoint: {cfg.teacher_checkpoint}: file not found")
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(cfg.run_dir / "manifest.json", cfg)
-    data_root = Path(cfg.data_root)
+    outcomes: list[Outcome] = []
 
-    def data_stage():
-        if not (data_root / "train.json").exists():
-            generate_synthetic(data_root, n_images=cfg.synth_images, seed=cfg.seed, image_size=cfg.synth_size,
-                               val_fraction=0.2, progress=True)
-        return {"train": _artifact(data_root / "train.json"), "val": _artifact(data_root / "val.json")}
+    def stage(name: str, inputs: dict[str, Any], fn: Callable[[], dict[str, Any]], prefix: str = "") -> dict:
+        return _run_stage(manifest, outcomes, name, inputs, fn, prefix)
 
-    _stage(manifest, "data", data_stage)
-    if cfg.teacher_checkpoint:
-        _stage(manifest, "teacher", lambda: {"checkpoint": _artifact(Path(cfg.teacher_checkpoint)), "metrics": {}})
+    data = stage("data", _data_inputs(cfg), lambda: _data_stage(cfg))
+    data_shas = {"train.json": _sha(data, "train"), "val.json": _sha(data, "val")}
+    if stage_cfgs.teacher is None:
+        path = Path(cfg.teacher_checkpoint)
+        teacher = stage("teacher", {"given": _artifact(path)}, lambda: {"outputs": {"checkpoint": _artifact(path)},
+                                                                        "metrics": {}})
     else:
-        _stage(manifest, "teacher", lambda: _teacher_stage(cfg))
-    teacher_ckpt = manifest.data["stages"]["teacher"]["checkpoint"]["path"]
-    _stage(manifest, "distill", lambda: _student_stage(cfg, teacher_ckpt, "gkd", "distill"))
-    if cfg.baseline:
-        _stage(manifest, "baseline", lambda: _student_stage(cfg, teacher_ckpt, "none", "baseline"))
-    student_ckpt = Path(manifest.data["stages"]["distill"]["checkpoint"]["path"])
+        teacher = stage("teacher", _training_inputs(stage_cfgs.teacher, data=data_shas),
+                        lambda: _teacher_stage(stage_cfgs.teacher), "teacher.")
+    teacher_sha = _sha(teacher, "checkpoint")
+    students = [("distill", stage_cfgs.distill)] + ([("baseline", stage_cfgs.baseline)] if cfg.baseline else [])
+    for name, run_cfg in students:
+        stage(name, _training_inputs(run_cfg, data=data_shas, teacher=teacher_sha),
+              lambda run_cfg=run_cfg: _student_stage(run_cfg), "student.")
+    distilled = manifest.stages["distill"]
+    student_ckpt = Path(distilled["outputs"]["checkpoint"]["path"])
     if cfg.precisions:
-        _stage(manifest, "export", lambda: _export_stage(cfg, student_ckpt))
+        export_inputs = {"config": {"precisions": list(cfg.precisions), "seed": cfg.seed},
+                         "student": _sha(distilled, "checkpoint"), "data": data_shas}
+        exported = stage("export", export_inputs, lambda: _export_stage(cfg, student_ckpt))
         if cfg.bench:
-            _stage(manifest, "bench", lambda: _bench_stage(cfg, student_ckpt))
-    report = render_report(manifest.data)
-    from kd.io import atomic_write_text
-
-    atomic_write_text(cfg.run_dir / "report.md", report)
+            files = {p: f["onnx"]["sha256"] for p, f in exported["outputs"]["files"].items()}
+            stage("bench", {"config": {"bench_iterations": cfg.bench_iterations, "bench_images": cfg.bench_images},
+                            "student": _sha(distilled, "checkpoint"), "exports": files, "data": data_shas},
+                  lambda: _bench_stage(cfg, student_ckpt))
+    manifest.data["invocation"] = [dataclasses.asdict(o) for o in outcomes]
+    manifest.save()
+    atomic_write_text(cfg.run_dir / "report.md", render_report(manifest.data))
     return manifest.data
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the report
 
 
 def _map(rec: dict | None, key: str = "val/bbox_mAP") -> str:
@@ -215,10 +460,14 @@ def _map(rec: dict | None, key: str = "val/bbox_mAP") -> str:
 
 
 def render_report(m: dict[str, Any]) -> str:
-    """``runs/<name>/report.md``: what was shipped and how it measured."""
+    """``runs/<name>/report.md``: what was shipped, how it measured, and what this invocation did."""
     st = m["stages"]
-    lines = [f"# gkd run report: {m['config']['name']}", "", f"Command: `{' '.join(m['command'])}`", "",
-             "## Accuracy (COCO bbox AP %, val split)", "", "| model | mAP | AP50 | AP75 |", "|---|---|---|---|"]
+    lines = [f"# gkd run report: {m['config']['name']}", "", f"Command (this invocation): `{' '.join(m['command'])}`",
+             "", "## Stages", "", "| stage | this invocation | why | seconds | made by |", "|---|---|---|---|---|"]
+    for o in m.get("invocation", []):
+        made_by = " ".join(st.get(o["stage"], {}).get("command", []))
+        lines.append(f"| {o['stage']} | {o['action']} | {o['reason']} | {o['seconds']:.0f} | `{made_by}` |")
+    lines += ["", "## Accuracy (COCO bbox AP %, val split)", "", "| model | mAP | AP50 | AP75 |", "|---|---|---|---|"]
     for stage, label in (("teacher", "teacher"), ("baseline", "student, no distillation"),
                          ("distill", "student, global-knowledge distillation (shipped)")):
         if stage in st:
@@ -227,21 +476,31 @@ def render_report(m: dict[str, Any]) -> str:
     if "export" in st:
         lines += ["", "## Exports (parity against the PyTorch student on real val images)", "",
                   "| precision | file | verified | sha256 |", "|---|---|---|---|"]
-        for p, f in st["export"]["files"].items():
+        for p, f in st["export"]["outputs"]["files"].items():
             lines.append(f"| {p} | {f['onnx']['path']} | {'yes' if f['verified'] else 'NO'} | "
                          f"{f['onnx']['sha256'][:16]} |")
         trt = st["export"].get("tensorrt") or {}
-        if isinstance(trt, dict) and trt.get("status"):
-            lines += ["", f"TensorRT: {trt['status']}"]
+        if isinstance(trt, dict) and trt.get("reason"):
+            lines += ["", f"TensorRT: not built ({trt['reason']})"]
     if "bench" in st:
         lines += ["", "## Latency (batch 1, CPU, 1 thread) and mAP of each runtime", "",
                   "| runner | runs on | p50 ms | mAP |", "|---|---|---|---|"]
         for n, r in st["bench"]["runners"].items():
             mp = "-" if r["bbox_mAP"] is None else f"{100 * r['bbox_mAP']:.1f}"
             lines.append(f"| {n} | {r['provider']} | {r['p50_ms']:.1f} | {mp} |")
-    lines += ["", "Stage times: " + ", ".join(f"{k} {v.get('seconds', 0):.0f} s" for k, v in st.items()),
-              f"Versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}", ""]
+    lines += ["", f"Versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}", ""]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the command
+
+
+def load_pipeline_config(config: Path | None, overrides: list[str], quick: bool = False) -> PipelineConfig:
+    """The ``gkd run`` config: the --quick preset (if asked), then the YAML file, then command-line overrides."""
+    from gkd.kd.config import load_config
+
+    return load_config(config, overrides, cls=PipelineConfig, updates=QUICK if quick else None)
 
 
 @click.command("run")
@@ -252,15 +511,20 @@ def run(config: Path | None, overrides: tuple[str, ...], quick: bool) -> None:
     """Run the whole pipeline on the embedded synthetic dataset (or your own, via data_root=...).
 
     \b
-    Stages, each recorded in runs/<name>/manifest.json and skipped when already done:
+    Stages, each recorded in runs/<name>/manifest.json:
       data      generate the synthetic dataset in data_root (if it has no train.json)
       teacher   train the teacher (or use teacher_checkpoint=PATH)   -> runs/<name>/teacher/
       distill   distill the student with global knowledge            -> runs/<name>/distill/
       baseline  (baseline=true) the student without distillation     -> runs/<name>/baseline/
       export    ONNX FP32/FP16/INT8 (+ TensorRT where present), parity -> runs/<name>/export/
       bench     latency and mAP of PyTorch vs each export            -> runs/<name>/bench/
-    A summary goes to runs/<name>/report.md. Rerun the same command after an interruption: it continues where it
-    stopped (finished stages are skipped, a training stage resumes from its last epoch).
+    A summary goes to runs/<name>/report.md.
+
+    \b
+    Rerunning is cheap and safe. Each stage is keyed by what it depends on (its config, its inputs' SHA-256, gkd's
+    version): an unchanged stage is reused, a changed one runs again with every stage after it, and a training
+    stage interrupted by a kill resumes from its last finished epoch. The report says what ran and why. Every key
+    is checked before any stage runs: a misspelt one is an error naming the closest valid key.
 
     \b
     Examples:
@@ -269,25 +533,12 @@ def run(config: Path | None, overrides: tuple[str, ...], quick: bool) -> None:
       gkd run teacher.train.epochs=4 student.model.backbone=resnet34 baseline=true
       gkd run teacher_checkpoint=my_teacher.pt data_root=data/mine
     """
-    from kd.cli import split_config_and_overrides
-    from kd.config import load_config
-    from kd.logs import setup_console_logging
+    from gkd.kd.cli import split_config_and_overrides
+    from gkd.kd.logs import setup_console_logging
 
     setup_console_logging()
     config, overrides = split_config_and_overrides(config, overrides)
-    pre = list(QUICK_OVERRIDES) if quick else []
-    cfg = load_config(config, pre + overrides, cls=PipelineConfig)
+    cfg = load_pipeline_config(config, overrides, quick)
     run_pipeline(cfg)
     click.echo((cfg.run_dir / "report.md").read_text())
     click.echo(f"done: {cfg.run_dir}  (report.md, manifest.json)")
-
-
-#: the --quick preset: a small dataset and short schedules (overrides applied before the user's)
-QUICK_OVERRIDES = (
-    "name=quick", "data_root=data/synth-quick", "synth_images=60", "synth_size=128",
-    "teacher.train.epochs=2", "teacher.model.min_size=128", "teacher.model.max_size=128",
-    "teacher.model.backbone=resnet34", "student.train.epochs=2", "student.train.max_steps_per_epoch=3",
-    "student.model.min_size=128", "student.model.max_size=128", "student.distill.pgm.min_box_size=8",
-    "bench_iterations=5",
-)
-

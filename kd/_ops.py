@@ -1,7 +1,7 @@
-"""Loads the compiled operators (``kd._C``) once and says what is available.
+"""Loads the compiled operators (``gkd.kd._C``) once and says what is available.
 
-``kd._C`` is built by ``pip install --no-build-isolation -e .`` (see docs/operator.md): with its CUDA kernel where
-nvcc exists, CPU-only otherwise. Without it, ``kd.prototype`` runs the pure-PyTorch version and logs one warning
+``gkd.kd._C`` is built by ``pip install --no-build-isolation -e .`` (see docs/operator.md): with its CUDA kernel where
+nvcc exists, CPU-only otherwise. Without it, ``gkd.kd.prototype`` runs the pure-PyTorch version and logs one warning
 line the first time it has to.
 
 Everything here is computed once at import and kept in plain module globals, so code traced by ``torch.compile``
@@ -29,18 +29,18 @@ def _torch_minor() -> str:
 
 def _load(import_module=importlib.import_module) -> tuple[bool, str, dict[str, bool], dict[str, str]]:
     try:
-        module = import_module("kd._C")
+        module = import_module("gkd.kd._C")
     except (ImportError, OSError) as exc:  # not built, or built against another torch (undefined symbol)
         return False, f"{type(exc).__name__}: {exc}".splitlines()[0], {}, {}
     info = {"compiler": getattr(module, "compiler", "unknown"), "torch": getattr(module, "torch_version", "unknown")}
     # libtorch has no stable C++ ABI across minor versions, and an extension that loads against another torch can
     # still crash later (object layouts, inline code). Refuse it here; the registrations it made are then unused.
     if info["torch"] not in ("unknown", _torch_minor()):
-        return False, (f"kd._C was built against torch {info['torch']} but torch {torch.__version__} is running; "
+        return False, (f"gkd.kd._C was built against torch {info['torch']} but torch {torch.__version__} is running; "
                        "rebuild it"), {}, info
     has = torch._C._dispatch_has_kernel_for_dispatch_key
     kernels = {"cpu": has("kd::prototype_project", "CPU"), "cuda": has("kd::prototype_project", "CUDA")}
-    kernels["meta"] = True  # the fake kernel registered in kd.prototype serves meta tensors
+    kernels["meta"] = True  # the fake kernel registered in gkd.kd.prototype serves meta tensors
     return True, "", kernels, info
 
 
@@ -49,7 +49,7 @@ _warned = False
 
 
 def has_ops() -> bool:
-    """Whether ``kd._C`` loaded, i.e. ``torch.ops.kd.prototype_project`` exists."""
+    """Whether ``gkd.kd._C`` loaded, i.e. ``torch.ops.kd.prototype_project`` exists."""
     return _HAS_OPS
 
 
@@ -61,7 +61,7 @@ def has_kernel(device_type: str) -> bool:
 def backend_summary() -> str:
     """One short line for logs and benchmark headers, e.g. "C++ CPU + CUDA kernels (GCC 12.2.0, torch 2.14)"."""
     if not _HAS_OPS:
-        return f"pure-PyTorch fallback (kd._C not usable: {_LOAD_ERROR})"
+        return f"pure-PyTorch fallback (gkd.kd._C not usable: {_LOAD_ERROR})"
     built = f" ({_BUILD_INFO['compiler']}, torch {_BUILD_INFO['torch']})"
     if _KERNELS["cuda"]:
         return "C++ CPU + CUDA kernels" + built
@@ -69,14 +69,14 @@ def backend_summary() -> str:
 
 
 def build_info() -> dict[str, str]:
-    """How ``kd._C`` was built: ``{"compiler": "GCC 12.2.0", "torch": "2.14"}`` ({} when it did not import)."""
+    """How ``gkd.kd._C`` was built: ``{"compiler": "GCC 12.2.0", "torch": "2.14"}`` ({} when it did not import)."""
     return dict(_BUILD_INFO)
 
 
 def assert_has_ops() -> None:
-    """Raise a RuntimeError that names the fix when ``kd._C`` is missing."""
+    """Raise a RuntimeError that names the fix when ``gkd.kd._C`` is missing."""
     if not _HAS_OPS:
-        raise RuntimeError(f"kd._C is not available ({_LOAD_ERROR}); {_BUILD_HINT}")
+        raise RuntimeError(f"gkd.kd._C is not available ({_LOAD_ERROR}); {_BUILD_HINT}")
 
 
 def warn_fallback_once(device_type: str) -> None:
@@ -85,6 +85,6 @@ def warn_fallback_once(device_type: str) -> None:
     if _warned:
         return
     _warned = True
-    why = f"kd._C is not available ({_LOAD_ERROR})" if not _HAS_OPS else f"kd._C has no {device_type} kernel"
-    _log.warning("kd.prototype_project: %s; using the slower pure-PyTorch version. To build it: %s", why,
+    why = f"gkd.kd._C is not available ({_LOAD_ERROR})" if not _HAS_OPS else f"gkd.kd._C has no {device_type} kernel"
+    _log.warning("torch.ops.kd.prototype_project: %s; using the slower pure-PyTorch version. To build it: %s", why,
                  _BUILD_HINT.split("build it with ")[-1])

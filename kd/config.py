@@ -10,7 +10,10 @@ add their own sections by defining dataclasses and passing the root class to :fu
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,11 +24,13 @@ from .errors import GkdError
 
 __all__ = [
     "DataConfig", "ModelConfig", "TrainConfig", "EvalConfig", "RunConfig",
-    "load_config", "from_dict", "to_dict", "config_differences", "apply_overrides", "flatten_overrides", "dump_config",
+    "load_config", "from_dict", "to_dict", "config_differences", "merge_dicts", "apply_overrides",
+    "parse_override_value", "flatten_overrides", "dump_config",
     "ARCHS", "BACKBONES",
 ]
 
 ARCHS = ("faster_rcnn", "retinanet")
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large")
 
 
@@ -202,6 +207,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):  # YAML 1.1 reads 1e-4 as text
+            return float(value)
         raise bad
     if tp is str:
         if isinstance(value, str):
@@ -209,6 +216,10 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         raise bad
+    if tp is dict:
+        if isinstance(value, dict):
+            return value
+        raise GkdError(f"{source}: '{key}' must be a mapping of keys (e.g. {key}.train.epochs=2), got {value!r}")
     if tp is Any:
         return value
     raise TypeError(f"unsupported config annotation {tp!r} for {key}")
@@ -227,7 +238,9 @@ def from_dict(cls: type, data: dict, source: str = "config", prefix: str = "") -
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
     if unknown:
-        raise GkdError(f"{source}: unknown key '{prefix}{unknown[0]}'; allowed keys here: {', '.join(fields)}")
+        close = difflib.get_close_matches(str(unknown[0]), list(fields), n=1, cutoff=0.6)
+        hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
+        raise GkdError(f"{source}: unknown key '{prefix}{unknown[0]}'; {hint}allowed keys here: {', '.join(fields)}")
     kwargs = {name: _coerce(data[name], hints[name], prefix + name, source) for name in fields if name in data}
     return cls(**kwargs)
 
@@ -246,7 +259,7 @@ def to_dict(obj: Any) -> Any:
 def config_differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
     """``(dotted key, old value, new value)`` for every leaf where two plain config dicts differ, sorted by key.
 
-    Used to refuse resuming or reusing a run made with another config (kd.engine, bench.study)."""
+    Used to refuse resuming or reusing a run made with another config (gkd.kd.engine, gkd.bench.study)."""
     out = []
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
@@ -257,13 +270,17 @@ def config_differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str
     return out
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
+def merge_dicts(base: dict, over: dict) -> dict:
+    """``over`` merged into a deep copy of ``base``: nested mappings merge key by key, anything else replaces.
+
+    Neither argument is modified, nor shares a mapping with the result (overrides applied to the result later must
+    not reach back into a caller's defaults)."""
+    out = copy.deepcopy(base)
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+            out[k] = merge_dicts(out[k], v)
         else:
-            out[k] = v
+            out[k] = copy.deepcopy(v)
     return out
 
 
@@ -292,24 +309,41 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     base = data.pop("_base_", None)
     if base is not None:
         base_path = Path(base) if Path(base).is_absolute() else path.parent / base
-        data = _merge(_read_yaml(base_path, seen + (path,)), data)
+        data = merge_dicts(_read_yaml(base_path, seen + (path,)), data)
     return data
 
 
-def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
-    """Apply ``a.b.c=value`` overrides (values parsed as YAML: ``2``, ``0.01``, ``null``, ``[8, 11]``)."""
+_NULLS = ("null", "Null", "NULL", "~")
+
+
+def parse_override_value(raw: str) -> Any:
+    """A command-line value: YAML (``2``, ``0.01``, ``1e-4``, ``null``, ``[8, 11]``, ``{a: 1}``), except where YAML
+    would silently turn text into something else: ``#ckpt/t.pt`` (a comment: null) and ``data/a: b`` (a mapping)
+    stay the text typed. Sections are set with dotted keys, so an unbraced ``k: v`` is never meant as a mapping."""
     import yaml
 
-    data = _merge({}, data)
+    if not raw.strip():
+        return ""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    if value is None and raw.strip() not in _NULLS:
+        return raw
+    if isinstance(value, dict) and not raw.lstrip().startswith("{"):
+        return raw
+    return value
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Apply ``a.b.c=value`` overrides (values read by :func:`parse_override_value`)."""
+    data = merge_dicts({}, data)
     for item in overrides:
         if "=" not in item:
             raise GkdError(f"command line: override '{item}' must look like key=value, e.g. train.epochs=2")
         key, raw = item.split("=", 1)
         key = key.strip()
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
+        value = parse_override_value(raw)
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
@@ -336,18 +370,30 @@ def flatten_overrides(d: Any, prefix: str = "") -> list[str]:
     return out
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), cls: type = RunConfig) -> Any:
-    """Read a YAML config (or start from defaults when ``path`` is None), apply overrides, validate.
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), cls: type = RunConfig, *,
+                updates: dict | None = None, key_prefix: str = "") -> Any:
+    """Read a YAML config (or start from defaults when ``path`` is None), apply updates and overrides, validate.
+
+    Args:
+        path: the YAML file, or None for the defaults of ``cls``.
+        overrides: command-line ``dotted.key=value`` strings (values parsed as YAML), applied last.
+        cls: the root dataclass.
+        updates: a nested mapping merged over the file as data, before ``overrides``: what a program passes
+            (values are never re-parsed, so ``#``, ``: `` or quotes in them stay as they are).
+        key_prefix: prefix of every key in error messages (``gkd run`` names ``teacher.train.epochs``).
 
     Raises:
         GkdError: unknown key, wrong type or value, unreadable or invalid YAML.
     """
     data = _read_yaml(Path(path)) if path is not None else {}
     source = str(path) if path is not None else "config"
+    if updates:
+        data = merge_dicts(data, updates)
     if overrides:
         data = apply_overrides(data, overrides)
-        source = f"{source} (with command-line overrides)"
-    return from_dict(cls, data, source)
+    if updates or overrides:
+        source = f"{source} (with overrides)"
+    return from_dict(cls, data, source, prefix=key_prefix)
 
 
 def dump_config(cfg: Any, path: str | Path) -> Path:

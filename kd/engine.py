@@ -267,7 +267,8 @@ def fit(task: nn.Module, cfg: RunConfig, train_set, val_set, *, resume: bool = F
     val_loader = make_loader(val_set, cfg.eval.batch_size, cfg.data.num_workers) if gt_json is not None else None
     evaluator = CocoEvaluator(gt_json, category_ids, cfg.eval.max_dets) if gt_json is not None else None
     bar = _Progress((tcfg.epochs - start_epoch) * iters_per_epoch, progress)
-    record: dict[str, Any] = {}
+    # a resumed run with no epoch left returns the metrics of its last epoch, as an uninterrupted run did
+    record: dict[str, Any] = dict(state.get("metrics", {})) if resume else {}
     global_step = start_epoch * iters_per_epoch
     for epoch in range(start_epoch, tcfg.epochs):
         t_epoch = time.perf_counter()
@@ -351,8 +352,8 @@ def _check_finite(out, step, epoch, task, cfg, optimizer, scheduler, scaler, cla
 
 
 def _attach_log_file(path: Path) -> None:
-    for h in log.handlers:
-        if isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve():
+    for h in log.handlers:  # (a handler whose file was deleted since would write nowhere: it is replaced)
+        if isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve() and path.exists():
             return
     for h in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
         log.removeHandler(h)

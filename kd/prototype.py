@@ -4,7 +4,7 @@ This is the per-level core of global-knowledge distillation (docs method.md 2.3 
 the same function:
 
 * ``prototype_project``: the public entry point. It runs the compiled operator ``torch.ops.kd.prototype_project``
-  (C++ CPU kernel, CUDA kernel) when ``kd._C`` is built, else ``prototype_project_vectorized`` (one warning line).
+  (C++ CPU kernel, CUDA kernel) when ``gkd.kd._C`` is built, else ``prototype_project_vectorized`` (one warning line).
 * ``prototype_project_vectorized``: pure PyTorch, no Python loop over instances (integral image + gathers).
 * ``prototype_project_reference``: a plain loop over instances written for clarity; the test oracle.
 

@@ -45,18 +45,18 @@ step() {  # step NAME TIMEOUT_S LOG CMD...: run, record rc and duration in summa
   echo "CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
 } > "$OUT/env.txt" 2>&1
 
-# 1. Build kd._C in place (no install, no network): CPU + CUDA kernels for this GPU's arch.
+# 1. Build gkd.kd._C in place (no install, no network): CPU + CUDA kernels for this GPU's arch.
 rm -f kd/_C*.so
 step build 240 "$OUT/build.log" "$PY" setup.py build_ext --inplace
 step backend 30 "$OUT/backend.txt" "$PY" -c "
-import torch, kd.prototype
-from kd import _ops
+import torch, gkd.kd.prototype
+from gkd.kd import _ops
 print(_ops.backend_summary())
 assert _ops.has_kernel('cuda'), 'no CUDA kernel registered'
 f = torch.randn(2, 8, 16, 20, device='cuda'); b = torch.tensor([[0, 1., 2., 30., 40.], [1, -5., -5., 90., 70.]], device='cuda')
 p = torch.randn(5, 8, device='cuda')
 got = torch.ops.kd.prototype_project(f, b, 4.0, p)
-want = kd.prototype.prototype_project_reference(f.cpu().double(), b.cpu().double(), 4.0, p.cpu().double())
+want = gkd.kd.prototype.prototype_project_reference(f.cpu().double(), b.cpu().double(), 4.0, p.cpu().double())
 for g, w in zip(got, want): print('max abs diff vs reference', (g.cpu().double() - w).abs().max().item())
 "
 cat "$OUT/backend.txt" >> "$SUMMARY"
@@ -67,12 +67,12 @@ step pytest 150 "$OUT/pytest.log" "$PY" -m pytest tests/test_kd/test_prototype_o
 tail -n 3 "$OUT/pytest.log" >> "$SUMMARY"
 
 # 3. Benchmarks at full size (B=2, C=256, 800x1333, strides 4..64, N=256, M=800).
-step bench_float32 90 "$OUT/bench_cuda_float32.txt" "$PY" -m bench.op --device cuda --repeats 20 \
+step bench_float32 90 "$OUT/bench_cuda_float32.txt" "$PY" -m gkd.bench.op --device cuda --repeats 20 \
   --reference-repeats 2 --json "$OUT/bench_cuda_float32.json"
-step bench_float16 45 "$OUT/bench_cuda_float16.txt" "$PY" -m bench.op --device cuda --dtype float16 --repeats 20 \
+step bench_float16 45 "$OUT/bench_cuda_float16.txt" "$PY" -m gkd.bench.op --device cuda --dtype float16 --repeats 20 \
   --reference-repeats 0 --json "$OUT/bench_cuda_float16.json"
 # The CPU target measured on this host's quiet CPU with 2 threads, like the project's dev machines.
-step bench_cpu_2threads 100 "$OUT/bench_cpu_2threads.txt" "$PY" -m bench.op --device cpu --threads 2 --repeats 3 \
+step bench_cpu_2threads 100 "$OUT/bench_cpu_2threads.txt" "$PY" -m gkd.bench.op --device cpu --threads 2 --repeats 3 \
   --reference-repeats 1 --json "$OUT/bench_cpu_2threads.json"
 for f in bench_cuda_float32 bench_cuda_float16 bench_cpu_2threads; do
   echo "== $f" >> "$SUMMARY"

@@ -2,12 +2,15 @@
 
 * ``needs_cuda`` tests skip with a reason when no CUDA device is present (these machines and CI have none).
 * Exit status 5 ("no tests collected") is turned into 0, only as a guard: the suite always has CPU tests.
-* Tests use one torch thread: on two shared cores, two OpenMP threads make small ops up to 100x slower (measured).
+* Tests use one torch thread by default: on two shared cores, two OpenMP threads make small ops up to 100x slower
+  (measured). ``GKD_TEST_THREADS=N`` sets another count (scripts/test_matrix.sh runs the suite with 1 and 2).
 """
 import pytest
 import torch
 
-torch.set_num_threads(1)
+from tests.helpers import TEST_THREADS
+
+torch.set_num_threads(TEST_THREADS)
 
 
 def pytest_configure(config):

@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 from torchvision.ops import box_iou
 
-from kd.checkpoint import load_detector
-from kd.config import load_config
-from kd.data import CocoDetection, load_coco
-from kd.distill.config import DistillRunConfig
-from kd.distill.levels import assign_levels, pair_levels
-from kd.distill.ops import prototype_project
-from kd.distill.pgm import PrototypeGenerator
-from kd.distill.robust import robust_weights
+from gkd.kd.checkpoint import load_detector
+from gkd.kd.config import load_config
+from gkd.kd.data import CocoDetection, load_coco
+from gkd.kd.distill.config import DistillRunConfig
+from gkd.kd.distill.levels import assign_levels, pair_levels
+from gkd.kd.distill.ops import prototype_project
+from gkd.kd.distill.pgm import PrototypeGenerator
+from gkd.kd.distill.robust import robust_weights
 
 torch.set_num_threads(2)
 TEACHER = Path("runs/study/teacher/checkpoints/model.pt")

@@ -176,7 +176,7 @@ def check(file: Path, images: Path | None, no_images: bool) -> None:
 
 
 def format_summary(index) -> str:
-    """The human-readable summary of :func:`kd.data.coco.summarize`."""
+    """The human-readable summary of :func:`gkd.kd.data.coco.summarize`."""
     from .coco import summarize
 
     s = summarize(index)

@@ -1,4 +1,4 @@
-"""``gkd distill`` as a library function: datasets, student, teacher, task, then ``kd.engine.fit``."""
+"""``gkd distill`` as a library function: datasets, student, teacher, task, then ``gkd.kd.engine.fit``."""
 from __future__ import annotations
 
 import dataclasses
@@ -92,7 +92,7 @@ def build_task(cfg: DistillRunConfig, student: nn.Module, teacher: nn.Module | N
 
 
 def run_distillation(cfg: DistillRunConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train the student of ``cfg`` with ``cfg.distill.method``; writes ``cfg.run_dir`` (see ``kd.engine.fit``).
+    """Train the student of ``cfg`` with ``cfg.distill.method``; writes ``cfg.run_dir`` (see ``gkd.kd.engine.fit``).
 
     Returns:
         The last epoch's metrics record.

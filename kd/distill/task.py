@@ -1,4 +1,4 @@
-"""``DistillationTask``: the student, its adapters and the frozen teacher as one task for ``kd.engine.fit``.
+"""``DistillationTask``: the student, its adapters and the frozen teacher as one task for ``gkd.kd.engine.fit``.
 
 One training step (method.md 2.4), for a batch of images and targets:
 

@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from gkd.cli import main
-from kd.data import generate_synthetic
+from gkd.kd.data import generate_synthetic
+from tests.helpers import TEST_THREADS
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(TEST_THREADS)
     yield
     torch.set_num_threads(before)
 

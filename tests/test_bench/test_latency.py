@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from bench.latency import format_report, latency_stats, measure_latency
+from gkd.bench.latency import format_report, latency_stats, measure_latency
 
 
 def test_stats_on_known_values():
@@ -40,10 +40,10 @@ def test_small_real_run(tmp_path, capsys):
     import torch
 
     from gkd.cli import main
-    from kd.checkpoint import detector_checkpoint, save_checkpoint
-    from kd.config import ModelConfig
-    from kd.models.detectors import build_detector
-    from tests.test_export.conftest import make_rect_dataset
+    from gkd.kd.checkpoint import detector_checkpoint, save_checkpoint
+    from gkd.kd.config import ModelConfig
+    from gkd.kd.models.detectors import build_detector
+    from tests.detectors import make_rect_dataset
 
     torch.manual_seed(0)
     cfg = ModelConfig(arch="retinanet", backbone="resnet18", num_classes=2, min_size=64, max_size=64,

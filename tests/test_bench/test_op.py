@@ -3,7 +3,7 @@ import json
 
 from click.testing import CliRunner
 
-from bench.op import format_table, op, run_op_benchmark
+from gkd.bench.op import format_table, op, run_op_benchmark
 
 
 def test_run_op_benchmark_tiny():

@@ -1,5 +1,5 @@
-from bench.train_step import format_report, run_train_benchmark
-from kd.data import generate_synthetic
+from gkd.bench.train_step import format_report, run_train_benchmark
+from gkd.kd.data import generate_synthetic
 
 TINY = ["model.min_size=64", "model.max_size=64", "model.rois_per_image=16", "train.batch_size=2"]
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from export.parity import Tolerances, compare_outputs, format_table, match_detections, tensor_errors
+from gkd.export.parity import Tolerances, compare_outputs, format_table, match_detections, tensor_errors
 
 
 def _dets(boxes, scores, labels, image_id=1):

@@ -2,14 +2,14 @@
 import onnx
 import pytest
 
-from export.adapters import NETWORK_SCOPES
-from export.fp16 import convert_fp16, count_tensor_types
-from export.images import load_image_set
-from export.onnx import load_onnx, read_metadata
-from export.parity import DEFAULT_TOLERANCES, collect_outputs, compare_outputs
-from export.quantize import count_qdq, quantizable_nodes, quantize_int8, rank_sensitivity
-from export.runtime import OrtRunner, TorchRunner
-from kd.errors import GkdError
+from gkd.export.adapters import NETWORK_SCOPES
+from gkd.export.fp16 import convert_fp16, count_tensor_types
+from gkd.export.images import load_image_set
+from gkd.export.onnx import load_onnx, read_metadata
+from gkd.export.parity import DEFAULT_TOLERANCES, collect_outputs, compare_outputs
+from gkd.export.quantize import count_qdq, quantizable_nodes, quantize_int8, rank_sensitivity
+from gkd.export.runtime import OrtRunner, TorchRunner
+from gkd.kd.errors import GkdError
 
 ARCHS = ["faster_rcnn", "retinanet"]
 

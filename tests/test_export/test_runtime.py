@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from export.runtime import OrtRunner, TorchRunner
-from kd.errors import GkdError
+from gkd.export.runtime import OrtRunner, TorchRunner
+from gkd.kd.errors import GkdError
 
 
 def test_provider_is_read_back_not_requested(exported):

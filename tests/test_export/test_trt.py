@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from export.trt import (check_stamp, compute_profile, dominant_precision, load_stamp, make_stamp, onnx_for_build,
+from gkd.export.trt import (check_stamp, compute_profile, dominant_precision, load_stamp, make_stamp, onnx_for_build,
                         parse_shapes, stamp_path, summarize_layer_precisions, verify_precision, write_stamp)
-from kd.errors import GkdError
+from gkd.kd.errors import GkdError
 
 CONTRACT = {"in_graph": {"resize": {"min_size": 256, "max_size": 320}}}
 MACHINE = {"tensorrt_version": "10.3.0", "gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
@@ -81,7 +81,7 @@ def engine(tmp_path):
     eng.write_bytes(b"serialized engine bytes")
     src = tmp_path / "model.fp16.onnx"
     src.write_bytes(b"onnx bytes")
-    from export.onnx import file_sha256
+    from gkd.export.onnx import file_sha256
 
     stamp = make_stamp(MACHINE, precision_requested="fp16", layer_precisions={"FP16": 10, "FP32": 2},
                        typing="weak", onnx_sha256=file_sha256(src), engine_sha256=file_sha256(eng),
@@ -141,9 +141,9 @@ def test_real_engine_build(exported, tmp_path):
 
     if not torch.cuda.is_available():
         pytest.skip("TensorRT is installed but no CUDA GPU is visible")
-    from export.onnx import read_metadata
-    from export.runtime import TrtRunner
-    from export.trt import build_engine, trt_major
+    from gkd.export.onnx import read_metadata
+    from gkd.export.runtime import TrtRunner
+    from gkd.export.trt import build_engine, trt_major
 
     major = trt_major(trt)
     contract = read_metadata(exported["retinanet"]["fp32"])["contract"]

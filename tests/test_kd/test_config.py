@@ -1,7 +1,7 @@
 import pytest
 
-from kd.config import RunConfig, apply_overrides, dump_config, load_config, to_dict
-from kd.errors import GkdError
+from gkd.kd.config import RunConfig, apply_overrides, dump_config, load_config, to_dict
+from gkd.kd.errors import GkdError
 
 
 def write(tmp_path, text, name="c.yaml"):
@@ -66,7 +66,7 @@ def test_base_inheritance_and_roundtrip(tmp_path):
 
 
 def test_config_differences_lists_every_differing_leaf_by_dotted_key():
-    from kd.config import config_differences
+    from gkd.kd.config import config_differences
 
     old = {"model": {"backbone": "resnet18", "anchor_sizes": [8, 16]}, "train": {"lr": 0.01, "epochs": 2}}
     new = {"model": {"backbone": "resnet18", "anchor_sizes": [8, 32]}, "train": {"lr": 0.02, "epochs": 2},
@@ -74,3 +74,31 @@ def test_config_differences_lists_every_differing_leaf_by_dotted_key():
     assert config_differences(old, new) == [("model.anchor_sizes", [8, 16], [8, 32]), ("seed", None, 1),
                                             ("train.lr", 0.01, 0.02)]
     assert config_differences(old, old) == []
+
+
+def test_overrides_never_modify_the_defaults_they_are_applied_to():
+    from gkd.kd.config import apply_overrides, merge_dicts
+
+    defaults = {"train": {"epochs": 2, "steps": [1]}}
+    merged = merge_dicts(defaults, {"model": {"arch": "retinanet"}})
+    apply_overrides(merged, ["train.epochs=5"])["train"]["steps"].append(9)
+    merged["train"]["steps"].append(7)
+    assert defaults == {"train": {"epochs": 2, "steps": [1]}}
+
+
+@pytest.mark.parametrize("raw, value", [
+    ("#ckpts/t.pt", "#ckpts/t.pt"), ("data/a: b", "data/a: b"), ("null", None), ("~", None), ("2", 2),
+    ("[8, 11]", [8, 11]), ("{a: 1}", {"a": 1}), ("0.5", 0.5), ("'quoted: yes'", "quoted: yes"),
+])
+def test_override_values_stay_what_was_typed_where_yaml_would_change_them(raw, value):
+    from gkd.kd.config import parse_override_value
+
+    assert parse_override_value(raw) == value
+
+
+def test_exponent_floats_and_did_you_mean(tmp_path):
+    cfg = load_config(None, ["train.lr=1e-4"])
+    assert cfg.train.lr == 1e-4
+    (tmp_path / "c.yaml").write_text("train:\n  lr: 2e-3\n  epochz: 3\n")
+    with pytest.raises(GkdError, match=r"unknown key 'train.epochz'; did you mean 'train.epochs'\?"):
+        load_config(tmp_path / "c.yaml")

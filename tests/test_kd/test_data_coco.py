@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from kd.data import CocoDetection, collate, load_coco, load_image
-from kd.data.transforms import flip_decision, resize_scale
-from kd.errors import GkdError
+from gkd.kd.data import CocoDetection, collate, load_coco, load_image
+from gkd.kd.data.transforms import flip_decision, resize_scale
+from gkd.kd.errors import GkdError
 
 # --------------------------------------------------------------------------------------------------------------
 # helpers (also used by test_data_cli.py)
@@ -122,7 +122,7 @@ def test_missing_fields_are_filled_so_pycocotools_scores_it(tmp_path):
     gt = index.gt_json
     assert sorted(a["id"] for a in gt["annotations"]) == [5, 6]
     assert all(a["iscrowd"] == 0 and a["area"] > 0 for a in gt["annotations"])
-    from kd.evaluation import CocoEvaluator
+    from gkd.kd.evaluation import CocoEvaluator
 
     ev = CocoEvaluator(gt, index.category_ids)
     outputs = [{"boxes": torch.tensor([[4.0, 6, 24, 16], [30, 20, 46, 44]]), "scores": torch.tensor([0.9, 0.8]),

@@ -7,17 +7,18 @@ import pytest
 import torch
 
 from gkd.cli import main
-from kd.checkpoint import detector_checkpoint, load_checkpoint, load_detector, save_checkpoint
-from kd.config import ModelConfig
-from kd.data import generate_synthetic, load_coco
-from kd.models.detectors import build_detector
+from gkd.kd.checkpoint import detector_checkpoint, load_checkpoint, load_detector, save_checkpoint
+from gkd.kd.config import ModelConfig
+from gkd.kd.data import generate_synthetic, load_coco
+from gkd.kd.models.detectors import build_detector
+from tests.helpers import TEST_THREADS
 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """One torch thread: on the shared 2-core machine, OpenMP with 2 threads under load is several times slower."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(TEST_THREADS)
     yield
     torch.set_num_threads(before)
 
@@ -60,7 +61,7 @@ runs_dir: {world['root'] / 'runs'}
 data: {{root: {world['data']}}}
 model: {{arch: {arch}, backbone: {backbone}, min_size: 64, max_size: 64, anchor_sizes: [8, 16, 32, 64, 128],
         rois_per_image: 64}}
-train: {{epochs: {epochs}, batch_size: 2, lr: 0.002, warmup_iters: 0, max_steps_per_epoch: 2, threads: 1,
+train: {{epochs: {epochs}, batch_size: 2, lr: 0.002, warmup_iters: 0, max_steps_per_epoch: 2, threads: {TEST_THREADS},
          grad_clip: 10.0}}
 eval: {{batch_size: 2}}
 distill:

@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from kd.distill.levels import assign_levels, pair_levels
-from kd.distill.losses import decoupled_imitation, global_relation_loss, pkd_loss, soft_label_kl, weighted_box_mask
-from kd.distill.robust import robust_weights
-from kd.errors import GkdError
+from gkd.kd.distill.levels import assign_levels, pair_levels
+from gkd.kd.distill.losses import decoupled_imitation, global_relation_loss, pkd_loss, soft_label_kl, weighted_box_mask
+from gkd.kd.distill.robust import robust_weights
+from gkd.kd.errors import GkdError
 
 
 def test_mask_takes_max_over_overlaps_whatever_the_order():
@@ -127,7 +127,7 @@ def test_assign_levels_reference_rule():
 
 
 def test_adapters_keep_the_map_size_for_both_kernels():
-    from kd.distill.adapters import Adapters
+    from gkd.kd.distill.adapters import Adapters
 
     x = torch.randn(2, 256, 5, 7)
     for k in (3, 1):

@@ -3,18 +3,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd.config import ModelConfig
-from kd.distill.config import PGMConfig
-from kd.distill.levels import pair_levels
-from kd.distill.pgm import PrototypeGenerator, density_candidates, joint_matching_pursuit, sample_images
-from kd.models.detectors import build_detector
+from gkd.kd.config import ModelConfig
+from gkd.kd.distill.config import PGMConfig
+from gkd.kd.distill.levels import pair_levels
+from gkd.kd.distill.pgm import PrototypeGenerator, density_candidates, joint_matching_pursuit, sample_images
+from gkd.kd.models.detectors import build_detector
+from tests.helpers import TEST_THREADS
 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """One torch thread: on the shared 2-core machine, OpenMP with 2 threads under load is several times slower."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(TEST_THREADS)
     yield
     torch.set_num_threads(before)
 

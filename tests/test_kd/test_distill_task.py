@@ -5,23 +5,24 @@ import dataclasses
 import pytest
 import torch
 
-import kd.distill.task as task_mod
-from kd.checkpoint import detector_checkpoint, save_checkpoint
-from kd.config import ModelConfig
-from kd.distill.config import DistillConfig, PGMConfig, TeacherConfig
-from kd.distill.ops import prototype_project
-from kd.distill.robust import robust_weights
-from kd.distill.run import load_teacher
-from kd.distill.task import DistillationTask
-from kd.errors import GkdError
-from kd.models.detectors import build_detector
+import gkd.kd.distill.task as task_mod
+from gkd.kd.checkpoint import detector_checkpoint, save_checkpoint
+from gkd.kd.config import ModelConfig
+from gkd.kd.distill.config import DistillConfig, PGMConfig, TeacherConfig
+from gkd.kd.distill.ops import prototype_project
+from gkd.kd.distill.robust import robust_weights
+from gkd.kd.distill.run import load_teacher
+from gkd.kd.distill.task import DistillationTask
+from gkd.kd.errors import GkdError
+from gkd.kd.models.detectors import build_detector
+from tests.helpers import TEST_THREADS
 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """One torch thread: on the shared 2-core machine, OpenMP with 2 threads under load is several times slower."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(TEST_THREADS)
     yield
     torch.set_num_threads(before)
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from kd.config import TrainConfig
-from kd.engine import EpochSampler, build_lr_lambda, select_device
-from kd.errors import GkdError
+from gkd.kd.config import TrainConfig
+from gkd.kd.engine import EpochSampler, build_lr_lambda, select_device
+from gkd.kd.errors import GkdError
 
 
 def test_warmup_then_steps():

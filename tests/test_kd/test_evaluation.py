@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from kd.evaluation import STAT_NAMES, CocoEvaluator
+from gkd.kd.evaluation import STAT_NAMES, CocoEvaluator
 
 
 def gt():

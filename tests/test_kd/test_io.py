@@ -1,10 +1,10 @@
-"""kd.io atomic writes: the permissions a plain write would give, and nothing left behind on failure."""
+"""gkd.kd.io atomic writes: the permissions a plain write would give, and nothing left behind on failure."""
 import os
 import stat
 
 import pytest
 
-from kd.io import atomic_write, atomic_write_text
+from gkd.kd.io import atomic_write, atomic_write_text
 
 
 def _mode(path):

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from kd.config import ModelConfig
-from kd.models import OutputRecorder, build_detector
+from gkd.kd.config import ModelConfig
+from gkd.kd.models import OutputRecorder, build_detector
 
 TARGET = [{"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0]]), "labels": torch.tensor([2])}]
 
@@ -47,7 +47,7 @@ def test_mobilenet_fpn_has_two_stride_32_levels():
 @pytest.mark.parametrize("arch", ["faster_rcnn", "retinanet"])
 def test_narrow_fpn_and_box_head(arch, tmp_path):
     """fpn_channels / box_head_dim reach every level, the heads and a checkpoint round trip; strides unchanged."""
-    from kd.checkpoint import detector_checkpoint, load_detector, save_checkpoint
+    from gkd.kd.checkpoint import detector_checkpoint, load_detector, save_checkpoint
 
     torch.manual_seed(0)
     cfg = ModelConfig(arch=arch, backbone="resnet18", min_size=64, max_size=64, rois_per_image=16,
@@ -78,7 +78,7 @@ def test_narrow_fpn_and_box_head(arch, tmp_path):
 
 
 def test_mobilenet_fpn_width_is_fixed():
-    from kd.errors import GkdError
+    from gkd.kd.errors import GkdError
 
     with pytest.raises(GkdError, match="model.fpn_channels"):
         build_detector(ModelConfig(backbone="mobilenet_v3_large", min_size=64, max_size=64, fpn_channels=128), 2)

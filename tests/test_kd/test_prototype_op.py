@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd import _ops
-from kd.prototype import (_cell_range, max_same_class_cos, prototype_project, prototype_project_reference,
+from gkd.kd import _ops
+from gkd.kd.prototype import (_cell_range, max_same_class_cos, prototype_project, prototype_project_reference,
                           prototype_project_vectorized)
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda)]
@@ -266,7 +266,7 @@ def _bad_inputs():
 _ERROR_PROBE = r"""
 import importlib.util, re, sys
 import torch
-import kd.prototype  # registers the autograd and fake kernels, as in training
+import gkd.kd.prototype  # registers the autograd and fake kernels, as in training
 torch.set_num_threads(1)
 spec = importlib.util.spec_from_file_location("_op_tests", sys.argv[1])
 tests = importlib.util.module_from_spec(spec)
@@ -463,7 +463,7 @@ def test_extension_built_against_another_torch_is_refused():
     fake = types.SimpleNamespace(compiler="GCC 12.2.0", torch_version="2.3")
     ok, why, kernels, info = _ops._load(import_module=lambda name: fake)
     assert not ok and not kernels and info == {"compiler": "GCC 12.2.0", "torch": "2.3"}
-    assert why.startswith("kd._C was built against torch 2.3 but torch ") and why.endswith("rebuild it")
+    assert why.startswith("gkd.kd._C was built against torch 2.3 but torch ") and why.endswith("rebuild it")
 
 
 def test_max_same_class_cos():

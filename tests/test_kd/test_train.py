@@ -5,15 +5,16 @@ import pytest
 import torch
 
 from gkd.cli import main
-from kd.checkpoint import load_checkpoint
-from kd.config import load_config
-from kd.data import generate_synthetic
-from kd.task import DetectionTask
-from kd.train import train_detector
+from gkd.kd.checkpoint import load_checkpoint
+from gkd.kd.config import load_config
+from gkd.kd.data import generate_synthetic
+from gkd.kd.task import DetectionTask
+from gkd.kd.train import train_detector
+from tests.helpers import TEST_THREADS
 
 BASE = ["model.backbone=resnet18", "model.min_size=64", "model.max_size=64",
         "model.anchor_sizes=[8,16,32,64,128]",
-        "model.rois_per_image=64", "train.batch_size=4", "train.warmup_iters=2", "train.lr=0.01", "train.threads=1",
+        "model.rois_per_image=64", "train.batch_size=4", "train.warmup_iters=2", "train.lr=0.01", f"train.threads={TEST_THREADS}",
         "eval.batch_size=8"]
 
 
@@ -107,8 +108,8 @@ def test_bad_input_is_one_line_error(tmp_path, data_dir, capsys, extra, message)
 
 
 def test_checkpoint_of_other_class_count_refused(tmp_path, data_dir, capsys):
-    from kd.checkpoint import detector_checkpoint, save_checkpoint
-    from kd.models.detectors import build_detector
+    from gkd.kd.checkpoint import detector_checkpoint, save_checkpoint
+    from gkd.kd.models.detectors import build_detector
 
     cfg = cfg_for(tmp_path, data_dir, "x")
     other = tmp_path / "other.pt"

@@ -1,0 +1,194 @@
+"""``gkd run`` end to end on a tiny profile: stages, content-keyed reuse, refused keys, kill and resume.
+
+Nothing here depends on what the tiny models learn (a few steps from scratch detect next to nothing): the tests
+check what ran, what was reused and why, and that a killed run finishes with exactly the numbers of an
+uninterrupted one on the same machine.
+"""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from gkd.cli import main
+from gkd.kd.checkpoint import load_checkpoint
+from gkd.kd.errors import GkdError
+from gkd.pipeline import load_pipeline_config, run_pipeline
+from tests.helpers import TEST_THREADS
+
+TINY_MODEL = {"backbone": "resnet18", "min_size": 64, "max_size": 64, "anchor_sizes": [8, 16, 32, 64, 128],
+              "rois_per_image": 32, "fpn_channels": 64, "box_head_dim": 128, "proposals_test": 100}
+TINY_TRAIN = {"batch_size": 2, "warmup_iters": 0, "lr": 0.002, "threads": TEST_THREADS, "max_steps_per_epoch": 2}
+TINY = {
+    "synth_images": 12, "synth_size": 64, "precisions": ["fp32"], "bench_iterations": 2, "bench_images": 2,
+    "teacher": {"model": TINY_MODEL, "train": {**TINY_TRAIN, "epochs": 1}, "eval": {"batch_size": 4}},
+    "student": {"model": TINY_MODEL, "train": {**TINY_TRAIN, "epochs": 2}, "eval": {"batch_size": 4},
+                "distill": {"pgm": {"num_prototypes": 2, "min_box_size": 4, "max_images_per_class": 4,
+                                    "batch_size": 4}}},
+}
+STAGES = ["data", "teacher", "distill", "export", "bench"]
+
+
+class Killed(KeyboardInterrupt):
+    """What a Ctrl-C (or a kill the process survives long enough to unwind) raises mid-step."""
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    return {"runs_dir": str(root / "runs"), "data_root": str(root / "data")}
+
+
+def config(world, name, *overrides):
+    """The tiny profile in ``world`` under run name ``name``, with command-line style overrides on top."""
+    from gkd.kd.config import load_config, merge_dicts
+    from gkd.pipeline import PipelineConfig
+
+    base = merge_dicts(TINY, {"name": name, "runs_dir": world["runs_dir"], "data_root": world["data_root"]})
+    return load_config(None, list(overrides), cls=PipelineConfig, updates=base)
+
+
+def actions(manifest) -> dict[str, tuple[str, str]]:
+    return {o["stage"]: (o["action"], o["reason"]) for o in manifest["invocation"]}
+
+
+@pytest.fixture(scope="module")
+def first_run(world):
+    """One uninterrupted run of every stage; a deep copy of its manifest (later tests rerun into other names)."""
+    return copy.deepcopy(run_pipeline(config(world, "a")))
+
+
+def test_end_to_end_runs_every_stage_and_records_artifacts(first_run, world):
+    from gkd.kd.io import file_sha256
+
+    assert actions(first_run) == {s: ("ran", "not run before") for s in STAGES}
+    stages = first_run["stages"]
+    assert all(stages[s]["status"] == "done" and len(stages[s]["key"]) == 64 for s in STAGES)
+    ckpt = stages["distill"]["outputs"]["checkpoint"]
+    assert file_sha256(ckpt["path"]) == ckpt["sha256"]
+    assert stages["distill"]["method"] == "gkd"
+    assert {"val/bbox_mAP", "val/bbox_mAP_50"} <= set(stages["distill"]["metrics"])
+    assert set(stages["export"]["outputs"]["files"]) == {"fp32"}
+    assert "pytorch-fp32" in stages["bench"]["runners"]
+    report = (config(world, "a").run_dir / "report.md").read_text()
+    assert "| distill | ran | not run before |" in report and "## Accuracy" in report
+    on_disk = json.loads((config(world, "a").run_dir / "manifest.json").read_text())
+    assert on_disk["stages"]["distill"]["key"] == stages["distill"]["key"]
+
+
+def test_rerun_reuses_every_stage_without_running_anything(first_run, world, monkeypatch):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a stage ran although nothing changed")
+
+    for target in ("gkd.kd.train.train_detector", "gkd.kd.distill.run.run_distillation",
+                   "gkd.export.pipeline.export_checkpoint", "gkd.bench.latency.run_latency_benchmark",
+                   "gkd.kd.data.generate_synthetic"):
+        monkeypatch.setattr(target, must_not_run)
+    again = run_pipeline(config(world, "a"))
+    assert actions(again) == {s: ("reused", "unchanged") for s in STAGES}
+    assert {s: again["stages"][s]["key"] for s in STAGES} == {s: first_run["stages"][s]["key"] for s in STAGES}
+    report = (config(world, "a").run_dir / "report.md").read_text()
+    assert "| teacher | reused | unchanged |" in report
+
+
+@pytest.mark.parametrize("override, message", [
+    ("teacher.trian.epochz=99", "unknown key 'teacher.trian'; did you mean 'teacher.train'?"),
+    ("student.train.epochz=3", "unknown key 'student.train.epochz'; did you mean 'student.train.epochs'?"),
+    ("student.model.backbone=resnet19", "'student.model.backbone' must be one of"),
+    ("baselin=true", "unknown key 'baselin'; did you mean 'baseline'?"),
+    ("student.name=x", "student.name: set by gkd run"),
+])
+def test_bad_key_is_refused_before_any_stage_runs(world, tmp_path, capsys, override, message):
+    argv = ["run", f"runs_dir={tmp_path / 'runs'}", f"data_root={tmp_path / 'data'}", "name=typo", override]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()  # nothing ran, nothing written
+
+
+@pytest.mark.parametrize("odd", ["#ckpts/t.pt", "data/a: b/t.pt", "it's \"quoted\" /with spaces.pt"])
+def test_values_travel_as_data_not_reparsed(odd):
+    """A value with YAML syntax in it (#, ': ', quotes, spaces) reaches the stage configs unchanged."""
+    from gkd.pipeline import resolve_stage_configs
+
+    cfg = load_pipeline_config(None, [f"teacher_checkpoint={odd}", f"student.data.images={odd}",
+                                      "student.train.lr=1e-4"])
+    assert cfg.teacher_checkpoint == odd
+    stages = resolve_stage_configs(cfg)
+    assert stages.distill.distill.teacher.checkpoint == odd and stages.distill.data.images == odd
+    assert stages.distill.train.lr == 1e-4  # YAML 1.1 reads 1e-4 as text; a float field takes it as a number
+    with pytest.raises(GkdError, match="teacher_checkpoint: .*file not found"):
+        run_pipeline(cfg)
+
+
+@pytest.fixture(scope="module")
+def killed_then_resumed(world, first_run):
+    """Run "b" (the config of "a"), killed in the middle of the distillation's second epoch, then rerun."""
+    from gkd.kd.distill.task import DistillationTask
+
+    original = DistillationTask.forward
+    calls = {"n": 0}
+
+    def dies_in_epoch_two(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == TINY["student"]["train"]["max_steps_per_epoch"] + 1:  # the first step of epoch 2
+            raise Killed
+        return original(self, *args, **kwargs)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(DistillationTask, "forward", dies_in_epoch_two)
+    with pytest.raises(Killed):
+        run_pipeline(config(world, "b"))
+    mp.undo()
+    cfg = config(world, "b")
+    interrupted = json.loads((cfg.run_dir / "manifest.json").read_text())
+    torch.manual_seed(12345)  # another process would start from another RNG state: the checkpoint restores it
+    resumed = copy.deepcopy(run_pipeline(cfg))
+    return {"interrupted": interrupted, "resumed": resumed, "cfg": cfg}
+
+
+def test_kill_during_distillation_then_same_command_gives_the_same_result(killed_then_resumed, first_run):
+    interrupted, resumed = killed_then_resumed["interrupted"], killed_then_resumed["resumed"]
+    assert interrupted["stages"]["distill"]["status"] == "running"
+    assert "export" not in interrupted["stages"]
+    acts = actions(resumed)
+    assert acts["data"] == ("reused", "unchanged") and acts["teacher"] == ("reused", "unchanged")
+    assert acts["distill"][0] == "ran" and acts["distill"][1].startswith("interrupted earlier")
+    assert acts["export"] == acts["bench"] == ("ran", "not run before")
+    log = (killed_then_resumed["cfg"].run_dir / "distill" / "log.txt").read_text()
+    assert "resuming 'distill' at epoch 2/2" in log
+    a, b = first_run["stages"]["distill"], resumed["stages"]["distill"]
+    assert b["metrics"] == a["metrics"] and b["metrics"]  # the same numbers as the uninterrupted run
+    wa = load_checkpoint(a["outputs"]["checkpoint"]["path"])["model"]
+    wb = load_checkpoint(b["outputs"]["checkpoint"]["path"])["model"]
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_changed_key_reruns_exactly_the_stages_that_depend_on_it(killed_then_resumed, world):
+    cfg = config(world, "b", "student.train.lr=0.001")
+    changed = run_pipeline(cfg)
+    acts = actions(changed)
+    assert acts["data"] == acts["teacher"] == ("reused", "unchanged")
+    assert acts["distill"] == ("ran", "changed: student.train.lr 0.002 -> 0.001")
+    assert acts["export"] == ("ran", "changed: input 'student'")
+    assert acts["bench"][0] == "ran" and "input 'student'" in acts["bench"][1]
+    report = (cfg.run_dir / "report.md").read_text()
+    assert "| distill | ran | changed: student.train.lr 0.002 -> 0.001 |" in report
+
+    only_bench = run_pipeline(config(world, "b", "student.train.lr=0.001", "bench_iterations=3"))
+    assert {s for s, (act, _) in actions(only_bench).items() if act == "ran"} == {"bench"}
+    assert actions(only_bench)["bench"][1] == "changed: bench_iterations 2 -> 3"
+
+    back = run_pipeline(config(world, "b"))  # the old lr again: the distillation runs again (one result per key)
+    assert actions(back)["distill"][1] == "changed: student.train.lr 0.001 -> 0.002"
+
+
+def test_modified_output_is_detected_and_remade(killed_then_resumed, world):
+    cfg = config(world, "b")
+    report = cfg.run_dir / "bench" / "latency.json"
+    report.write_text(report.read_text() + " ")
+    again = run_pipeline(cfg)
+    assert actions(again)["bench"] == ("ran", f"output modified since it was made: {report}")
+    assert {s for s, (act, _) in actions(again).items() if act == "ran"} == {"bench"}
