@@ -10,6 +10,7 @@ Never run this file as a script (``python export/onnx.py``): its folder would sh
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from pathlib import Path
@@ -24,9 +25,14 @@ from gkd.kd.io import atomic_write, file_sha256
 from ._lazy import lazy_import
 from .adapters import INPUT_NAME, OUTPUT_NAMES, ExportWrapper
 
-__all__ = ["export_onnx", "load_onnx", "save_onnx", "read_metadata", "file_sha256", "DEFAULT_OPSET",
+__all__ = ["export_onnx", "load_onnx", "save_onnx", "read_metadata", "file_sha256", "DEFAULT_OPSET", "EXPORTER",
            "SUPPORTED_OPSETS", "STANDARD_DOMAINS"]
 
+#: which exporter writes the graphs, and why (recorded in every export's metadata and export.json)
+EXPORTER = {"api": "torch.onnx.export(dynamo=False)", "kind": "TorchScript-based (legacy) exporter",
+            "why": "the dynamo exporter fails on whole torchvision detectors (a data-dependent guard in batched_nms; "
+                   "pytorch/vision issues 9306 and 9462); the legacy one is deprecated but exports them with "
+                   "dynamic H/W"}
 DEFAULT_OPSET = 17
 #: 16 is the first opset whose RoiAlign has the half-pixel mode torchvision needs; 20 is the newest the legacy
 #: exporter emits for these models
@@ -165,6 +171,47 @@ def _drop_dead_nodes(model) -> int:
         removed += len(dead)
 
 
+def _resize_as_eager(image, self_min_size, self_max_size, target=None, fixed_size=None):
+    """torchvision's ``_resize_image_and_masks`` for tracing, with the output size computed as eager PyTorch does.
+
+    Why: eagerly, torchvision computes the resize scale and the output size ``floor(H * scale)`` in Python floats
+    (float64). Traced for ONNX, it computes both in float32, and ``floor`` then lands one pixel lower or higher for
+    about one image size in five (e.g. 879x710 at 128 px: 127x103 traced, 128x103 eager). A one-pixel different
+    resize moves every score by up to ~0.1: exported models disagreed with PyTorch on real photos while agreeing
+    on images at the model size. Here the scale and the size are computed in float64 inside the graph (as 1-D
+    tensors: the legacy exporter casts 0-dim float64 constants to float32), so the exported size is eager's, and
+    the bilinear resize then matches it (ONNX Resize with ``sizes`` uses scale = out / in, as PyTorch does with
+    ``recompute_scale_factor=True``).
+    """
+    import torchvision
+    from torchvision.models.detection import transform
+
+    if fixed_size is not None or target is not None or not torchvision._is_tracing():
+        return _TORCHVISION_RESIZE(image, self_min_size, self_max_size, target, fixed_size)
+    shape = transform._get_shape_onnx(image).to(torch.float64)  # [2]: H, W of this image, traced
+    limits = torch.tensor([float(self_min_size), float(self_max_size)], dtype=torch.float64)
+    scale = torch.div(limits, torch.stack([shape.min(), shape.max()])).min()
+    size = torch.floor(shape * scale).to(torch.int64)
+    return torch._C._nn.upsample_bilinear2d(image[None], [size[0], size[1]], False, None)[0], target
+
+
+_TORCHVISION_RESIZE = None
+
+
+@contextlib.contextmanager
+def _eager_resize_arithmetic():
+    """Trace detectors with :func:`_resize_as_eager` in place of torchvision's resize (restored afterwards)."""
+    global _TORCHVISION_RESIZE
+    from torchvision.models.detection import transform
+
+    _TORCHVISION_RESIZE = transform._resize_image_and_masks
+    transform._resize_image_and_masks = _resize_as_eager
+    try:
+        yield
+    finally:
+        transform._resize_image_and_masks = _TORCHVISION_RESIZE
+
+
 def read_metadata(model_or_path) -> dict[str, Any]:
     """The gkd metadata (pre-processing contract, precision, provenance) stored in an ONNX file's metadata_props."""
     model = load_onnx(model_or_path) if isinstance(model_or_path, (str, Path)) else model_or_path
@@ -217,7 +264,7 @@ def export_onnx(detector: nn.Module, path: str | Path, sample: torch.Tensor, *, 
     dynamic = {INPUT_NAME: {2: "height", 3: "width"}, **{name: {0: "num_detections"} for name in OUTPUT_NAMES}}
 
     def write(tmp: Path) -> None:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), _eager_resize_arithmetic():
             # The legacy exporter is deprecated and the tracer warns about every Python-side shape computation in
             # torchvision's transform; both are expected (see docs/export.md), so keep the user's console clean.
             warnings.simplefilter("ignore")

@@ -272,12 +272,12 @@ def search_int8(fp32_path: str | Path, out_path: str | Path, calib_images: Seque
         score = evaluate(out_path)
         rounds.append({"excluded": 0, "score": score})
         log(f"int8 search: all {info['quantized_nodes']} layers INT8 -> {score:.4f} (target {target:.4f})")
-        ranking, excluded = [], []
+        excluded = []
         k = 1
-        all_nodes = info["quantized_nodes"]
-        while score < target and k <= all_nodes:
-            if not ranking:
-                ranking = rank_sensitivity(fp32_path, out_path, list(calib_images)[:rank_images], threads)
+        ranking = (rank_sensitivity(fp32_path, out_path, list(calib_images)[:rank_images], threads)
+                   if score < target else [])
+        # doubling, and the last round keeps every ranked layer FP32 (then INT8 is FP32): the target is reached
+        while score < target and len(excluded) < len(ranking):
             excluded = [r["node"] for r in ranking[:k]]
             info = quantize_int8(fp32_path, out_path, calib_images, method=method, per_channel=per_channel,
                                  exclude=excluded, cache_path=cache, metadata=metadata)

@@ -47,7 +47,7 @@ def exported(trained, rect_data, tmp_path_factory) -> dict[str, dict[str, Path]]
     from gkd.export.quantize import quantize_int8
 
     root = tmp_path_factory.mktemp("onnx")
-    calib = [im for _, im in load_image_set(rect_data["train"], limit=4).images]
+    calib = [im for _, im in load_image_set(rect_data["train"]).images]
     sample = load_image_set(rect_data["val"], limit=1).images[0][1].unsqueeze(0)
     out = {}
     for arch, t in trained.items():

@@ -118,3 +118,18 @@ def test_corrupt_onnx_is_one_line_error(tmp_path, exported):
         load_onnx(tmp_path / "missing.onnx")
     with pytest.raises(GkdError, match="onnxruntime cannot load"):
         OrtRunner(bad).activate()
+
+
+def test_the_pinned_torch_still_provides_the_exporter_gkd_uses():
+    """gkd export traces with torch's TorchScript-based exporter (dynamo=False): see export.onnx.EXPORTER for why.
+    It is deprecated; when a torch upgrade removes it, this fails first, naming the problem."""
+    import inspect
+
+    from gkd.export.onnx import EXPORTER
+
+    params = inspect.signature(torch.onnx.export).parameters
+    assert "dynamo" in params, (f"torch {torch.__version__}: torch.onnx.export has no 'dynamo' argument; gkd export "
+                                f"needs {EXPORTER['api']} ({EXPORTER['why']})")
+    assert hasattr(torch.onnx, "register_custom_op_symbolic") and hasattr(torch.onnx, "operators"), (
+        f"torch {torch.__version__} no longer ships the TorchScript-based ONNX exporter gkd export uses")
+

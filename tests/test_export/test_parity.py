@@ -52,7 +52,7 @@ def test_tensor_level_numbers():
     assert t["passed"]  # exactly the minimum atol
     assert not tensor_errors([ref], [cand], atol=0.39, rtol=1e-3)["passed"]
     mism = tensor_errors([ref], [_dets([], [], [])], atol=1, rtol=0)
-    assert mism["shape_mismatch_images"] == 1 and mism["compared_images"] == 0 and not mism["passed"]
+    assert mism["set_mismatch_images"] == 1 and mism["compared_images"] == 0 and not mism["passed"]
 
 
 def test_map_level_and_table():
@@ -67,3 +67,42 @@ def test_map_level_and_table():
     assert rep["map"]["ratio"] == 0.0 and not rep["map"]["passed"] and not rep["passed"]
     table = format_table([{"precision": "int8", "provider": "CPUExecutionProvider", "parity": rep}])
     assert "| int8 | CPUExecutionProvider | 1 |" in table and "FAIL" in table and "1.000 -> 0.000" in table
+
+
+def _many(n, scores, label=1, x0=0.0):
+    """``n`` disjoint detections (10 px boxes 20 px apart) with the given scores."""
+    boxes = [[x0 + 20 * i, 0, x0 + 20 * i + 10, 10] for i in range(n)]
+    return _dets(boxes, scores, [label] * n)
+
+
+def test_near_tied_scores_that_swap_places_pass():
+    """Two detections whose scores differ by 1e-7 come out in the other order: a tie, not an error."""
+    ref = _dets([[0, 0, 10, 10], [50, 50, 60, 60], [0, 30, 10, 40]], [0.9, 0.6000001, 0.6], [1, 1, 2])
+    cand = _dets([[0, 0, 10, 10], [0, 30, 10, 40], [50, 50, 60, 60]], [0.9, 0.6000001, 0.6], [1, 2, 1])
+    rep = compare_outputs([ref], [cand], Tolerances())
+    assert rep["passed"], rep["failures"]
+    assert rep["tensor"]["scores"]["max_abs"] < 1e-6 and rep["tensor"]["min_atol"] == 0.0
+
+
+def test_swaps_at_the_top_k_cut_pass_but_a_real_difference_fails():
+    """Full outputs (max_detections each): the last places differ among near-equal scores -> pass; a
+    high-score detection missing, or the same swap where scores are far apart, -> fail."""
+    scores = [0.9 - 0.01 * i for i in range(9)] + [0.5]
+    ref = _many(10, scores)
+    cand = _many(10, scores[:9] + [0.50002], x0=0.0)
+    cand["boxes"][9] += 500  # the 10th detection is another box: it made the cut instead of ref's 10th
+    tol = Tolerances(score_floor=0.3)
+    rep = compare_outputs([ref], [cand], tol, max_detections=10)
+    assert rep["passed"], rep["failures"]
+    assert rep["detection"]["swapped_at_cut"] == 2 and rep["detection"]["missing"] == 0
+    assert rep["tensor"]["swapped_at_cut"] == 2 and rep["tensor"]["set_mismatch_images"] == 0
+    assert not compare_outputs([ref], [cand], tol)["passed"]  # without the cut known, it is a difference
+    far = _many(10, scores[:9] + [0.7])
+    far["boxes"][9] += 500
+    # the candidate kept a 0.7 the reference did not have although its own cut was at 0.5: a real difference (the
+    # reference's 0.5 scoring below everything the full candidate kept is consistent with the cut, and is not)
+    rep = compare_outputs([ref], [far], tol, max_detections=10)
+    assert not rep["passed"] and rep["detection"]["extra"] == 1 and rep["detection"]["swapped_at_cut"] == 1
+    top_missing = _many(10, scores)
+    top_missing["boxes"][0] += 500
+    assert not compare_outputs([ref], [top_missing], tol, max_detections=10)["passed"]
