@@ -7,7 +7,8 @@ The installed package holds the whole toolkit under one import name:
 * ``gkd.bench``: latency and accuracy harnesses, the study;
 * ``gkd.cli`` and ``gkd.pipeline``: the ``gkd`` command and the one-command pipeline, on top of all three.
 
-``import gkd`` is light (no torch).
+The public Python API is :mod:`gkd.api`: ``from gkd.api import synth, train, distill, evaluate, export, run``
+(``gkd.export`` is the export package, so the API is not re-exported at the top level). ``import gkd`` is light.
 """
 
 __all__ = ["__version__"]

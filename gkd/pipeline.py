@@ -291,22 +291,25 @@ def _generated_here(root: Path) -> dict | None:
 
 
 def _data_inputs(cfg: PipelineConfig) -> dict[str, Any]:
-    root = Path(cfg.data_root)
-    if (root / "train.json").is_file() and _generated_here(root) is None:  # the user's own data: keyed by content
-        return {"data_root": str(root), "user_data": {n: _artifact(root / n)["sha256"] for n in ("train.json",
-                                                                                              "val.json")}}
-    return {"data_root": str(root), "synthetic": _synth_params(cfg)}
+    # what the stage would generate; the data's own content is keyed through its outputs' SHA-256 (a changed
+    # train.json or val.json reruns the stages after it)
+    return {"data_root": str(Path(cfg.data_root)), "synthetic": _synth_params(cfg)}
 
 
 def _data_stage(cfg: PipelineConfig) -> dict[str, Any]:
+    """Generate the synthetic dataset into ``data_root`` when it holds none; otherwise use what is there."""
     from gkd.kd.data import generate_synthetic
     from gkd.kd.errors import GkdError
 
     root = Path(cfg.data_root)
-    meta = _generated_here(root)
     want = _synth_params(cfg)
-    if not (root / "train.json").is_file() or (meta and any(meta.get(k) != v for k, v in want.items())):
+    if not (root / "train.json").is_file():
         generate_synthetic(root, **want, progress=True)
+    else:
+        meta = _generated_here(root)
+        other = {k: meta.get(k) for k in want if meta.get(k) != want[k]} if meta else {}
+        log.info("data: using the dataset in %s%s", root, f" (generated with {other}; synth_* apply to an empty "
+                 f"data_root only)" if other else "")
     if not (root / "val.json").is_file():
         raise GkdError(f"{root}: holds train.json but no val.json; gkd run needs both (and images/)")
     return {"outputs": {"train": _artifact(root / "train.json"), "val": _artifact(root / "val.json")}}
