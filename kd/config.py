@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 from .errors import GkdError
 
@@ -38,6 +38,8 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_larg
 class DataConfig:
     """Where the COCO-format data lives. Relative paths are relative to ``root``."""
 
+    RANGES: ClassVar[dict] = {"num_workers": ((">=", 0),)}
+
     root: str = "data/synth"
     train: str = "train.json"
     val: str = "val.json"
@@ -54,6 +56,12 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     """A torchvision detector with an FPN. ``num_classes`` is taken from the dataset when 0."""
+
+    RANGES: ClassVar[dict] = {
+        "num_classes": ((">=", 0),), "min_size": ((">=", 16),), "max_size": ((">=", 16),),
+        "anchor_sizes": ((">", 0),), "fpn_channels": ((">=", 1),), "box_head_dim": ((">=", 1),),
+        "rois_per_image": ((">=", 1),), "proposals_test": ((">=", 1),), "score_thresh": ((">=", 0), ("<", 1)),
+        "detections_per_img": ((">=", 1),)}
 
     arch: Literal["faster_rcnn", "retinanet"] = "faster_rcnn"
     backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large"] = "resnet50"
@@ -91,6 +99,12 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation schedule. Iteration-based warmup, epoch-based step or cosine decay."""
 
+    RANGES: ClassVar[dict] = {
+        "epochs": ((">=", 1),), "batch_size": ((">=", 1),), "lr": ((">", 0),), "momentum": ((">=", 0), ("<", 1)),
+        "weight_decay": ((">=", 0),), "warmup_iters": ((">=", 0),), "warmup_ratio": ((">", 0), ("<=", 1)),
+        "steps": ((">=", 0),), "gamma": ((">", 0),), "grad_clip": ((">", 0),), "hflip": ((">=", 0), ("<=", 1)),
+        "eval_interval": ((">=", 1),), "max_steps_per_epoch": ((">=", 1),), "threads": ((">=", 0),)}
+
     epochs: int = 12
     batch_size: int = 4
     optimizer: Literal["sgd", "adamw"] = "sgd"
@@ -121,6 +135,8 @@ class TrainConfig:
 class EvalConfig:
     """COCO evaluation protocol (kept identical for every backend)."""
 
+    RANGES: ClassVar[dict] = {"batch_size": ((">=", 1),), "max_dets": ((">=", 1),)}
+
     batch_size: int = 4
     #: pycocotools maxDets for AP (raise it for images with more than 100 objects)
     max_dets: int = 100
@@ -129,6 +145,8 @@ class EvalConfig:
 @dataclass(frozen=True)
 class RunConfig:
     """A training run: ``runs/<name>/`` holds its config, checkpoints and metrics."""
+
+    RANGES: ClassVar[dict] = {"seed": ((">=", 0),)}
 
     name: str = "run"
     seed: int = 0
@@ -242,7 +260,23 @@ def from_dict(cls: type, data: dict, source: str = "config", prefix: str = "") -
         hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
         raise GkdError(f"{source}: unknown key '{prefix}{unknown[0]}'; {hint}allowed keys here: {', '.join(fields)}")
     kwargs = {name: _coerce(data[name], hints[name], prefix + name, source) for name in fields if name in data}
+    for name, rules in getattr(cls, "RANGES", {}).items():
+        _check_range(kwargs.get(name, fields[name].default), rules, prefix + name, source)
     return cls(**kwargs)
+
+
+_OPS = {">": lambda v, b: v > b, ">=": lambda v, b: v >= b, "<": lambda v, b: v < b, "<=": lambda v, b: v <= b}
+
+
+def _check_range(value: Any, rules: tuple[tuple[str, float], ...], key: str, source: str) -> None:
+    """``rules`` like ``((">", 0),)``, checked on a number or on each element of a list. None (an optional key
+    left unset) passes, and so does NaN: training's non-finite-loss check names the loss term and the step."""
+    if value is None or isinstance(value, bool):
+        return
+    for v in (value if isinstance(value, tuple) else (value,)):
+        if v == v and not all(_OPS[op](v, bound) for op, bound in rules):
+            want = " and ".join(f"{op} {bound:g}" for op, bound in rules)
+            raise GkdError(f"{source}: '{key}' must be {want}, got {v!r}")
 
 
 def to_dict(obj: Any) -> Any:
@@ -317,9 +351,10 @@ _NULLS = ("null", "Null", "NULL", "~")
 
 
 def parse_override_value(raw: str) -> Any:
-    """A command-line value: YAML (``2``, ``0.01``, ``1e-4``, ``null``, ``[8, 11]``, ``{a: 1}``), except where YAML
-    would silently turn text into something else: ``#ckpt/t.pt`` (a comment: null) and ``data/a: b`` (a mapping)
-    stay the text typed. Sections are set with dotted keys, so an unbraced ``k: v`` is never meant as a mapping."""
+    """A command-line value: YAML (``2``, ``0.01``, ``null``, ``[8, 11]``, ``{a: 1}``), except where YAML would
+    silently turn text into something else: ``#ckpt/t.pt`` (a comment: null) and ``data/a: b`` (a mapping)
+    stay the text typed, and so does ``a #b`` (YAML would drop `` #b``). Sections are set with dotted keys, so an
+    unbraced ``k: v`` is never meant as a mapping."""
     import yaml
 
     if not raw.strip():
@@ -329,6 +364,8 @@ def parse_override_value(raw: str) -> Any:
     except yaml.YAMLError:
         return raw
     if value is None and raw.strip() not in _NULLS:
+        return raw
+    if "#" in raw and isinstance(value, str) and "#" not in value:  # 'name=a #b': YAML drops " #b" as a comment
         return raw
     if isinstance(value, dict) and not raw.lstrip().startswith("{"):
         return raw

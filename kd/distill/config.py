@@ -7,7 +7,7 @@ project's decisions from ``method.md`` (global loss on, weight 5, attenuated). `
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from ..config import RunConfig
 
@@ -37,6 +37,11 @@ class TeacherConfig:
 class PGMConfig:
     """Prototype Generation Module (method.md 2.2)."""
 
+    RANGES: ClassVar[dict] = {
+        "num_prototypes": ((">=", 1),), "min_box_size": ((">=", 0),), "max_images_per_class": ((">=", 1),),
+        "alpha": ((">=", 0),), "density_bandwidth": ((">", 0),), "density_percentile": ((">=", 0), ("<=", 1)),
+        "interval": ((">=", 1),), "batch_size": ((">=", 1),), "seed": ((">=", 0),)}
+
     #: prototypes per class per level (fewer for classes with fewer density-filtered instances)
     num_prototypes: int = 10
     #: a GT box is a candidate only if its width and height (original image pixels) are strictly above this
@@ -59,6 +64,10 @@ class PGMConfig:
 @dataclass(frozen=True)
 class DistillConfig:
     """Which distillation and its weights (defaults: the released config + the project's decisions)."""
+
+    RANGES: ClassVar[dict] = {
+        "strides": ((">", 0),), "fg_weight": ((">=", 0),), "bg_weight": ((">=", 0),), "soft_weight": ((">=", 0),),
+        "temperature": ((">", 0),), "global_weight": ((">=", 0),), "pkd_weight": ((">=", 0),)}
 
     method: Literal["none", "local", "robust", "gkd", "pkd", "pkd+global"] = "gkd"
     teacher: TeacherConfig = field(default_factory=TeacherConfig)

@@ -88,7 +88,7 @@ def test_overrides_never_modify_the_defaults_they_are_applied_to():
 
 @pytest.mark.parametrize("raw, value", [
     ("#ckpts/t.pt", "#ckpts/t.pt"), ("data/a: b", "data/a: b"), ("null", None), ("~", None), ("2", 2),
-    ("[8, 11]", [8, 11]), ("{a: 1}", {"a": 1}), ("0.5", 0.5), ("'quoted: yes'", "quoted: yes"),
+    ("[8, 11]", [8, 11]), ("{a: 1}", {"a": 1}), ("0.5", 0.5), ("'quoted: yes'", "quoted: yes"), ("a #b", "a #b"),
 ])
 def test_override_values_stay_what_was_typed_where_yaml_would_change_them(raw, value):
     from gkd.kd.config import parse_override_value
@@ -102,3 +102,32 @@ def test_exponent_floats_and_did_you_mean(tmp_path):
     (tmp_path / "c.yaml").write_text("train:\n  lr: 2e-3\n  epochz: 3\n")
     with pytest.raises(GkdError, match=r"unknown key 'train.epochz'; did you mean 'train.epochs'\?"):
         load_config(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=-1", "'train.lr' must be > 0, got -1.0"),
+    ("train.batch_size=0", "'train.batch_size' must be >= 1, got 0"),
+    ("train.epochs=0", "'train.epochs' must be >= 1, got 0"),
+    ("train.epochs=-3", "'train.epochs' must be >= 1, got -3"),
+    ("train.momentum=1.5", "'train.momentum' must be >= 0 and < 1, got 1.5"),
+    ("train.steps=[8,-1]", "'train.steps' must be >= 0, got -1"),
+    ("model.score_thresh=1", "'model.score_thresh' must be >= 0 and < 1, got 1.0"),
+    ("model.min_size=0", "'model.min_size' must be >= 16, got 0"),
+    ("eval.max_dets=0", "'eval.max_dets' must be >= 1, got 0"),
+])
+def test_numeric_keys_are_range_checked(override, message):
+    with pytest.raises(GkdError) as err:
+        load_config(None, [override])
+    assert message in str(err.value) and len(str(err.value).splitlines()) == 1
+
+
+def test_distill_ranges_and_every_shipped_config_is_in_range():
+    from gkd.kd import CONFIG_DIR
+    from gkd.kd.distill.config import DistillRunConfig
+
+    with pytest.raises(GkdError, match="'distill.temperature' must be > 0, got 0.0"):
+        load_config(None, ["distill.temperature=0"], cls=DistillRunConfig)
+    with pytest.raises(GkdError, match="'distill.pgm.num_prototypes' must be >= 1, got 0"):
+        load_config(None, ["distill.pgm.num_prototypes=0"], cls=DistillRunConfig)
+    for path in sorted(CONFIG_DIR.rglob("*.yaml")):
+        load_config(path, cls=DistillRunConfig if "distill" in path.read_text() else RunConfig)
