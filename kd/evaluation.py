@@ -2,7 +2,9 @@
 
 One protocol for every backend (PyTorch, ONNX Runtime, TensorRT): detections are mapped back to original image
 coordinates, converted to COCO results (``[x, y, w, h]``, category id, score) and scored by pycocotools'
-``COCOeval`` with ``iouType="bbox"``. ``max_dets`` is pycocotools' ``maxDets`` cap used for AP (default 100).
+``COCOeval`` with ``iouType="bbox"``. ``max_dets`` is pycocotools' ``maxDets`` cap used for AP and the third AR
+(default 100; the summary is computed for the cap actually set, see :func:`summary_stats`, and a warning says when
+images hold more objects than the cap).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-__all__ = ["CocoEvaluator", "STAT_NAMES", "evaluate_detector", "coco_metrics_from_stats"]
+__all__ = ["CocoEvaluator", "STAT_NAMES", "evaluate_detector", "coco_metrics_from_stats", "summary_stats"]
 
 #: names of pycocotools' 12 summary numbers, mmdet-style (the KD literature's keys)
 STAT_NAMES = ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l",
@@ -43,6 +45,7 @@ class CocoEvaluator:
     def reset(self) -> None:
         self.detections: list[dict[str, Any]] = []
         self._image_ids: set[int] = set()
+        self._warned = getattr(self, "_warned", False)
 
     def process(self, targets: Iterable[dict], outputs: Iterable[dict]) -> None:
         """Add one batch.
@@ -104,8 +107,52 @@ class CocoEvaluator:
             ev.params.maxDets = [1, 10, self.max_dets]
             ev.evaluate()
             ev.accumulate()
-            ev.summarize()
-        return coco_metrics_from_stats(ev.stats)
+        self._warn_if_capped(coco_gt, ids)
+        return coco_metrics_from_stats(summary_stats(ev))
+
+    def _warn_if_capped(self, coco_gt, ids) -> None:
+        """Say once when images hold more objects than ``max_dets``: their AP cannot reach 1 (the cap, not the
+        model, loses them)."""
+        if self._warned:
+            return
+        counts = [sum(1 for a in coco_gt.imgToAnns.get(i, []) if not a.get("iscrowd", 0)) for i in ids]
+        over = [c for c in counts if c > self.max_dets]
+        if over:
+            import logging
+
+            self._warned = True
+            logging.getLogger("gkd").warning(
+                "%d image(s) hold more than max_dets=%d objects (up to %d): AP counts at most %d detections per "
+                "image, so it is capped below 1; raise max_dets (gkd eval --max-dets, eval.max_dets)",
+                len(over), self.max_dets, max(over), self.max_dets)
+
+
+def summary_stats(ev) -> list[float]:
+    """pycocotools' 12 summary numbers, computed for the ``maxDets`` actually set.
+
+    ``COCOeval.summarize()`` computes the first one (AP) for maxDets=100 whatever ``params.maxDets`` says, so with
+    ``maxDets=[1, 10, 1000]`` it prints AP = -1. This is the same computation on ``ev.eval`` (after
+    ``accumulate()``) with the last ``maxDets`` for every AP and for the third AR: with the default ``[1, 10, 100]``
+    it equals ``summarize()`` exactly (tested).
+    """
+    import numpy as np
+
+    p = ev.params
+    last = p.maxDets[-1]
+
+    def one(ap: bool, iou: float | None = None, area: str = "all", max_dets: int = last) -> float:
+        a = [i for i, lbl in enumerate(p.areaRngLbl) if lbl == area]
+        m = [i for i, v in enumerate(p.maxDets) if v == max_dets]
+        s = ev.eval["precision"] if ap else ev.eval["recall"]  # [T, R, K, A, M] / [T, K, A, M]
+        if iou is not None:
+            s = s[np.where(np.isclose(p.iouThrs, iou))[0]]
+        s = s[..., a, :][..., m]
+        valid = s[s > -1]
+        return float(np.mean(valid)) if valid.size else -1.0
+
+    return [one(True), one(True, 0.5), one(True, 0.75), one(True, area="small"), one(True, area="medium"),
+            one(True, area="large"), one(False, max_dets=p.maxDets[0]), one(False, max_dets=p.maxDets[1]),
+            one(False), one(False, area="small"), one(False, area="medium"), one(False, area="large")]
 
 
 def _subset_cocoeval(ann_filter):

@@ -101,3 +101,34 @@ def test_subset_ignores_other_objects():
     assert dogs["bbox_mAP"] == pytest.approx(1.0)
     none = ev.evaluate(ann_filter=lambda a: False)
     assert none["bbox_mAP"] == -1.0
+
+
+def _crowded(n_objects=150):
+    """One 1000x1000 image holding ``n_objects`` disjoint 20x20 objects of one class; the GT as detections."""
+    anns, boxes = [], []
+    for i in range(n_objects):
+        x, y = 30 * (i % 30), 30 * (i // 30)
+        anns.append({"id": i + 1, "image_id": 1, "category_id": 3, "bbox": [x, y, 20, 20], "area": 400,
+                     "iscrowd": 0})
+        boxes.append([x, y, x + 20, y + 20])
+    gt_json = {"images": [{"id": 1, "width": 1000, "height": 1000}], "annotations": anns,
+               "categories": [{"id": 3, "name": "a"}]}
+    out = {"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.ones(n_objects, dtype=torch.int64),
+           "scores": torch.linspace(0.99, 0.5, n_objects)}
+    return gt_json, out
+
+
+def test_raised_max_dets_is_what_the_summary_uses_and_the_cap_is_warned(caplog):
+    gt_json, out = _crowded()
+    ev = CocoEvaluator(gt_json, [3], max_dets=1000)
+    ev.process([{"image_id": 1}], [out])
+    m = ev.evaluate()
+    assert m["bbox_mAP"] == pytest.approx(1.0) and m["bbox_AR_100"] == pytest.approx(1.0)  # pycocotools: -1.0
+    capped = CocoEvaluator(gt_json, [3], max_dets=100)
+    capped.process([{"image_id": 1}], [out])
+    with caplog.at_level("WARNING", logger="gkd"):
+        c = capped.evaluate()
+        capped.evaluate()
+    assert c["bbox_mAP"] < 0.7  # 100 of 150 objects can be counted
+    warnings = [r.message for r in caplog.records if "max_dets=100" in r.message]
+    assert len(warnings) == 1 and "1 image(s) hold more than max_dets=100 objects (up to 150)" in warnings[0]
