@@ -26,6 +26,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+#: what an interrupted user can do next (printed on Ctrl-C)
+RESUME_HINT = ("Checkpoints already written are kept: `gkd train|distill CONFIG --resume` continues a training run "
+               "from its last finished epoch, and the same `gkd run` command continues the pipeline.")
+
+
 class LazyGroup(click.Group):
     """A click group whose subcommands are imported only when invoked (click docs, "Lazily Loading Subcommands")."""
 
@@ -89,14 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     except GkdError as exc:
         click.echo(f"gkd: error: {exc}", err=True)
         return 2
-    except click.exceptions.Abort:
-        click.echo("gkd: aborted", err=True)
+    except click.exceptions.Abort:  # click turns Ctrl-C into Abort
+        click.echo(f"gkd: interrupted. {RESUME_HINT}", err=True)
         return 130
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
     except KeyboardInterrupt:
-        click.echo("gkd: interrupted (checkpoints already written are kept; rerun with --resume)", err=True)
+        click.echo(f"gkd: interrupted. {RESUME_HINT}", err=True)
         return 130
     return rv if isinstance(rv, int) else 0
 

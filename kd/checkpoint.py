@@ -55,6 +55,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise GkdError(f"{path}: checkpoint not found")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (b"PK\x03\x04"); files of torch < 1.6 are a pickle (b"\x80")
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        raise GkdError(f"{path}: not a torch checkpoint (expected a file written by torch.save; this one starts with "
+                       f"{head!r})")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:

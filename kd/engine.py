@@ -40,12 +40,13 @@ log = logging.getLogger("gkd")
 RESUMABLE_KEYS = ("train.epochs", "train.eval_interval", "train.threads", "data.num_workers", "train.device")
 
 
-def select_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU. Asking for ``cuda`` without a GPU is a user error."""
+def select_device(name: str, option: str = "train.device") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU. Asking for ``cuda`` without a GPU is a user error naming
+    ``option`` (the key or command-line option the user set)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise GkdError("train.device: 'cuda' requested but torch sees no CUDA GPU on this machine; use 'auto' or 'cpu'")
+        raise GkdError(f"{option}: 'cuda' requested but torch sees no CUDA GPU on this machine; use 'auto' or 'cpu'")
     return torch.device(name)
 
 

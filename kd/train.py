@@ -98,7 +98,7 @@ def evaluate_checkpoint(checkpoint: Path, data: Path, images: Path | None, out_d
     if min_size or max_size:
         model.transform.min_size = (min_size or model.transform.min_size[0],)
         model.transform.max_size = max_size or model.transform.max_size
-    dev = select_device(device)
+    dev = select_device(device, "--device")
     model.to(dev)
     dataset = CocoDetection(index, train=False, min_size=model.transform.min_size[0],
                             max_size=model.transform.max_size)

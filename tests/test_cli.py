@@ -38,3 +38,36 @@ def test_every_command_has_help(path, capsys):
 def test_unknown_command_is_a_clear_error(capsys):
     assert main(["trian"]) == 2
     assert "No such command 'trian'" in capsys.readouterr().err
+
+
+def test_ctrl_c_says_how_to_resume(capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("gkd.kd.train.train_detector", interrupted)
+    assert main(["train", "train.epochs=1"]) == 130
+    err = capsys.readouterr().err
+    assert "gkd: interrupted" in err and "--resume" in err and "same `gkd run` command" in err
+
+
+def test_eval_on_a_missing_gpu_names_the_option(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without a CUDA GPU (this one has one)")
+    from gkd.kd.checkpoint import detector_checkpoint, save_checkpoint
+    from gkd.kd.config import ModelConfig
+    from gkd.kd.data import generate_synthetic
+    from gkd.kd.models.detectors import build_detector
+
+    generate_synthetic(tmp_path / "d", n_images=5, image_size=64)
+    cfg = ModelConfig(backbone="resnet18", min_size=64, max_size=64, fpn_channels=64, box_head_dim=128)
+    from gkd.kd.data import SYNTH_CLASSES
+
+    classes = list(SYNTH_CLASSES)
+    ckpt = save_checkpoint(detector_checkpoint(build_detector(cfg, len(classes)), cfg, classes,
+                                               list(range(1, len(classes) + 1))), tmp_path / "m.pt")
+    assert main(["eval", str(ckpt), "--data", str(tmp_path / "d" / "val.json"), "--device", "cuda",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--device: 'cuda' requested" in err and "train.device" not in err

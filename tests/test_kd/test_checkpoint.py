@@ -71,6 +71,14 @@ class EvilThing:
     pass
 
 
+@pytest.mark.parametrize("content", [b"just some text\n", b"", b"\x00\x01binary"])
+def test_a_file_that_is_not_a_torch_file_says_so(tmp_path, content):
+    path = tmp_path / "notes.pt"
+    path.write_bytes(content)
+    with pytest.raises(GkdError, match=r"notes.pt: not a torch checkpoint \(expected a file written by torch.save"):
+        load_checkpoint(path)
+
+
 def test_save_is_atomic_no_temp_left(tmp_path):
     save_checkpoint({"x": torch.ones(2)}, tmp_path / "a.pt")
     assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]
