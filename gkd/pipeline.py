@@ -118,14 +118,14 @@ def resolve_stage_configs(cfg: PipelineConfig) -> StageConfigs:
     teacher_ckpt = cfg.teacher_checkpoint or str(cfg.run_dir / "teacher" / "checkpoints" / "model.pt")
     # a teacher trained here is a gkd checkpoint that names its own architecture
     declared = {} if cfg.teacher_checkpoint else {"arch": None, "backbone": None}
-    forced = {"distill": {"method": "gkd", "teacher": {"checkpoint": teacher_ckpt, **declared}}}
+    teacher_keys = {"distill": {"teacher": {"checkpoint": teacher_ckpt, **declared}}}
+    # the distill stage is the full method unless the user names another (student.distill.method=...)
+    section = merge_dicts({"distill": {"method": "gkd"}}, cfg.student)
 
     def student(stage: str, method: str | None):
-        updates = merge_dicts(_stage_updates(cfg, stage, cfg.student, "student."), forced)
+        updates = merge_dicts(_stage_updates(cfg, stage, section, "student."), teacher_keys)
         if method:
             updates = merge_dicts(updates, {"distill": {"method": method}})
-        elif "method" in cfg.student.get("distill", {}):
-            updates["distill"]["method"] = cfg.student["distill"]["method"]
         return load_config(cfg.student_config, cls=DistillRunConfig, key_prefix="student.", updates=updates)
 
     return StageConfigs(teacher=teacher, distill=student("distill", None),

@@ -192,3 +192,14 @@ def test_modified_output_is_detected_and_remade(killed_then_resumed, world):
     again = run_pipeline(cfg)
     assert actions(again)["bench"] == ("ran", f"output modified since it was made: {report}")
     assert {s for s, (act, _) in actions(again).items() if act == "ran"} == {"bench"}
+
+
+def test_stage_methods_and_the_teacher_they_read():
+    from gkd.pipeline import resolve_stage_configs
+
+    stages = resolve_stage_configs(load_pipeline_config(None, ["baseline=true", "name=m"]))
+    assert stages.distill.distill.method == "gkd" and stages.baseline.distill.method == "none"
+    assert stages.distill.distill.teacher.checkpoint.endswith("m/teacher/checkpoints/model.pt")
+    assert stages.distill.run_dir.name == "distill" and stages.baseline.run_dir.name == "baseline"
+    chosen = resolve_stage_configs(load_pipeline_config(None, ["baseline=true", "student.distill.method=local"]))
+    assert chosen.distill.distill.method == "local" and chosen.baseline.distill.method == "none"
