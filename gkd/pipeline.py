@@ -410,12 +410,19 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     ``manifest["invocation"]`` lists what each stage did this time (reused / ran / resumed, and why).
     """
     from gkd.kd.errors import GkdError
-    from gkd.kd.io import atomic_write_text
 
     stage_cfgs = resolve_stage_configs(cfg)  # before anything runs: a bad key costs nothing
     if cfg.teacher_checkpoint and not Path(cfg.teacher_checkpoint).is_file():
         raise GkdError(f"teacher_checkpoint: {cfg.teacher_checkpoint}: file not found")
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    from gkd.kd.io import RunLock
+
+    with RunLock(cfg.run_dir):  # one gkd run per run folder at a time
+        return _run_stages(cfg, stage_cfgs)
+
+
+def _run_stages(cfg: PipelineConfig, stage_cfgs: StageConfigs) -> dict[str, Any]:
+    from gkd.kd.io import atomic_write_text
+
     manifest = Manifest(cfg.run_dir / "manifest.json", cfg)
     outcomes: list[Outcome] = []
 

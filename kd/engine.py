@@ -198,7 +198,24 @@ def _truncate_metrics(path: Path, last_epoch: int) -> None:
 def fit(task: nn.Module, cfg: RunConfig, train_set, val_set, *, resume: bool = False,
         classes: list[str], category_ids: list[int], gt_json: dict | None = None,
         progress: bool = True) -> dict[str, Any]:
-    """Train ``task`` according to ``cfg`` and keep ``cfg.run_dir`` up to date.
+    """Train ``task`` according to ``cfg`` and keep ``cfg.run_dir`` up to date, owning the folder while it does.
+
+    The folder is locked (``.lock``, see :class:`gkd.kd.io.RunLock`): a second run into it is refused with the
+    owner's pid. Temporary files left by a process killed mid-write are removed first.
+    """
+    from .io import RunLock, remove_stale_temporaries
+
+    with RunLock(cfg.run_dir):
+        for folder in (cfg.run_dir, cfg.run_dir / "checkpoints"):
+            for stale in remove_stale_temporaries(folder):
+                log.info("removed %s (left by a process killed while writing it)", stale)
+        return _fit(task, cfg, train_set, val_set, resume=resume, classes=classes, category_ids=category_ids,
+                    gt_json=gt_json, progress=progress)
+
+
+def _fit(task: nn.Module, cfg: RunConfig, train_set, val_set, *, resume: bool, classes: list[str],
+         category_ids: list[int], gt_json: dict | None, progress: bool) -> dict[str, Any]:
+    """The training loop of :func:`fit` (which holds the run folder's lock).
 
     Args:
         task: see ``kd/task.py``; ``task.detector`` is evaluated and saved.
@@ -236,6 +253,8 @@ def fit(task: nn.Module, cfg: RunConfig, train_set, val_set, *, resume: bool = F
     elif last_path.exists():
         raise GkdError(f"{run_dir}: a run named '{cfg.name}' already exists; pass --resume to continue it, or choose "
                        f"another name (name=...)")
+    else:  # a fresh run: records of an earlier attempt killed before its first checkpoint are not this run's
+        metrics_path.unlink(missing_ok=True)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")

@@ -128,3 +128,77 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files :func:`atomic_write` leaves when its process is killed mid-write
+    (``.<name>.<random>.tmp``) in ``folder``; returns them. Only call this while owning the folder (see
+    :class:`RunLock`): another writer's temporary file would be in use."""
+    folder = Path(folder)
+    stale = sorted(p for p in folder.glob(".*.tmp") if p.is_file()) if folder.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+class RunLock:
+    """``<folder>/.lock``: the process (pid, host, start time) that owns a run folder while it writes there.
+
+    A second process asking for the same folder gets a one-line GkdError naming the owner, instead of both writing
+    into one metrics file and one checkpoint. A lock whose process is gone (killed, crashed) is stale and taken over.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.path = self.folder / ".lock"
+        self._mine = False
+
+    def _holder(self) -> dict | None:
+        try:
+            data = json.loads(self.path.read_text())
+            return data if isinstance(data, dict) and isinstance(data.get("pid"), int) else None
+        except (OSError, ValueError):
+            return None
+
+    def __enter__(self) -> "RunLock":
+        import socket
+        import time
+
+        from .errors import GkdError
+
+        host = socket.gethostname()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder and holder["pid"] != os.getpid() and (holder.get("host") != host or _alive(holder["pid"])):
+                    where = "" if holder.get("host") == host else f" on host {holder.get('host')}"
+                    raise GkdError(f"{self.folder}: in use by process {holder['pid']}{where} since "
+                                   f"{holder.get('since', '?')}; wait for it to finish or choose another name "
+                                   f"(name=...); if that process is gone, delete {self.path}") from None
+                self.path.unlink(missing_ok=True)  # stale: its process is gone (or it is this process's own)
+                continue
+            except OSError as exc:
+                raise GkdError(f"{self.folder}: cannot write here ({exc.strerror or exc})") from None
+            with os.fdopen(fd, "w") as fh:
+                json.dump({"pid": os.getpid(), "host": host, "since": time.strftime("%Y-%m-%d %H:%M:%S")}, fh)
+            self._mine = True
+            return self
+        raise GkdError(f"{self.path}: could not take the run folder's lock (another process keeps taking it)")
+
+    def __exit__(self, *exc) -> None:
+        if self._mine and (self._holder() or {}).get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
+        self._mine = False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True

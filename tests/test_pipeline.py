@@ -203,3 +203,21 @@ def test_stage_methods_and_the_teacher_they_read():
     assert stages.distill.run_dir.name == "distill" and stages.baseline.run_dir.name == "baseline"
     chosen = resolve_stage_configs(load_pipeline_config(None, ["baseline=true", "student.distill.method=local"]))
     assert chosen.distill.distill.method == "local" and chosen.baseline.distill.method == "none"
+
+
+def test_one_gkd_run_per_run_folder(world, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    cfg = config(world, "locked", "precisions=[]")
+    cfg.run_dir.mkdir(parents=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (cfg.run_dir / ".lock").write_text(json.dumps({"pid": other.pid, "host": socket.gethostname()}))
+        with pytest.raises(GkdError, match=f"in use by process {other.pid}"):
+            run_pipeline(cfg)
+        assert not (cfg.run_dir / "manifest.json").exists()
+    finally:
+        other.kill()
+        other.wait()

@@ -121,3 +121,47 @@ def test_checkpoint_of_other_class_count_refused(tmp_path, data_dir, capsys):
                f"model.weights={other}"])
     err = capsys.readouterr().err
     assert rc == 2 and "class count differs" in err
+
+
+def test_a_run_folder_has_one_owner(tmp_path, data_dir, capsys):
+    """A second training into a folder another live process is writing to is refused, naming it; a lock left by
+    a dead process is taken over, and released at the end."""
+    import json as _json
+    import subprocess
+    import sys
+
+    args = ["train", "--no-progress", *BASE, f"runs_dir={tmp_path}", "name=owned", f"data.root={data_dir}",
+            "train.epochs=1", "train.max_steps_per_epoch=1"]
+    lock = tmp_path / "owned" / ".lock"
+    lock.parent.mkdir(parents=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        import socket
+
+        lock.write_text(_json.dumps({"pid": other.pid, "host": socket.gethostname(), "since": "earlier"}))
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("gkd: error:")]
+        assert len(errors) == 1 and f"in use by process {other.pid}" in errors[0] and "Traceback" not in err
+        assert not (tmp_path / "owned" / "checkpoints").exists()  # nothing written
+    finally:
+        other.kill()
+        other.wait()
+    assert main(args) == 0  # its process is gone: the stale lock is taken over
+    assert not lock.exists()
+
+
+def test_leftovers_of_a_killed_write_are_cleaned_and_not_counted(tmp_path, data_dir):
+    """A temporary file from a kill -9 during a checkpoint write is removed on the next run, and a fresh run after
+    a kill before the first checkpoint does not keep the killed attempt's metrics rows."""
+    run = tmp_path / "again"
+    (run / "checkpoints").mkdir(parents=True)
+    stale = run / "checkpoints" / ".last.pt.abc123.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    (run / "metrics.jsonl").write_text('{"epoch": 0, "train/loss": 9.9}\n')
+    train_detector(cfg_for(tmp_path, data_dir, "again", "train.epochs=1", "train.max_steps_per_epoch=1"),
+                   progress=False)
+    assert not stale.exists()
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["train/loss"] != 9.9
+    assert (run / "metrics.csv").read_text().count("\n0,") == 1
