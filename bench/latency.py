@@ -88,7 +88,8 @@ def run_latency_benchmark(checkpoint: Path, data: Path, export_dir: Path, *, cal
     manifest_path = export_dir / "export.json"
     if manifest_path.is_file():
         manifest = read_json(manifest_path, "export manifest")
-        log(f"using the export in {export_dir}")
+        check_export_matches(manifest, checkpoint, export_dir)
+        log(f"using the export in {export_dir} (checked: it is this checkpoint's, files unchanged)")
     else:
         if calib_data is None:
             raise GkdError(f"{export_dir}: holds no export (export.json); give --calib-data to export FP32/INT8 "
@@ -152,6 +153,27 @@ def run_latency_benchmark(checkpoint: Path, data: Path, export_dir: Path, *, cal
         "runners": results, "skipped": skipped, "ratios": ratios, "targets": targets,
         "raw_times_ms": times,
     }
+
+
+def check_export_matches(manifest: dict[str, Any], checkpoint: Path, export_dir: Path) -> None:
+    """Refuse an export folder made from another checkpoint, or whose files changed since export.json was written
+    (by content: SHA-256), instead of benchmarking the wrong model without a word."""
+    from gkd.kd.errors import GkdError
+    from gkd.kd.io import file_sha256
+
+    want = manifest.get("checkpoint_sha256")
+    have = file_sha256(checkpoint)
+    if want != have:
+        raise GkdError(f"{export_dir}: holds the export of another checkpoint ({manifest.get('checkpoint')}, sha256 "
+                       f"{str(want)[:12]}), not of {checkpoint} (sha256 {have[:12]}); export this checkpoint there "
+                       f"again or give its own --export-dir")
+    for precision, info in manifest.get("files", {}).items():
+        path = export_dir / info["onnx"]
+        if not path.is_file():
+            raise GkdError(f"{path}: listed in {export_dir / 'export.json'} but missing; export again")
+        if file_sha256(path) != info["sha256"]:
+            raise GkdError(f"{path}: changed since it was exported and verified (sha256 differs from "
+                           f"export.json); export again")
 
 
 def format_report(rep: dict[str, Any]) -> str:

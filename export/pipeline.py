@@ -97,6 +97,7 @@ def export_checkpoint(opts: ExportOptions, log: Callable[[str], None] = print) -
         if p is not None and not Path(p).is_file():
             raise GkdError(f"{p}: COCO JSON file not found")
     check_output_dir(opts.out)
+    replaces_an_export = (opts.out / "export.json").is_file()
     torch.manual_seed(opts.seed)
     model, info = load_detector(opts.checkpoint)
     classes, category_ids = info.get("classes"), info.get("category_ids")
@@ -176,6 +177,8 @@ def export_checkpoint(opts: ExportOptions, log: Callable[[str], None] = print) -
         "seconds": round(time.perf_counter() - t0, 1),
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(opts).items()},
     }
+    if replaces_an_export:
+        _remove_replaced_files(opts.out, set(files))
     atomic_write_json(opts.out / "model.json", {"contract": contract, "files": {p: f["onnx"] for p, f in files.items()},
                                                 "opset": opts.opset})
     atomic_write_json(opts.out / "parity.json", manifest["parity"])
@@ -183,6 +186,16 @@ def export_checkpoint(opts: ExportOptions, log: Callable[[str], None] = print) -
     atomic_write_json(opts.out / "export.json", manifest)
     log(table)
     return manifest
+
+
+def _remove_replaced_files(out: Path, kept: set[str]) -> None:
+    """Delete the files of precisions this export did not make, left by the export it replaces (``model.int8.onnx``
+    of an earlier fp32+int8 export beside a new fp32-only one would be another model's file)."""
+    for p in PRECISIONS:
+        if p in kept:
+            continue
+        for stale in (out / f"model.{p}.onnx", out / f"model.{p}.engine", out / f"model.{p}.engine.json"):
+            stale.unlink(missing_ok=True)
 
 
 def _int8(opts, paths, calib_set, parity_set, base_meta, gt, ref_map, run_onnx, log) -> dict[str, Any]:

@@ -69,3 +69,42 @@ def test_small_real_run(tmp_path, capsys):
     assert "ort_fp32_vs_pytorch_p50" in rep["ratios"] and "int8_faster_than_fp32" in rep["targets"]
     assert "| pytorch-fp32 |" in format_report(rep)
     assert "| onnxruntime-int8" in capsys.readouterr().out
+
+
+def test_an_export_is_benchmarked_only_for_its_own_checkpoint_and_unchanged(tmp_path, capsys):
+    """gkd bench latency checks export.json by content: another checkpoint's export, or an ONNX file rewritten
+    since it was verified, is refused in one line; re-exporting fp32 only into an fp32+int8 folder leaves no
+    stale model.int8.onnx."""
+    import torch
+
+    from gkd.cli import main
+    from gkd.kd.checkpoint import detector_checkpoint, save_checkpoint
+    from gkd.kd.config import ModelConfig
+    from gkd.kd.models.detectors import build_detector
+    from tests.detectors import make_rect_dataset
+
+    cfg = ModelConfig(arch="retinanet", backbone="resnet18", num_classes=2, min_size=64, max_size=64,
+                      anchor_sizes=(16, 32, 64, 128, 256), fpn_channels=64)
+    ckpts = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        ckpts.append(save_checkpoint(detector_checkpoint(build_detector(cfg), cfg, ["red", "blue"], [3, 7]),
+                                     tmp_path / f"m{seed}.pt"))
+    train = make_rect_dataset(tmp_path / "data", 2, seed=1, name="train.json")
+    val = make_rect_dataset(tmp_path / "data", 2, seed=2, name="val.json")
+    out = tmp_path / "exp"
+    export = ["export", "--calib-data", str(train), "--val-data", str(val), "--out", str(out), "--calib-images", "2",
+              "--parity-images", "2", "--int8-target", "0"]
+    assert main([*export[:1], str(ckpts[0]), *export[1:], "--precision", "fp32,int8"]) in (0, 1)
+    bench = ["bench", "latency", "--data", str(val), "--export-dir", str(out), "--warmup", "0", "--iterations", "2",
+             "--latency-images", "1"]
+    capsys.readouterr()
+    assert main([*bench[:2], str(ckpts[1]), *bench[2:]]) == 2
+    err = capsys.readouterr().err
+    assert "holds the export of another checkpoint" in err and len(err.strip().splitlines()) == 1
+    onnx_file = out / "model.int8.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes() + b"\0")
+    assert main([*bench[:2], str(ckpts[0]), *bench[2:]]) == 2
+    assert "model.int8.onnx: changed since it was exported and verified" in capsys.readouterr().err
+    assert main([*export[:1], str(ckpts[1]), *export[1:], "--precision", "fp32"]) in (0, 1)
+    assert not onnx_file.exists() and (out / "model.fp32.onnx").is_file()
