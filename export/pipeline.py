@@ -109,7 +109,9 @@ def export_checkpoint(opts: ExportOptions, log: Callable[[str], None] = print) -
                  if "int8" in opts.precisions else None)
     if category_ids is None:
         category_ids = parity_set.category_ids
-    annotated = parity_set.has_annotations and len(category_ids) == len(parity_set.category_ids)
+    if parity_set.has_annotations:
+        _check_label_space(parity_src, parity_set, classes, category_ids)
+    annotated = parity_set.has_annotations
     log(f"parity on {len(parity_set.images)} image(s) of {parity_src}"
         + (f", calibration on {len(calib_set.images)} image(s) of {opts.calib_data}" if calib_set else ""))
 
@@ -186,6 +188,17 @@ def export_checkpoint(opts: ExportOptions, log: Callable[[str], None] = print) -
     atomic_write_json(opts.out / "export.json", manifest)
     log(table)
     return manifest
+
+
+def _check_label_space(src: Path, images, classes: list[str] | None, category_ids: list[int]) -> None:
+    """Annotated parity images must be labelled in the model's label space: otherwise the mAP level would compare
+    the model's labels with another dataset's categories (it used to be skipped without a word)."""
+    same_ids = [int(c) for c in category_ids] == [int(c) for c in images.category_ids]
+    same_names = classes is None or list(classes) == list(images.classes)
+    if not (same_ids and same_names):
+        raise GkdError(f"{src}: its categories {list(zip(images.category_ids, images.classes))} are not the "
+                       f"checkpoint's {list(zip(category_ids, classes or ['?'] * len(category_ids)))}; give "
+                       f"--val-data images labelled with the model's classes")
 
 
 def _remove_replaced_files(out: Path, kept: set[str]) -> None:

@@ -403,13 +403,30 @@ def _check_args(out_dir: Path, n_images: int, seed: int, image_size: int, val_fr
     if not 0.0 < val_fraction < 1.0:
         raise GkdError(f"val_fraction is {val_fraction!r}; expected a number strictly between 0 and 1")
     n_val = min(n_images - 1, max(1, int(round(n_images * val_fraction))))
-    for name in ("train.json", "val.json"):
-        if (out_dir / name).exists() and not (out_dir / "meta.json").exists():
-            raise GkdError(f"{out_dir / name}: exists and is not a gkd synthetic dataset (no meta.json); "
-                           f"expected an empty or new --out folder, refusing to overwrite it")
     if out_dir.exists() and not out_dir.is_dir():
         raise GkdError(f"{out_dir}: exists and is not a folder; expected a folder for the dataset")
+    if out_dir.is_dir() and not _generator_owned(out_dir):
+        for name in ("train.json", "val.json"):
+            if (out_dir / name).exists():
+                raise GkdError(f"{out_dir / name}: exists and is not a gkd synthetic dataset (no meta.json); "
+                               f"expected an empty or new --out folder, refusing to overwrite it")
+        theirs = next((p for p in sorted(out_dir.rglob("*")) if p.is_file()), None)
+        if theirs is not None:
+            raise GkdError(f"{out_dir}: holds files that are not gkd's synthetic data (e.g. {theirs}); generated data "
+                           f"only goes into an empty folder or one made by gkd data synth (for your own labelled "
+                           f"images: gkd data convert, then data_root=... with train.json, val.json, images/)")
     return n_val
+
+
+def _generator_owned(folder: Path) -> bool:
+    """Whether ``folder`` holds a dataset written by this generator (its meta.json says so)."""
+    import json
+
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("generator") == "gkd.synth"
 
 
 def generate_synthetic(out_dir: str | os.PathLike, *, n_images: int = 800, seed: int = 0, image_size: int = 256,

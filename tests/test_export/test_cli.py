@@ -54,7 +54,7 @@ def test_failed_parity_exits_1(trained, rect_data, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["not_detector", "state_dict", "precision", "int8_no_calib", "unwritable",
-                                  "no_images", "bad_profile"])
+                                  "no_images", "bad_profile", "other_classes"])
 def test_bad_inputs_are_one_line(case, trained, rect_data, tmp_path, capsys):
     ckpt = trained["retinanet"]["checkpoint"]
     out = tmp_path / "out"
@@ -82,6 +82,12 @@ def test_bad_inputs_are_one_line(case, trained, rect_data, tmp_path, capsys):
     elif case == "bad_profile":
         args += ["--opt-shapes", "image:1x3x20x20", "--min-shapes", "image:1x3x64x64"]
         match = "min <= opt <= max"
+    elif case == "other_classes":  # annotated parity images of another label space: an error, not a skipped mAP
+        data = json.loads(rect_data["val"].read_text())
+        data["categories"] = [{"id": c["id"], "name": c["name"] + "_other"} for c in data["categories"]]
+        other = rect_data["val"].parent / "val_other_classes.json"
+        other.write_text(json.dumps(data))
+        args[2], match = other, "are not the checkpoint's"
     else:
         args = [ckpt, "--out", out]
         match = "parity needs real images"

@@ -115,3 +115,23 @@ def test_refuses_to_overwrite_another_dataset(tmp_path):
     generate_synthetic(tmp_path / "s", n_images=4, seed=0, image_size=64, val_fraction=0.25)
     generate_synthetic(tmp_path / "s", n_images=4, seed=1, image_size=64, val_fraction=0.25)
     assert json.loads((tmp_path / "s" / "meta.json").read_text())["seed"] == 1
+
+
+def test_never_writes_into_a_folder_of_someone_elses_files(tmp_path):
+    """A folder with the user's images but no train.json is not ours: nothing is overwritten (images/000000.png
+    was, before), and gkd run data_root=... on a folder whose JSON has another name stops the same way."""
+    user = tmp_path / "mine"
+    (user / "images").mkdir(parents=True)
+    (user / "images" / "000000.png").write_bytes(b"my photo")
+    (user / "labels.json").write_text("{}")
+    with pytest.raises(GkdError, match="holds files that are not gkd's synthetic data"):
+        generate_synthetic(user, n_images=4, seed=0, image_size=64, val_fraction=0.25)
+    assert (user / "images" / "000000.png").read_bytes() == b"my photo"
+    assert sorted(p.name for p in user.rglob("*")) == ["000000.png", "images", "labels.json"]
+
+    from gkd.pipeline import load_pipeline_config, run_pipeline
+
+    cfg = load_pipeline_config(None, [f"data_root={user}", f"runs_dir={tmp_path / 'runs'}", "precisions=[]"])
+    with pytest.raises(GkdError, match="holds files that are not gkd's synthetic data"):
+        run_pipeline(cfg)
+    assert (user / "images" / "000000.png").read_bytes() == b"my photo"
