@@ -6,9 +6,7 @@ compared with the PyTorch checkpoint (:mod:`gkd.export.parity`); the manifest ma
 from __future__ import annotations
 
 import dataclasses
-import os
 import platform
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,13 +53,9 @@ class ExportOptions:
 
 def check_output_dir(out: Path) -> None:
     """Fail early (before any work) when ``out`` cannot hold files; creates it if needed."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".gkd-probe-", dir=out)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise GkdError(f"{out}: output folder is not writable ({exc.strerror or exc}); choose another --out") from None
+    from gkd.kd.io import ensure_writable_folder
+
+    ensure_writable_folder(out, "output folder")
 
 
 def _versions() -> dict[str, str]:

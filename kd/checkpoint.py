@@ -101,7 +101,8 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: st
                        f"{len(unexpected)} unexpected, e.g. {what}); check model.arch / model.backbone")
     heads = head_parameter_prefixes(arch)
     for k, v in state.items():
-        if own[k].shape != v.shape and k.startswith(heads):
+        # a head's first dimension counts classes; another input width is an FPN / box head width difference
+        if k.startswith(heads) and v.dim() and own[k].dim() and v.shape[0] != own[k].shape[0]:
             raise GkdError(f"{source}: class count differs: '{k}' has shape {tuple(v.shape)}, this model expects "
                            f"{tuple(own[k].shape)} (dataset classes + background)")
     _check_shapes(own, state, source, arch)
@@ -112,7 +113,8 @@ def _check_shapes(own: dict, state: dict, source: str, arch: str) -> None:
     for k, v in state.items():
         if own[k].shape != v.shape:
             raise GkdError(f"{source}: '{k}' has shape {tuple(v.shape)}, the {arch} model expects "
-                           f"{tuple(own[k].shape)}; check model.arch / model.backbone")
+                           f"{tuple(own[k].shape)}; check model.arch / model.backbone / model.fpn_channels / "
+                           f"model.box_head_dim")
 
 
 def load_detector(path: str | Path, model_cfg: ModelConfig | None = None,

@@ -203,9 +203,10 @@ def fit(task: nn.Module, cfg: RunConfig, train_set, val_set, *, resume: bool = F
     The folder is locked (``.lock``, see :class:`gkd.kd.io.RunLock`): a second run into it is refused with the
     owner's pid. Temporary files left by a process killed mid-write are removed first.
     """
-    from .io import RunLock, remove_stale_temporaries
+    from .io import RunLock, ensure_writable_folder, remove_stale_temporaries
 
     with RunLock(cfg.run_dir):
+        ensure_writable_folder(cfg.run_dir / "checkpoints", "the checkpoint folder")  # before an epoch is spent
         for folder in (cfg.run_dir, cfg.run_dir / "checkpoints"):
             for stale in remove_stale_temporaries(folder):
                 log.info("removed %s (left by a process killed while writing it)", stale)

@@ -5,6 +5,7 @@ Every file the toolkit writes goes to a temporary file in the same folder first 
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -65,10 +66,45 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None]) -> Pat
         writer(tmp_path)
         os.chmod(tmp_path, _final_mode(path))
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
+        if _out_of_space(exc, path):
+            raise GkdError(f"{path}: No space left on device while writing it (the previous version, if any, is "
+                           f"unchanged); free some space and run the same command again") from None
+        if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise GkdError(f"{path}: cannot write here ({exc.strerror})") from None
         raise
     return path
+
+
+def _out_of_space(exc: BaseException, path: Path) -> bool:
+    """ENOSPC, or torch.save's "file write failed" (a RuntimeError without errno) on a full file system."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(exc, RuntimeError) and "write failed" in str(exc):
+        import shutil
+
+        try:
+            return shutil.disk_usage(path.parent).free < 64 * 2 ** 20
+        except OSError:
+            return False
+    return False
+
+
+def ensure_writable_folder(folder: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create ``folder`` if needed and prove a file can be written in it, before any work starts (one line
+    otherwise: a run that would train an epoch and then fail to save it stops at once)."""
+    from .errors import GkdError
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".gkd-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise GkdError(f"{folder}: {what} is not writable ({exc.strerror or exc})") from None
+    return folder
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -167,7 +203,7 @@ class RunLock:
         from .errors import GkdError
 
         host = socket.gethostname()
-        self.folder.mkdir(parents=True, exist_ok=True)
+        ensure_writable_folder(self.folder, "the run folder")
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

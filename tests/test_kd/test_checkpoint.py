@@ -103,3 +103,18 @@ def test_torchvision_frozen_bn_weights_load_into_bn_model(tmp_path):
     own = loaded.state_dict()
     assert all(torch.equal(v, own[k]) for k, v in tv.state_dict().items())
     assert any(k.endswith("num_batches_tracked") for k in own)
+
+
+def test_another_head_width_is_not_called_a_class_count_difference(tmp_path):
+    from gkd.kd.checkpoint import load_state_into
+    from gkd.kd.config import ModelConfig
+    from gkd.kd.models.detectors import build_detector
+
+    narrow = ModelConfig(backbone="resnet18", min_size=64, max_size=64, fpn_channels=64, box_head_dim=64)
+    wide = ModelConfig(backbone="resnet18", min_size=64, max_size=64, fpn_channels=64, box_head_dim=128)
+    state = build_detector(narrow, 3).state_dict()
+    with pytest.raises(GkdError) as err:
+        load_state_into(build_detector(wide, 3), state, "t.pt", "faster_rcnn")
+    assert "class count" not in str(err.value) and "model.box_head_dim" in str(err.value)
+    with pytest.raises(GkdError, match="class count differs"):
+        load_state_into(build_detector(narrow, 5), state, "t.pt", "faster_rcnn")

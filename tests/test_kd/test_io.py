@@ -42,3 +42,33 @@ def test_failed_writer_leaves_the_old_file_and_no_temporary(tmp_path):
     with pytest.raises(RuntimeError):
         atomic_write(path, boom)
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_the_old_file_stays(tmp_path):
+    import errno
+
+    from gkd.kd.errors import GkdError
+    from gkd.kd.io import atomic_write, atomic_write_text
+
+    target = atomic_write_text(tmp_path / "metrics.csv", "old\n")
+
+    def full(tmp):
+        tmp.write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(GkdError, match=r"metrics.csv: No space left on device while writing it"):
+        atomic_write(target, full)
+    assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]
+
+
+def test_unwritable_folders_are_found_before_any_work(tmp_path):
+    from gkd.kd.errors import GkdError
+    from gkd.kd.io import RunLock, ensure_writable_folder
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(GkdError, match=r"file/run: the run folder is not writable"):
+        with RunLock(blocker / "run"):
+            pass
+    with pytest.raises(GkdError, match=r"checkpoints: the checkpoint folder is not writable"):
+        ensure_writable_folder(blocker / "checkpoints", "the checkpoint folder")

@@ -165,3 +165,17 @@ def test_leftovers_of_a_killed_write_are_cleaned_and_not_counted(tmp_path, data_
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["train/loss"] != 9.9
     assert (run / "metrics.csv").read_text().count("\n0,") == 1
+
+
+def test_an_unwritable_checkpoint_folder_stops_before_any_step(tmp_path, data_dir, monkeypatch):
+    from gkd.kd.errors import GkdError
+
+    steps = []
+    original = DetectionTask.forward
+    monkeypatch.setattr(DetectionTask, "forward", lambda self, *a, **k: steps.append(1) or original(self, *a, **k))
+    run = tmp_path / "blocked"
+    run.mkdir()
+    (run / "checkpoints").write_text("a file where the folder should be")  # unwritable even for root
+    with pytest.raises(GkdError, match="the checkpoint folder is not writable"):
+        train_detector(cfg_for(tmp_path, data_dir, "blocked", "train.epochs=1"), progress=False)
+    assert steps == [] and not (run / ".lock").exists()
