@@ -99,6 +99,10 @@ def run_latency_benchmark(checkpoint: Path, data: Path, export_dir: Path, *, cal
     model, info = load_detector(checkpoint)
     val = load_image_set(data, limit=map_images)
     category_ids = info.get("category_ids") or val.category_ids
+    if val.has_annotations:  # mAP of another label space would be a wrong number, not a missing one
+        from gkd.export.pipeline import check_label_space
+
+        check_label_space(data, val, info.get("classes"), category_ids)
     runners: dict[str, Any] = {"pytorch-fp32": TorchRunner(model)}
     skipped = {}
     for p in ("fp32", "fp16", "int8"):

@@ -22,7 +22,7 @@ from .adapters import preprocess_contract
 from .onnx import DEFAULT_OPSET, EXPORTER, export_onnx, file_sha256, load_onnx, save_onnx
 from .parity import DEFAULT_TOLERANCES, Tolerances, collect_outputs, coco_map, compare_outputs, format_table
 
-__all__ = ["ExportOptions", "export_checkpoint", "PRECISIONS", "check_output_dir"]
+__all__ = ["ExportOptions", "export_checkpoint", "PRECISIONS", "check_output_dir", "check_label_space"]
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -104,7 +104,7 @@ def export_checkpoint(opts: ExportOptions, log: Callable[[str], None] = print) -
     if category_ids is None:
         category_ids = parity_set.category_ids
     if parity_set.has_annotations:
-        _check_label_space(parity_src, parity_set, classes, category_ids)
+        check_label_space(parity_src, parity_set, classes, category_ids)
     annotated = parity_set.has_annotations
     log(f"parity on {len(parity_set.images)} image(s) of {parity_src}"
         + (f", calibration on {len(calib_set.images)} image(s) of {opts.calib_data}" if calib_set else ""))
@@ -184,7 +184,7 @@ def export_checkpoint(opts: ExportOptions, log: Callable[[str], None] = print) -
     return manifest
 
 
-def _check_label_space(src: Path, images, classes: list[str] | None, category_ids: list[int]) -> None:
+def check_label_space(src: Path, images, classes: list[str] | None, category_ids: list[int]) -> None:
     """Annotated parity images must be labelled in the model's label space: otherwise the mAP level would compare
     the model's labels with another dataset's categories (it used to be skipped without a word)."""
     same_ids = [int(c) for c in category_ids] == [int(c) for c in images.category_ids]

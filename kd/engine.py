@@ -245,7 +245,8 @@ def _fit(task: nn.Module, cfg: RunConfig, train_set, val_set, *, resume: bool, c
     start_epoch = 0
     if resume:
         if not last_path.exists():
-            raise GkdError(f"{last_path}: nothing to resume (no checkpoint from an earlier run of '{cfg.name}')")
+            raise GkdError(f"{last_path}: nothing to resume: no epoch of '{cfg.name}' finished (it was stopped before "
+                           f"its first checkpoint, or never ran); run the same command without --resume")
         state = load_checkpoint(last_path)
         if state.get("format") != FORMAT or "optimizer" not in state:
             raise GkdError(f"{last_path}: not a resumable gkd run checkpoint")

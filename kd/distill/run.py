@@ -109,6 +109,10 @@ def run_distillation(cfg: DistillRunConfig, resume: bool = False, progress: bool
     seed_everything(cfg.seed)  # the student's init is the same as `gkd train` with this seed, whatever the method
     student = build_model(cfg, k)
     task = build_task(cfg, student, teacher, train_index)
+    if teacher is not None:  # checked on --resume: the teacher read on the run's behalf must be the same file
+        from ..io import file_sha256
+
+        task.teacher_sha256 = file_sha256(cfg.distill.teacher.checkpoint)
     train_set = CocoDetection(train_index, train=True, min_size=cfg.model.min_size, max_size=cfg.model.max_size,
                               hflip=cfg.train.hflip, seed=cfg.seed, keep_empty=cfg.data.keep_empty)
     val_set = CocoDetection(val_index, train=False, min_size=cfg.model.min_size, max_size=cfg.model.max_size)

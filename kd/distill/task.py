@@ -141,6 +141,8 @@ class DistillationTask(nn.Module):
     def extra_state(self) -> dict[str, Any]:
         """Adapters' weights and the prototypes in use (tensors and plain values only)."""
         state: dict[str, Any] = {"method": self.cfg.method}
+        if getattr(self, "teacher_sha256", None):
+            state["teacher_sha256"] = self.teacher_sha256
         if self.adapters is not None:
             state["adapters"] = {k: v.detach().cpu() for k, v in self.adapters.state_dict().items()}
         if self.bank is not None:
@@ -151,6 +153,11 @@ class DistillationTask(nn.Module):
         if state.get("method", self.cfg.method) != self.cfg.method:
             raise GkdError(f"checkpoint was made with distill.method '{state['method']}', this run uses "
                            f"'{self.cfg.method}'")
+        mine, saved = getattr(self, "teacher_sha256", None), state.get("teacher_sha256")
+        if mine and saved and mine != saved:
+            raise GkdError(f"distill.teacher.checkpoint: {self.cfg.teacher.checkpoint} is not the file this run "
+                           f"started with (sha256 {mine[:12]}, was {saved[:12]}); resuming would mix two teachers: "
+                           f"restore that file or start a new run (name=...)")
         if self.adapters is not None:
             if "adapters" not in state:
                 raise GkdError("checkpoint holds no adapter weights for this distillation method")

@@ -164,3 +164,18 @@ def test_non_finite_loss_names_term_and_step_after_saving(world, capsys):
     assert "non-finite loss 'loss_kd_bg'" in err and "at step 0" in err
     saved = list((world["root"] / "runs" / "nan" / "checkpoints").glob("last_good_step0.pt"))
     assert saved and "adapters" in load_checkpoint(saved[0])["extra"]
+
+
+def test_resume_with_another_teacher_file_is_refused(world, tmp_path, capsys):
+    """The teacher is read on the run's behalf: a resumed run checks it is the file it started with (SHA-256)."""
+    teacher = tmp_path / "teacher.pt"
+    shutil.copy(world["teachers"]["faster_rcnn"], teacher)
+    cfg = write_config(world, "swap", epochs=2)
+    assert distill(cfg, "train.epochs=1", f"distill.teacher.checkpoint={teacher}") == 0
+    state = torch.load(teacher, weights_only=True)
+    state["model"] = {k: v + 1 if v.is_floating_point() else v for k, v in state["model"].items()}
+    torch.save(state, teacher)
+    capsys.readouterr()
+    assert distill(cfg, "--resume", f"distill.teacher.checkpoint={teacher}") == 2
+    err = capsys.readouterr().err
+    assert "is not the file this run started with" in err and "Traceback" not in err
