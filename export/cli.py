@@ -61,12 +61,16 @@ def _precisions(ctx, param, value: str) -> tuple[str, ...]:
               show_default=True, help="Build engines: auto = when TensorRT and a GPU exist; on = fail if they don't.")
 @click.option("--workspace-gib", type=click.FloatRange(0.1, None), default=4.0, show_default=True,
               help="TensorRT builder workspace.")
+@click.option("--tensorrt-rtx-check", type=click.Choice(["auto", "on", "off"], case_sensitive=False),
+              default="auto", show_default=True,
+              help="Parse and build each ONNX with TensorRT-RTX (no GPU needed; engines are not run) and record "
+                   "which nodes it rejects: auto = when tensorrt-rtx is installed (the trt-rtx extra).")
 @click.option("--threads", type=click.IntRange(1, None), default=1, show_default=True,
               help="CPU threads for PyTorch and onnxruntime during parity.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for image subsets.")
 def export(checkpoint, precisions, calib_data, val_data, out, opset, calib_images, calib_method, int8_target,
            parity_images, atol, rtol, min_recall, min_map_ratio, score_floor, min_shapes, opt_shapes, max_shapes,
-           tensorrt, workspace_gib, threads, seed):
+           tensorrt, workspace_gib, tensorrt_rtx_check, threads, seed):
     """Export CHECKPOINT (a gkd detector checkpoint) to ONNX and, where available, TensorRT.
 
     \b
@@ -92,7 +96,7 @@ def export(checkpoint, precisions, calib_data, val_data, out, opset, calib_image
                          max_shapes=max_shapes, tolerance_overrides={k: v for k, v in overrides.items()
                                                                      if v is not None},
                          int8_target=int8_target, tensorrt=tensorrt.lower(), workspace_gib=workspace_gib,
-                         threads=threads, seed=seed)
+                         tensorrt_rtx=tensorrt_rtx_check.lower(), threads=threads, seed=seed)
     manifest = export_checkpoint(opts, log=lambda s: click.echo(s, err=True))
     failed = [p for p in precisions if not manifest["files"][p]["verified"]]
     failed += [f"{p} engine" for p, e in manifest["tensorrt"].get("engines", {}).items() if not e["good"]]

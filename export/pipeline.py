@@ -47,6 +47,7 @@ class ExportOptions:
     int8_target: float = 0.99
     tensorrt: str = "auto"  # auto | off | on
     workspace_gib: float = 4.0
+    tensorrt_rtx: str = "auto"  # auto | off | on: the TensorRT-RTX parse/build check (export/trt_rtx.py)
     threads: int = 1
     seed: int = 0
 
@@ -162,6 +163,7 @@ def export_checkpoint(opts: ExportOptions, log: Callable[[str], None] = print) -
                        check=lambda runner, p: compare_outputs(ref, collect_outputs(runner, parity_set.images),
                                                                tol_for(p), gt_json=gt[0], category_ids=gt[1],
                                                                ref_map=ref_map, max_detections=cut))
+    rtx = _rtx_check(opts, {p: paths[p] for p in files}, profile, log)
     table = format_table(rows)
     manifest = {
         "checkpoint": str(opts.checkpoint), "checkpoint_sha256": base_meta["source_checkpoint_sha256"],
@@ -169,7 +171,7 @@ def export_checkpoint(opts: ExportOptions, log: Callable[[str], None] = print) -
         "parity": {"reference": "pytorch fp32 (eager, CPU)", "images": len(parity_set.images),
                    "source": str(parity_src), "annotated": annotated, "reference_map": ref_map,
                    "results": {r["precision"]: r["parity"] for r in rows}},
-        "tensorrt": engines, "tensorrt_profile": profile, "versions": _versions(),
+        "tensorrt": engines, "tensorrt_profile": profile, "tensorrt_rtx_check": rtx, "versions": _versions(),
         "seconds": round(time.perf_counter() - t0, 1),
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(opts).items()},
     }
@@ -226,6 +228,24 @@ def _int8(opts, paths, calib_set, parity_set, base_meta, gt, ref_map, run_onnx, 
                        method=opts.calib_method, threads=opts.threads, metadata=meta, log=log)
     info["search"]["evaluated_on"] = f"{len(parity_set.images)} parity image(s) of {parity_set.path}"
     return info
+
+
+def _rtx_check(opts: ExportOptions, paths: dict[str, Path], profile: dict, log) -> dict[str, Any]:
+    """Parse + build each file with TensorRT-RTX where it is installed (or asked for); one log line per file."""
+    from . import trt_rtx
+
+    if opts.tensorrt_rtx == "off":
+        return {"ran": False, "reason": "--tensorrt-rtx-check off"}
+    if not trt_rtx.available():
+        if opts.tensorrt_rtx == "on":
+            raise GkdError("--tensorrt-rtx-check on: tensorrt_rtx is not importable (pip install tensorrt-rtx, or "
+                           "the trt-rtx extra)")
+        return {"ran": False, "reason": "tensorrt-rtx is not installed"}
+    results = trt_rtx.check_files(paths, profile)
+    for p, r in results.items():
+        log(f"tensorrt-rtx (builds on the CPU, never runs): {p}: {trt_rtx.summarize(r)}")
+    return {"ran": True, "what": "TensorRT-RTX parse + build on the CPU; engines are never run",
+            "results": results, "summary": {p: trt_rtx.summarize(r) for p, r in results.items()}}
 
 
 def _engines(opts: ExportOptions, paths: dict[str, Path], contract: dict, log, check) -> dict[str, Any]:
