@@ -131,12 +131,20 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """Append one JSON record as a line (a crash can at worst lose the line being written, never earlier ones)."""
+    from .errors import GkdError
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        if _out_of_space(exc, path):
+            raise GkdError(f"{path}: No space left on device while appending to it (earlier lines are kept); free "
+                           f"some space and resume the run") from None
+        raise GkdError(f"{path}: cannot append to it ({exc.strerror or exc})") from None
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:

@@ -72,3 +72,34 @@ def test_unwritable_folders_are_found_before_any_work(tmp_path):
             pass
     with pytest.raises(GkdError, match=r"checkpoints: the checkpoint folder is not writable"):
         ensure_writable_folder(blocker / "checkpoints", "the checkpoint folder")
+
+
+def test_appending_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    from gkd.kd.errors import GkdError
+    from gkd.kd.io import append_jsonl
+
+    log = tmp_path / "metrics.jsonl"
+    append_jsonl(log, {"epoch": 0})
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, *a, **k):
+            self.fh = real_open(*a, **k)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(builtins, "open", Full)
+    with pytest.raises(GkdError, match="metrics.jsonl: No space left on device while appending"):
+        append_jsonl(log, {"epoch": 1})
+    monkeypatch.undo()
+    assert log.read_text() == '{"epoch": 0}\n'

@@ -179,3 +179,12 @@ def test_an_unwritable_checkpoint_folder_stops_before_any_step(tmp_path, data_di
     with pytest.raises(GkdError, match="the checkpoint folder is not writable"):
         train_detector(cfg_for(tmp_path, data_dir, "blocked", "train.epochs=1"), progress=False)
     assert steps == [] and not (run / ".lock").exists()
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_says_what_to_do(tmp_path, data_dir, capsys):
+    (tmp_path / "early" / "checkpoints").mkdir(parents=True)
+    args = ["train", "--no-progress", *BASE, f"runs_dir={tmp_path}", "name=early", f"data.root={data_dir}",
+            "train.epochs=1", "--resume"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "nothing to resume: no epoch of 'early' finished" in err and "without --resume" in err
