@@ -129,9 +129,26 @@ def build_detector(cfg: ModelConfig, num_classes: int | None = None) -> nn.Modul
                            box_batch_size_per_image=cfg.rois_per_image,
                            rpn_pre_nms_top_n_test=cfg.proposals_test, rpn_post_nms_top_n_test=cfg.proposals_test,
                            **common)
+        _fix_roi_pool_scales(model.roi_heads.box_roi_pool, [strides[n] for n in roi_levels])
     model.gkd_meta = {"arch": cfg.arch, "backbone": cfg.backbone, "num_classes": k,
                       "levels": names, "strides": strides, "channels": backbone.out_channels}
     return model
+
+
+def _fix_roi_pool_scales(pool: nn.Module, strides: list[int]) -> None:
+    """Set MultiScaleRoIAlign's level scales from the measured strides, once, instead of letting it guess them.
+
+    Why: torchvision infers each level's scale at the pooler's first forward as ``feature height / largest image
+    height`` rounded to a power of two, and caches it for the model's life. A landscape first image is resized to,
+    e.g., 42x64 and padded to 64x64, so level '0' (16 px high) gives 16/42 -> 1/2 instead of 1/4: every RoI is then
+    pooled from the wrong place for the rest of the run, in training, evaluation, parity and export alike (the
+    exported graph bakes the scales in). Square images (the synthetic data) never showed it; real photos do.
+    """
+    from torchvision.ops.poolers import _setup_scales
+
+    side = 1024  # any size divisible by the coarsest stride: the scales come out as exactly 1 / stride
+    feats = [torch.empty(1, 1, side // s, side // s) for s in strides]
+    pool.scales, pool.map_levels = _setup_scales(feats, [(side, side)], pool.canonical_scale, pool.canonical_level)
 
 
 def _level_strides(backbone: nn.Module) -> dict[str, int]:

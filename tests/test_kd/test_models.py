@@ -85,3 +85,19 @@ def test_mobilenet_fpn_width_is_fixed():
     for key in ("fpn_channels", "box_head_dim"):
         with pytest.raises(GkdError, match=f"model.{key} must be a positive width, got 0"):
             build_detector(ModelConfig(backbone="resnet18", min_size=64, max_size=64, **{key: 0}), 2)
+
+
+def test_roi_pooling_scales_do_not_depend_on_the_first_image():
+    """torchvision guesses MultiScaleRoIAlign's scales from the first image it sees and keeps them: a landscape
+    first image made level '0' 1/2 instead of 1/4 (every RoI pooled from the wrong place). They are set at build."""
+    import torch
+
+    from gkd.kd.config import ModelConfig
+    from gkd.kd.models.detectors import build_detector
+
+    model = build_detector(ModelConfig(backbone="resnet18", min_size=64, max_size=64, fpn_channels=64,
+                                       box_head_dim=64), 2).eval()
+    with torch.no_grad():
+        model([torch.rand(3, 427, 1280)])  # resized to 21x64, padded to 32x64: torchvision would infer 1/2 ... 1/16
+    assert model.roi_heads.box_roi_pool.scales == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+    assert (model.roi_heads.box_roi_pool.map_levels.k_min, model.roi_heads.box_roi_pool.map_levels.k_max) == (2, 5)
