@@ -78,11 +78,22 @@ def is_gkd_checkpoint(obj: dict) -> bool:
     return obj.get("format") == FORMAT
 
 
-def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, arch: str) -> None:
-    """Load ``state`` into ``model`` strictly, explaining architecture or class-count mismatches in one line."""
+def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, arch: str, *,
+                    classes: list[str] | None = None, teacher: bool = False) -> str:
+    """Load ``state`` into ``model`` strictly, explaining architecture or class-count mismatches in one line.
+
+    torchvision COCO weights (91 class slots) are cut to ``classes`` when those are COCO categories; otherwise
+    their class heads are re-initialised, or refused for a ``teacher`` (see :mod:`gkd.kd.models.coco_transfer`).
+
+    Returns:
+        A one-line transfer report ("transferred N of M tensors; re-initialised: ...") or "" for a plain load.
+    """
+    from .models.coco_transfer import COCO_HEAD_KEYS, remap_coco_heads
     from .models.detectors import head_parameter_prefixes
 
     own = model.state_dict()
+    state, report = remap_coco_heads(state, arch, classes, source, teacher=teacher)
+    fresh = {k for k in COCO_HEAD_KEYS[arch] if k in own and k not in state} if report else set()
     if not any(k in own for k in state):
         # A classification backbone (e.g. torchvision resnet50 ImageNet weights): map into backbone.body.
         body = {f"backbone.body.{k}": v for k, v in state.items() if f"backbone.body.{k}" in own}
@@ -93,7 +104,7 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: st
         raise GkdError(f"{source}: none of its {len(state)} weights belong to a {arch} detector "
                        f"(first key '{next(iter(state), '')}')")
     # BatchNorm's step counter is absent from torchvision-format (FrozenBatchNorm) weights; it carries no weights.
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked") and k not in fresh]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
         what = f"missing '{missing[0]}'" if missing else f"unexpected '{unexpected[0]}'"
@@ -107,6 +118,7 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: st
                            f"{tuple(own[k].shape)} (dataset classes + background)")
     _check_shapes(own, state, source, arch)
     model.load_state_dict(state, strict=not any(k not in state for k in own))
+    return report
 
 
 def _check_shapes(own: dict, state: dict, source: str, arch: str) -> None:

@@ -42,8 +42,9 @@ def check_num_classes(cfg: RunConfig, num_classes: int) -> None:
                        f"(set it to 0 to take the dataset's count)")
 
 
-def build_model(cfg: RunConfig, num_classes: int) -> torch.nn.Module:
-    """Detector for ``cfg.model`` with ``num_classes`` classes, initialised from ``cfg.model.weights`` if given."""
+def build_model(cfg: RunConfig, num_classes: int, classes: list[str] | None = None) -> torch.nn.Module:
+    """Detector for ``cfg.model`` with ``num_classes`` classes, initialised from ``cfg.model.weights`` if given
+    (torchvision COCO weights are mapped to ``classes`` by name, or their class heads re-initialised)."""
     from .checkpoint import load_checkpoint, load_state_into
     from .models.detectors import build_detector
 
@@ -52,8 +53,8 @@ def build_model(cfg: RunConfig, num_classes: int) -> torch.nn.Module:
     if cfg.model.weights:
         ckpt = load_checkpoint(cfg.model.weights)
         state = ckpt["model"] if ckpt.get("format") == "gkd-checkpoint" else ckpt
-        load_state_into(model, state, cfg.model.weights, cfg.model.arch)
-        log.info("initialised from %s", cfg.model.weights)
+        report = load_state_into(model, state, cfg.model.weights, cfg.model.arch, classes=classes)
+        log.info("initialised from %s%s", cfg.model.weights, f": {report}" if report else "")
     return model
 
 
@@ -68,7 +69,7 @@ def train_detector(cfg: RunConfig, resume: bool = False, progress: bool = True) 
     check_num_classes(cfg, k)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=k))
     seed_everything(cfg.seed)  # model init is part of the seeded run
-    model = build_model(cfg, k)
+    model = build_model(cfg, k, train_index.classes)
     train_set = CocoDetection(train_index, train=True, min_size=cfg.model.min_size, max_size=cfg.model.max_size,
                               hflip=cfg.train.hflip, seed=cfg.seed, keep_empty=cfg.data.keep_empty)
     val_set = CocoDetection(val_index, train=False, min_size=cfg.model.min_size, max_size=cfg.model.max_size)

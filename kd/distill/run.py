@@ -59,21 +59,35 @@ def load_teacher(tcfg: TeacherConfig, classes: Sequence[str], student_cfg: Model
         if tcfg.arch is None or tcfg.backbone is None:
             raise GkdError(f"{path}: a plain state dict records no architecture; set distill.teacher.arch and "
                            f"distill.teacher.backbone")
-        mcfg = dataclasses.replace(student_cfg, arch=tcfg.arch, backbone=tcfg.backbone,
-                                   anchor_sizes=tuple(tcfg.anchor_sizes), weights=None)
         source = ckpt.get("model", ckpt) if isinstance(ckpt.get("model"), dict) else ckpt
         if not all(isinstance(v, torch.Tensor) for v in source.values()):
             raise GkdError(f"{path}: not a state dict of tensors (and not a gkd checkpoint)")
+        mcfg = dataclasses.replace(student_cfg, arch=tcfg.arch, backbone=tcfg.backbone,
+                                   anchor_sizes=tuple(tcfg.anchor_sizes), weights=None, **_widths_of(source))
     mcfg = dataclasses.replace(mcfg, num_classes=len(classes), weights=None)
     teacher = build_detector(mcfg, len(classes))
     try:
-        load_state_into(teacher, source, str(path), mcfg.arch)
+        report = load_state_into(teacher, source, str(path), mcfg.arch, classes=list(classes), teacher=True)
     except GkdError as exc:
         raise GkdError(f"distill.teacher ({mcfg.arch}/{mcfg.backbone}): {exc}") from None
+    if report:
+        log.info("teacher: %s", report)
     if (mcfg.min_size, mcfg.max_size) != (student_cfg.min_size, student_cfg.max_size):
         log.info("teacher was configured for %d/%d px inputs; it sees the student's %d/%d px tensor",
                  mcfg.min_size, mcfg.max_size, student_cfg.min_size, student_cfg.max_size)
     return teacher.eval()
+
+
+def _widths_of(state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """FPN and box-head widths read off a plain state dict (torchvision's: 256 and 1024), not the student's."""
+    out = {}
+    fpn = state.get("backbone.fpn.layer_blocks.0.0.weight", state.get("backbone.fpn.layer_blocks.0.weight"))
+    if fpn is not None:
+        out["fpn_channels"] = int(fpn.shape[0])
+    head = state.get("roi_heads.box_head.fc6.weight")
+    if head is not None:
+        out["box_head_dim"] = int(head.shape[0])
+    return out
 
 
 def build_task(cfg: DistillRunConfig, student: nn.Module, teacher: nn.Module | None, train_index) -> nn.Module:
@@ -107,7 +121,7 @@ def run_distillation(cfg: DistillRunConfig, resume: bool = False, progress: bool
     needs_teacher = method_parts(cfg.distill.method).teacher
     teacher = load_teacher(cfg.distill.teacher, train_index.classes, cfg.model) if needs_teacher else None
     seed_everything(cfg.seed)  # the student's init is the same as `gkd train` with this seed, whatever the method
-    student = build_model(cfg, k)
+    student = build_model(cfg, k, train_index.classes)
     task = build_task(cfg, student, teacher, train_index)
     if teacher is not None:  # checked on --resume: the teacher read on the run's behalf must be the same file
         from ..io import file_sha256
