@@ -1,4 +1,4 @@
-"""``gkd data``: synth | convert voc | convert yolo | check."""
+"""``gkd data``: synth | convert voc | convert yolo | split | check."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,7 +13,7 @@ _PATH_FILE = click.Path(path_type=Path, dir_okay=False)
 
 @click.group("data")
 def data() -> None:
-    """Datasets: generate the embedded synthetic one, import VOC / YOLO labels, check a COCO JSON.
+    """Datasets: generate the embedded synthetic one, import VOC / YOLO labels, split, check a COCO JSON.
 
     \b
     gkd works on COCO instances JSON (images + boxes + categories). Every command here either writes such a
@@ -24,6 +24,7 @@ def data() -> None:
       gkd data synth --out data/synth                       # 800 images, 256 px, 6 shape classes
       gkd data convert voc ~/VOC2007 --split trainval --out data/voc/trainval.json
       gkd data convert yolo ds/images/train ds/labels/train --names ds/data.yaml --out data/mine/train.json
+      gkd data split data/mine/all.json --out data/mine-split       # train.json + val.json + images/
       gkd data check data/synth/val.json
     """
 
@@ -76,7 +77,11 @@ def convert() -> None:
 
 
 @convert.command("voc")
-@click.argument("voc_root", type=_PATH_DIR)
+@click.argument("voc_root", type=_PATH_DIR, required=False)
+@click.option("--annotations", "annotations_dir", type=_PATH_DIR, default=None,
+              help="Folder of the .xml files [default: VOC_ROOT/Annotations].")
+@click.option("--images", "images_dir", type=_PATH_DIR, default=None,
+              help="Folder of the images [default: VOC_ROOT/JPEGImages].")
 @click.option("--out", type=_PATH_FILE, required=True, help="COCO JSON file to write.")
 @click.option("--split", default=None,
               help="Convert only the ids in VOC_ROOT/ImageSets/Main/<split>.txt (e.g. trainval, test) "
@@ -88,24 +93,31 @@ def convert() -> None:
               show_default=True,
               help="Objects marked difficult: 'ignore' = iscrowd=1 (not trained on, not counted as misses, as in "
                    "VOC's own evaluation), 'keep' = ordinary objects, 'drop' = left out.")
-def convert_voc(voc_root: Path, out: Path, split: str | None, classes: str | None, difficult: str) -> None:
-    """Convert a Pascal VOC folder (Annotations/*.xml + JPEGImages/) to COCO JSON.
+def convert_voc(voc_root: Path | None, annotations_dir: Path | None, images_dir: Path | None, out: Path,
+                split: str | None, classes: str | None, difficult: str) -> None:
+    """Convert Pascal VOC XML labels to COCO JSON: a VOC folder (Annotations/ + JPEGImages/), or any two folders
+    given as --annotations and --images (e.g. annotations/*.xml + images/*.jpg).
 
     VOC's 1-based pixel coordinates become COCO's 0-based ones (x = xmin - 1, width = xmax - xmin + 1).
 
     \b
-    Example:
+    Examples:
       gkd data convert voc ~/VOCdevkit/VOC2007 --split trainval --out data/voc07/trainval.json
+      gkd data convert voc --annotations mine/annotations --images mine/images --out mine/all.json
     """
+    from ..errors import GkdError
     from ..io import atomic_write_json
     from ..logs import setup_console_logging
     from .convert import voc_to_coco
 
     setup_console_logging()
+    if voc_root is None and (annotations_dir is None or images_dir is None):
+        raise GkdError("gkd data convert voc: give VOC_ROOT, or both --annotations and --images")
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
-    coco = voc_to_coco(voc_root, split=split, classes=names, difficult=difficult.lower())
+    coco = voc_to_coco(voc_root, split=split, classes=names, difficult=difficult.lower(),
+                       annotations_dir=annotations_dir, images_dir=images_dir)
     atomic_write_json(out, coco, indent=None)
-    _after_convert(out, voc_root / "JPEGImages")
+    _after_convert(out, images_dir or voc_root / "JPEGImages")
 
 
 @convert.command("yolo")
@@ -140,7 +152,41 @@ def _after_convert(out: Path, image_root: Path) -> None:
     index = load_coco(out, image_root=image_root)  # the same validation training will do
     click.echo(f"wrote {out}")
     click.echo(format_summary(index))
-    click.echo(f"images are relative to {image_root}: use --images {image_root} (or data.images={image_root})")
+    where = image_root.resolve()  # absolute: data.images is read relative to data.root otherwise
+    click.echo(f"images are relative to {where}: use --images {where} (or data.images={where}), or make a "
+               f"dataset folder for gkd run with: gkd data split {out} --images {where} --out DIR")
+
+
+@data.command("split")
+@click.argument("file", type=_PATH_FILE)
+@click.option("--out", type=_PATH_DIR, required=True,
+              help="Folder for train.json, val.json and the images/ link (the layout gkd run data_root= reads).")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+              show_default=True, help="Share of the images that go to val.json.")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="The same seed, the same split.")
+@click.option("--images", type=_PATH_DIR, default=None,
+              help="Folder FILE's file_name entries are relative to [default: 'images' next to FILE if it exists, "
+                   "else FILE's folder].")
+def split(file: Path, out: Path, val_fraction: float, seed: int, images: Path | None) -> None:
+    """Split one COCO JSON into OUT/train.json and OUT/val.json, seeded and stratified by class.
+
+    
+    Every image goes with the rarest class it holds, and each class's share of images is split by --val-fraction,
+    so rare classes reach both splits. OUT/images links to the image folder: OUT is a complete dataset folder.
+
+    
+    Example:
+      gkd data convert voc --annotations mine/annotations --images mine/images --out mine/all.json
+      gkd data split mine/all.json --out data/mine && gkd run data_root=data/mine
+    """
+    from ..logs import setup_console_logging
+    from .split import split_coco
+
+    setup_console_logging()
+    rep = split_coco(file, out, val_fraction=val_fraction, seed=seed, image_root=images)
+    click.echo(f"wrote {out / 'train.json'} ({rep['train']} images) and {out / 'val.json'} ({rep['val']} images); "
+               f"{rep['images']} -> {rep['image_root']}")
+    click.echo(f"use it with: gkd run data_root={out}  (or data.root={out} in a training config)")
 
 
 @data.command("check")

@@ -107,15 +107,20 @@ def _parse_voc_xml(xml: Path, image_dir: Path) -> tuple[str, int, int, list[dict
     return file_name, width, height, objects
 
 
-def _voc_files(root: Path, split: str | None) -> list[Path]:
-    ann_dir = root / "Annotations"
+def _voc_files(root: Path | None, split: str | None, ann_dir: Path) -> list[Path]:
     if not ann_dir.is_dir():
-        raise GkdError(f"{root}: no Annotations/ folder; expected a Pascal VOC root (Annotations/, JPEGImages/)")
+        if root is not None and ann_dir == root / "Annotations":
+            raise GkdError(f"{root}: no Annotations/ folder; expected a Pascal VOC root (Annotations/, JPEGImages/), "
+                           f"or give --annotations and --images")
+        raise GkdError(f"{ann_dir}: not a folder; expected the folder of the VOC .xml files")
     if split is None:
         files = sorted(ann_dir.glob("*.xml"))
         if not files:
             raise GkdError(f"{ann_dir}: no .xml files; expected Pascal VOC annotations")
         return files
+    if root is None:
+        raise GkdError(f"--split {split}: needs VOC_ROOT (it reads VOC_ROOT/ImageSets/Main/{split}.txt); without one, "
+                       f"convert everything and use gkd data split")
     listing = root / "ImageSets" / "Main" / f"{split}.txt"
     try:
         ids = [ln.split()[0] for ln in listing.read_text(encoding="utf-8").splitlines() if ln.strip()]
@@ -135,8 +140,9 @@ def _voc_files(root: Path, split: str | None) -> list[Path]:
     return files
 
 
-def voc_to_coco(root: str | os.PathLike, *, split: str | None = None, classes: Sequence[str] | None = None,
-                difficult: str = "ignore") -> dict[str, Any]:
+def voc_to_coco(root: str | os.PathLike | None, *, split: str | None = None, classes: Sequence[str] | None = None,
+                difficult: str = "ignore", annotations_dir: str | os.PathLike | None = None,
+                images_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Convert a Pascal VOC folder to a COCO dict.
 
     Args:
@@ -146,18 +152,24 @@ def voc_to_coco(root: str | os.PathLike, *, split: str | None = None, classes: S
             whose name is not in it is an error.
         difficult: ``"ignore"`` (iscrowd=1, the default), ``"keep"`` or ``"drop"``; see the module docstring.
 
+        annotations_dir, images_dir: the two folders when they are not VOC's (``annotations/*.xml`` and
+            ``images/*.jpg``, say); each defaults to ``root``'s.
+
     Returns:
-        A COCO instances dict; ``file_name`` is relative to ``<root>/JPEGImages``.
+        A COCO instances dict; ``file_name`` is relative to the image folder.
     """
     if difficult not in DIFFICULT_POLICIES:
         raise GkdError(f"difficult is '{difficult}'; expected one of {', '.join(DIFFICULT_POLICIES)}")
-    root = Path(root)
-    image_dir = root / "JPEGImages"
-    parsed = [(xml, *_parse_voc_xml(xml, image_dir)) for xml in _voc_files(root, split)]
+    root = Path(root) if root is not None else None
+    if root is None and (annotations_dir is None or images_dir is None):
+        raise GkdError("voc: give the VOC root, or both the annotations and the images folders")
+    ann_dir = Path(annotations_dir) if annotations_dir is not None else root / "Annotations"
+    image_dir = Path(images_dir) if images_dir is not None else root / "JPEGImages"
+    parsed = [(xml, *_parse_voc_xml(xml, image_dir)) for xml in _voc_files(root, split, ann_dir)]
     if classes is None:
         classes = sorted({o["name"] for *_, objs in parsed for o in objs})
         if not classes:
-            raise GkdError(f"{root}: no objects in any annotation file; pass --classes to convert anyway")
+            raise GkdError(f"{ann_dir}: no objects in any annotation file; pass --classes to convert anyway")
     label = {n: i + 1 for i, n in enumerate(classes)}
     images, anns = [], []
     for image_id, (xml, file_name, width, height, objects) in enumerate(parsed, 1):
@@ -175,7 +187,7 @@ def voc_to_coco(root: str | os.PathLike, *, split: str | None = None, classes: S
                          "iscrowd": int(o["difficult"] and difficult == "ignore"),
                          "attributes": {"difficult": o["difficult"], "truncated": o["truncated"],
                                         "occluded": o["occluded"]}})
-    return _coco(images, anns, classes, f"converted from Pascal VOC {root}" + (f" ({split})" if split else ""))
+    return _coco(images, anns, classes, f"converted from Pascal VOC {root or ann_dir}" + (f" ({split})" if split else ""))
 
 
 # ----------------------------------------------------------------------------------------------------------------

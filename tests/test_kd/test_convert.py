@@ -221,3 +221,56 @@ def test_yolo_missing_folders_and_images(tmp_path):
         yolo_to_coco(tmp_path / "images", tmp_path / "labels", names=["a"])
     with pytest.raises(GkdError, match="labels folder not found"):
         yolo_to_coco(tmp_path / "images", tmp_path / "nope", names=["a"])
+
+
+def test_voc_labels_in_other_folders_convert_the_same(tmp_path):
+    """annotations/*.xml + images/*.jpg (the common layout) gives the same COCO boxes as a VOC root."""
+    voc = make_voc(tmp_path / "voc")
+    other = tmp_path / "mine"
+    (other / "annotations").mkdir(parents=True)
+    (other / "images").mkdir()
+    for name, _, _ in IMAGES:
+        (other / "annotations" / f"{name}.xml").write_bytes((voc / "Annotations" / f"{name}.xml").read_bytes())
+        (other / "images" / f"{name}.jpg").write_bytes((voc / "JPEGImages" / f"{name}.jpg").read_bytes())
+    a = voc_to_coco(voc)
+    b = voc_to_coco(None, annotations_dir=other / "annotations", images_dir=other / "images")
+    assert _boxes_by_file(a) == _boxes_by_file(b) and a["categories"] == b["categories"]
+    with pytest.raises(GkdError, match="--split train: needs VOC_ROOT"):
+        voc_to_coco(None, split="train", annotations_dir=other / "annotations", images_dir=other / "images")
+    with pytest.raises(GkdError, match="give the VOC root, or both"):
+        voc_to_coco(None, annotations_dir=other / "annotations")
+
+
+def _many_images(root, n=40):
+    """``n`` images; class 'rare' on 4 of them, 'common' on the rest, 3 without boxes."""
+    images, anns = [], []
+    for i in range(n):
+        _image(root / "images" / f"{i:03d}.png", 32, 32)
+        images.append({"id": i + 1, "file_name": f"{i:03d}.png", "width": 32, "height": 32})
+        if i < n - 3:
+            cat = 2 if i % 10 == 0 else 1
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": cat, "bbox": [2, 2, 10, 10],
+                         "area": 100, "iscrowd": 0})
+    path = root / "all.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns,
+                                "categories": [{"id": 1, "name": "common"}, {"id": 2, "name": "rare"}]}))
+    return path
+
+
+def test_split_is_seeded_stratified_and_a_dataset_folder(tmp_path):
+    from gkd.kd.data.split import split_coco
+
+    src = _many_images(tmp_path / "src")
+    rep = split_coco(src, tmp_path / "a", val_fraction=0.25, seed=3)
+    assert rep["train"] + rep["val"] == 40 and rep["val"] == 1 + 8 + 1  # rare 4 -> 1, common 33 -> 8, none 3 -> 1
+    train, val = load_coco(tmp_path / "a" / "train.json"), load_coco(tmp_path / "a" / "val.json")
+    assert train.classes == val.classes == ["common", "rare"]
+    for split in (train, val):  # every class in both splits
+        assert {a["category_id"] for anns in split.anns_by_image.values() for a in anns} == {1, 2}
+    assert (tmp_path / "a" / "images").resolve() == (tmp_path / "src" / "images").resolve()
+    split_coco(src, tmp_path / "b", val_fraction=0.25, seed=3)
+    assert (tmp_path / "a" / "val.json").read_text() == (tmp_path / "b" / "val.json").read_text()
+    split_coco(src, tmp_path / "c", val_fraction=0.25, seed=4)
+    assert (tmp_path / "a" / "val.json").read_text() != (tmp_path / "c" / "val.json").read_text()
+    with pytest.raises(GkdError, match="train.json: already exists"):
+        split_coco(src, tmp_path / "a", val_fraction=0.25, seed=3)

@@ -105,3 +105,14 @@ def test_convert_bad_label_line_exits_2(tmp_path, capsys):
 def test_help_for_every_data_command(capsys, args):
     rc, out, _ = run(capsys, *args, "--help")
     assert rc == 0 and "Usage: gkd data" in out and ("Example" in out or "Commands" in out)
+
+
+def test_split_command_makes_a_folder_gkd_run_reads(tmp_path, capsys):
+    from gkd.kd.data import generate_synthetic
+
+    generate_synthetic(tmp_path / "src", n_images=10, seed=0, image_size=64)
+    assert main(["data", "split", str(tmp_path / "src" / "train.json"), "--out", str(tmp_path / "mine"),
+                 "--val-fraction", "0.25"]) == 0
+    out = capsys.readouterr().out
+    assert "gkd run data_root=" in out and (tmp_path / "mine" / "images").is_dir()
+    assert main(["data", "check", str(tmp_path / "mine" / "val.json")]) == 0
