@@ -23,12 +23,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 __all__ = ["RunResult", "synth", "train", "distill", "evaluate", "export", "run"]
 
-Config = "str | Path | Mapping[str, Any] | None"
-Overrides = "Sequence[str] | Mapping[str, Any]"
+#: a YAML path, a mapping of keys, or None for the defaults
+Config = Optional[Union[str, Path, Mapping[str, Any]]]
+#: command-line style ``["train.epochs=2"]`` strings, or a nested mapping merged as data
+Overrides = Union[Sequence[str], Mapping[str, Any]]
 
 
 @dataclass(frozen=True)

@@ -41,8 +41,8 @@ def _norm(name: str) -> str:
 
 #: names other datasets give COCO categories (Pascal VOC's, mostly)
 ALIASES = {"aeroplane": "airplane", "motorbike": "motorcycle", "sofa": "couch", "tvmonitor": "tv",
-           "tv monitor": "tv", "diningtable": "dining table", "pottedplant": "potted plant", "cell phone": "cell phone",
-           "mobile phone": "cell phone", "hand bag": "handbag", "ball": "sports ball"}
+           "tv monitor": "tv", "diningtable": "dining table", "pottedplant": "potted plant",
+           "mobile phone": "cell phone", "hand bag": "handbag"}
 
 
 def coco_slots_for(classes: Sequence[str]) -> tuple[list[int] | None, str]:
@@ -56,7 +56,7 @@ def coco_slots_for(classes: Sequence[str]) -> tuple[list[int] | None, str]:
 
     def slot(c: str) -> int | None:
         key = _norm(c)
-        return by_name.get(key, by_name.get(_norm(ALIASES.get(key, key).replace("_", " "))))
+        return by_name.get(key, by_name.get(ALIASES.get(key, "")))
 
     slots = [slot(c) for c in classes]
     if classes and all(s is not None for s in slots):
