@@ -5,6 +5,11 @@ coordinates, converted to COCO results (``[x, y, w, h]``, category id, score) an
 ``COCOeval`` with ``iouType="bbox"``. ``max_dets`` is pycocotools' ``maxDets`` cap used for AP and the third AR
 (default 100; the summary is computed for the cap actually set, see :func:`summary_stats`, and a warning says when
 images hold more objects than the cap).
+
+Two scorers compute the same numbers: pycocotools (the reference) and faster-coco-eval (a C++ re-implementation,
+used when it is installed because it is several times faster on large sets; ``tests/test_kd/test_evaluation.py``
+checks that both give the same 12 numbers and per-class AP). ``CocoEvaluator.backend`` names the one used; the subset
+filters (``ann_filter``) always run on pycocotools, whose ``_prepare`` they extend.
 """
 from __future__ import annotations
 
@@ -15,7 +20,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-__all__ = ["CocoEvaluator", "STAT_NAMES", "evaluate_detector", "coco_metrics_from_stats", "summary_stats"]
+__all__ = ["CocoEvaluator", "STAT_NAMES", "evaluate_detector", "coco_metrics_from_stats", "summary_stats",
+           "per_class_ap", "default_backend", "max_objects_per_image"]
 
 #: names of pycocotools' 12 summary numbers, mmdet-style (the KD literature's keys)
 STAT_NAMES = ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l",
@@ -27,6 +33,22 @@ def coco_metrics_from_stats(stats: Sequence[float]) -> dict[str, float]:
     return {name: float(v) for name, v in zip(STAT_NAMES, stats)}
 
 
+def default_backend() -> str:
+    """``"faster-coco-eval"`` when it is importable, else ``"pycocotools"``."""
+    import importlib.util
+
+    return "faster-coco-eval" if importlib.util.find_spec("faster_coco_eval") else "pycocotools"
+
+
+def max_objects_per_image(gt_json: dict[str, Any]) -> int:
+    """The most non-crowd objects any image of ``gt_json`` holds (what ``max_dets`` must reach for AP to reach 1)."""
+    counts: dict[int, int] = {}
+    for a in gt_json.get("annotations", []):
+        if not a.get("iscrowd", 0):
+            counts[a["image_id"]] = counts.get(a["image_id"], 0) + 1
+    return max(counts.values(), default=0)
+
+
 class CocoEvaluator:
     """Accumulate detections and compute COCO box metrics.
 
@@ -34,12 +56,21 @@ class CocoEvaluator:
         gt_json: the COCO ground-truth dict (images, annotations with iscrowd/area, categories).
         category_ids: COCO category id of each contiguous label; label ``i + 1`` -> ``category_ids[i]``.
         max_dets: detections per image considered for AP (pycocotools ``maxDets[-1]``).
+        backend: ``"pycocotools"``, ``"faster-coco-eval"`` or None (:func:`default_backend`).
+
+    After :meth:`evaluate`, ``per_class`` maps each category id to its AP (IoU .50:.95, all areas, ``max_dets``;
+    -1.0 for a category without ground truth in the evaluated images).
     """
 
-    def __init__(self, gt_json: dict[str, Any], category_ids: Sequence[int], max_dets: int = 100):
+    def __init__(self, gt_json: dict[str, Any], category_ids: Sequence[int], max_dets: int = 100,
+                 backend: str | None = None):
         self.gt_json = gt_json
         self.category_ids = [int(c) for c in category_ids]
         self.max_dets = int(max_dets)
+        self.backend = backend or default_backend()
+        if self.backend not in ("pycocotools", "faster-coco-eval"):
+            raise ValueError(f"unknown COCO evaluation backend {self.backend!r}")
+        self.per_class: dict[int, float] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -84,8 +115,13 @@ class CocoEvaluator:
 
         With no detections at all, every AP/AR is 0.0 (pycocotools itself would refuse an empty result list).
         """
-        from pycocotools.coco import COCO
-        from pycocotools.cocoeval import COCOeval
+        fast = self.backend == "faster-coco-eval" and ann_filter is None
+        if fast:
+            from faster_coco_eval import COCO
+            from faster_coco_eval import COCOeval_faster as COCOeval
+        else:
+            from pycocotools.coco import COCO
+            from pycocotools.cocoeval import COCOeval
 
         ids = sorted(self._image_ids if image_ids is None else set(int(i) for i in image_ids))
         gt = copy.deepcopy(self.gt_json)
@@ -99,15 +135,20 @@ class CocoEvaluator:
             wanted = set(ids)
             dets = [d for d in self.detections if d["image_id"] in wanted]
             if not dets:
-                return {name: (0.0 if _has_gt(coco_gt, ids, ann_filter) else -1.0) for name in STAT_NAMES}
+                has = _has_gt(coco_gt, ids, ann_filter)
+                self.per_class = {c: (0.0 if _has_gt(coco_gt, ids, ann_filter, c) else -1.0)
+                                  for c in self.category_ids}
+                return {name: (0.0 if has else -1.0) for name in STAT_NAMES}
             coco_dt = coco_gt.loadRes(copy.deepcopy(dets))
             ev_cls = _subset_cocoeval(ann_filter) if ann_filter is not None else COCOeval
             ev = ev_cls(coco_gt, coco_dt, iouType="bbox")
             ev.params.imgIds = ids
+            ev.params.catIds = sorted(coco_gt.getCatIds())
             ev.params.maxDets = [1, 10, self.max_dets]
             ev.evaluate()
             ev.accumulate()
         self._warn_if_capped(coco_gt, ids)
+        self.per_class = per_class_ap(ev)
         return coco_metrics_from_stats(summary_stats(ev))
 
     def _warn_if_capped(self, coco_gt, ids) -> None:
@@ -155,6 +196,22 @@ def summary_stats(ev) -> list[float]:
             one(False), one(False, area="small"), one(False, area="medium"), one(False, area="large")]
 
 
+def per_class_ap(ev) -> dict[int, float]:
+    """Category id -> AP at IoU .50:.95, all areas, the last ``maxDets`` (after ``accumulate()``); -1.0 where the
+    category has no ground truth (pycocotools marks it so in ``eval["precision"]``)."""
+    import numpy as np
+
+    p = ev.params
+    a = [i for i, lbl in enumerate(p.areaRngLbl) if lbl == "all"]
+    prec = np.asarray(ev.eval["precision"])[:, :, :, a, -1]  # [T, R, K, 1]
+    out = {}
+    for k, cat in enumerate(p.catIds):
+        s = prec[:, :, k]
+        valid = s[s > -1]
+        out[int(cat)] = float(np.mean(valid)) if valid.size else -1.0
+    return out
+
+
 def _subset_cocoeval(ann_filter):
     from pycocotools.cocoeval import COCOeval
 
@@ -170,8 +227,9 @@ def _subset_cocoeval(ann_filter):
     return SubsetCOCOeval
 
 
-def _has_gt(coco_gt, ids, ann_filter=None) -> bool:
+def _has_gt(coco_gt, ids, ann_filter=None, category_id: int | None = None) -> bool:
     return any(not a.get("iscrowd", 0) and (ann_filter is None or ann_filter(a))
+               and (category_id is None or a["category_id"] == category_id)
                for i in ids for a in coco_gt.imgToAnns.get(i, []))
 
 

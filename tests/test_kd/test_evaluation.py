@@ -132,3 +132,68 @@ def test_raised_max_dets_is_what_the_summary_uses_and_the_cap_is_warned(caplog):
     assert c["bbox_mAP"] < 0.7  # 100 of 150 objects can be counted
     warnings = [r.message for r in caplog.records if "max_dets=100" in r.message]
     assert len(warnings) == 1 and "1 image(s) hold more than max_dets=100 objects (up to 150)" in warnings[0]
+
+
+def _random_case(seed: int, n_images: int = 6, max_objects: int = 140):
+    """Ground truth with 1..max_objects objects per image (some above pycocotools' 100) and noisy detections:
+    shifted boxes, misses, false positives, wrong classes, crowd regions."""
+    import random
+
+    rng = random.Random(seed)
+    images, anns, targets, outputs = [], [], [], []
+    for i in range(1, n_images + 1):
+        images.append({"id": i, "width": 640, "height": 480, "file_name": f"{i}.png"})
+        boxes, labels, scores = [], [], []
+        for _ in range(rng.randint(1, max_objects)):
+            w, h = rng.uniform(4, 200), rng.uniform(4, 200)
+            x, y = rng.uniform(0, 640 - w), rng.uniform(0, 480 - h)
+            cat = rng.choice([3, 7, 9])
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": cat, "bbox": [x, y, w, h],
+                         "area": w * h, "iscrowd": int(rng.random() < 0.03)})
+            if rng.random() < 0.8:  # found, somewhat off, sometimes with the wrong class
+                dx, dy = rng.gauss(0, w * 0.1), rng.gauss(0, h * 0.1)
+                lab = [3, 7, 9].index(cat) + 1 if rng.random() < 0.9 else rng.randint(1, 3)
+                boxes.append([x + dx, y + dy, x + dx + w, y + dy + h]), labels.append(lab)
+                scores.append(rng.random())
+        for _ in range(rng.randint(0, 20)):  # false positives
+            x, y = rng.uniform(0, 600), rng.uniform(0, 440)
+            boxes.append([x, y, x + rng.uniform(5, 40), y + rng.uniform(5, 40)])
+            labels.append(rng.randint(1, 3)), scores.append(rng.random())
+        targets.append({"image_id": i})
+        outputs.append({"boxes": torch.tensor(boxes).reshape(-1, 4), "labels": torch.tensor(labels),
+                        "scores": torch.tensor(scores)})
+    gt_json = {"images": images, "annotations": anns,
+               "categories": [{"id": c, "name": n} for c, n in ((3, "a"), (7, "b"), (9, "c"))]}
+    return gt_json, targets, outputs
+
+
+@pytest.mark.parametrize("max_dets", [100, 1000])
+def test_faster_coco_eval_equals_pycocotools(max_dets):
+    """faster-coco-eval (used when installed) gives pycocotools' 12 numbers and per-class AP, including images with
+    more than 100 objects and a raised maxDets."""
+    pytest.importorskip("faster_coco_eval", reason="faster-coco-eval is not installed (it is in requirements.txt)")
+    for seed in range(3):
+        gt_json, targets, outputs = _random_case(seed)
+        got = {}
+        for backend in ("pycocotools", "faster-coco-eval"):
+            ev = CocoEvaluator(gt_json, [3, 7, 9], max_dets=max_dets, backend=backend)
+            ev.process(targets, outputs)
+            got[backend] = (ev.evaluate(), ev.per_class)
+        ref, fast = got["pycocotools"], got["faster-coco-eval"]
+        assert 0.05 < ref[0]["bbox_mAP"] < 0.95  # a case with something to get right
+        for name in STAT_NAMES:
+            assert fast[0][name] == pytest.approx(ref[0][name], abs=1e-9), (seed, name)
+        assert fast[1] == pytest.approx(ref[1], abs=1e-9)
+
+
+def test_per_class_ap_is_pycocotools_precision_averaged_per_category():
+    """Per-class AP: hand-made case where one class is found perfectly and the other not at all; their mean is
+    the mAP; a class without ground truth is -1."""
+    g = gt()
+    g["categories"].append({"id": 11, "name": "bird"})
+    ev = CocoEvaluator(g, [3, 7, 11], backend="pycocotools")
+    ev.process([{"image_id": 1}, {"image_id": 2}],
+               [as_outputs([[10, 10, 40, 40]], [1]), as_outputs([[0, 0, 60, 60]], [1])])
+    m = ev.evaluate()
+    assert ev.per_class[3] == pytest.approx(1.0) and ev.per_class[7] == 0.0 and ev.per_class[11] == -1.0
+    assert m["bbox_mAP"] == pytest.approx(0.5)
