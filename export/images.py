@@ -6,7 +6,7 @@ Images load as the evaluation path loads them (``gkd.kd.data.coco.load_image``: 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,8 @@ class ImageSet:
         category_ids: COCO category id of labels 1..K.
         classes: class names of labels 1..K.
         has_annotations: whether the chosen images hold any annotation (mAP is meaningful).
+        failed: ``[(file, reason)]`` of images that could not be decoded (only with ``skip_unreadable``; they are
+            left out of ``images`` and of ``gt_json``, so every model is scored on the same readable images).
     """
 
     path: Path
@@ -35,10 +37,11 @@ class ImageSet:
     category_ids: list[int]
     classes: list[str]
     has_annotations: bool
+    failed: list[tuple[str, str]] = field(default_factory=list)
 
 
 def load_image_set(json_path: str | Path, *, limit: int | None = None, seed: int = 0,
-                   image_root: str | Path | None = None) -> ImageSet:
+                   image_root: str | Path | None = None, skip_unreadable: bool = False) -> ImageSet:
     """Read up to ``limit`` images (a seeded random subset when the file has more) of a COCO JSON file.
 
     Args:
@@ -46,17 +49,32 @@ def load_image_set(json_path: str | Path, *, limit: int | None = None, seed: int
         limit: number of images (None = all).
         seed: picks the subset, so runs are reproducible.
         image_root: folder of the image files (default: ``images/`` next to the JSON, else its folder).
+        skip_unreadable: count images that fail to decode in ``failed`` instead of stopping at the first one
+            (the caller reports them; they are never dropped silently).
     """
     from gkd.kd.data.coco import load_coco, load_image
+    from gkd.kd.errors import GkdError
 
     index = load_coco(json_path, image_root=image_root)
     entries = list(index.images)
     if limit is not None and limit < len(entries):
         picked = set(random.Random(seed).sample(range(len(entries)), limit))
         entries = [e for i, e in enumerate(entries) if i in picked]
-    images = []
+    images, failed = [], []
     for im in entries:
-        arr = np.asarray(load_image(index.image_path(im)), dtype=np.uint8).copy()
+        try:
+            arr = np.asarray(load_image(index.image_path(im)), dtype=np.uint8).copy()
+        except GkdError as exc:
+            if not skip_unreadable:
+                raise
+            failed.append((str(index.image_path(im)), str(exc)))
+            continue
         images.append((int(im["id"]), torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)))
-    annotated = any(index.anns_by_image.get(int(im["id"])) for im in entries)
-    return ImageSet(Path(json_path), images, index.gt_json, list(index.category_ids), list(index.classes), annotated)
+    gt_json = index.gt_json
+    if failed:
+        kept = {i for i, _ in images}
+        gt_json = {**gt_json, "images": [im for im in gt_json["images"] if int(im["id"]) in kept],
+                   "annotations": [a for a in gt_json["annotations"] if int(a["image_id"]) in kept]}
+    annotated = any(index.anns_by_image.get(i) for i, _ in images)
+    return ImageSet(Path(json_path), images, gt_json, list(index.category_ids), list(index.classes), annotated,
+                    failed)

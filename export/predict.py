@@ -7,7 +7,6 @@ model resizes them itself.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 

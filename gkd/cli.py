@@ -17,7 +17,7 @@ __all__ = ["cli", "main"]
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("gkd.kd.data.cli:data", "Generate the embedded synthetic dataset or convert VOC / YOLO labels to COCO JSON."),
     "train": ("gkd.kd.cli:train", "Train a detector (a teacher, or a student without distillation) from a YAML config."),
-    "eval": ("gkd.kd.cli:evaluate", "Evaluate a checkpoint on a COCO-format dataset (COCO mAP + detections JSON)."),
+    "eval": ("gkd.bench.accuracy:evaluate", "COCO mAP of checkpoints, ONNX files and TensorRT engines: one protocol, a gate."),
     "distill": ("gkd.kd.distill.cli:distill", "Train a student from a teacher with global-knowledge distillation."),
     "export": ("gkd.export.cli:export", "Export a checkpoint to ONNX (FP32/FP16/INT8) and TensorRT, with parity checks."),
     "predict": ("gkd.export.predict:predict", "Detect objects in images with a checkpoint or ONNX file; draw the boxes."),

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-__all__ = ["train", "evaluate", "config_overrides_argument", "split_config_and_overrides"]
+__all__ = ["train", "config_overrides_argument", "split_config_and_overrides"]
 
 OVERRIDES_HELP = ("Override any config key as key=value (dotted for nested sections), e.g. train.epochs=2 "
                   "model.backbone=resnet18 data.root=data/mine. Values are parsed as YAML.")
@@ -59,46 +59,3 @@ def _summary(run_dir: Path, record: dict) -> str:
         return (f"done: {run_dir}  bbox_mAP {record['val/bbox_mAP']:.4f}  mAP_50 {record['val/bbox_mAP_50']:.4f}  "
                 f"checkpoint {run_dir / 'checkpoints' / 'model.pt'}")
     return f"done: {run_dir}  checkpoint {run_dir / 'checkpoints' / 'model.pt'}"
-
-
-@click.command("eval")
-@click.argument("checkpoint", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--data", type=click.Path(path_type=Path, dir_okay=False), required=True,
-              help="COCO instances JSON to evaluate on (e.g. data/synth/val.json).")
-@click.option("--images", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="Folder the JSON's file_name entries are relative to [default: 'images' next to the JSON].")
-@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="Where detections.json and metrics.json go [default: eval/ next to the checkpoint's run].")
-@click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True)
-@click.option("--max-dets", type=click.IntRange(1), default=100, show_default=True,
-              help="pycocotools maxDets for AP; raise it for images with more than 100 objects.")
-@click.option("--size", type=click.IntRange(32), default=None,
-              help="Evaluate at this input size (shorter and longer side) instead of the trained one.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"], case_sensitive=False), default="auto",
-              show_default=True)
-@click.option("--no-progress", is_flag=True)
-def evaluate(checkpoint: Path, data: Path, images: Path | None, out: Path | None, batch_size: int, max_dets: int,
-             size: int | None, device: str, no_progress: bool) -> None:
-    """Evaluate a detector CHECKPOINT on a COCO-format dataset.
-
-    Prints the 12 COCO box metrics (mmdet names: bbox_mAP, bbox_mAP_50, ..., bbox_mAP_s/m/l) and writes
-    detections.json (COCO results format) and metrics.json. Takes checkpoints written by `gkd train` and
-    `gkd distill` (checkpoints/model.pt, best.pt or last.pt).
-
-    \b
-    Example:
-      gkd eval runs/teacher/checkpoints/best.pt --data data/synth/val.json
-    """
-    from .evaluation import STAT_NAMES
-    from .logs import setup_console_logging
-    from .train import evaluate_checkpoint
-
-    setup_console_logging()
-    if out is None:
-        parent = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-        out = parent / "eval" / checkpoint.stem
-    metrics = evaluate_checkpoint(checkpoint, data, images, out, batch_size=batch_size, max_dets=max_dets,
-                                  device=device, min_size=size, max_size=size, progress=not no_progress)
-    for name in STAT_NAMES:
-        click.echo(f"{name:<13} {metrics[name]:.4f}")
-    click.echo(f"wrote {out / 'detections.json'} and {out / 'metrics.json'}")

@@ -1,0 +1,113 @@
+"""Every model a user may benchmark or evaluate, opened as a runner: PyTorch checkpoints, ONNX files (any precision)
+and TensorRT engines.
+
+The kind comes from the file name (``.pt``/``.pth``, ``.onnx``, ``.engine``/``.plan``/``.trt``) and is checked
+against the content's first bytes (a checkpoint is a zip, an engine is not a protobuf...), so a renamed file is
+refused in one line instead of failing deep inside a loader. What a runner reports (provider, precision) is read
+back from the runtime or the file, never the request: asking onnxruntime for CUDA on a machine without it runs on
+the CPU, and the report says so.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gkd.kd.errors import GkdError
+
+__all__ = ["KINDS", "ModelSpec", "model_kind", "open_runner", "ORT_PROVIDERS", "Unavailable"]
+
+KINDS = {".pt": "pytorch", ".pth": "pytorch", ".onnx": "onnx", ".engine": "tensorrt", ".plan": "tensorrt",
+         ".trt": "tensorrt"}
+
+#: ``--provider`` -> onnxruntime providers to ask for, best first
+ORT_PROVIDERS = {"cpu": ("CPUExecutionProvider",),
+                 "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+                 "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")}
+
+
+class Unavailable(GkdError):
+    """The runtime or device a model needs is missing here (reported, and the model skipped, by the callers)."""
+
+
+@dataclass
+class ModelSpec:
+    """One model to run. ``name`` labels it in tables (``<runtime>-<precision>``, made unique by the caller)."""
+
+    path: Path
+    kind: str
+    name: str = ""
+
+
+def model_kind(path: str | Path) -> str:
+    """``"pytorch"``, ``"onnx"`` or ``"tensorrt"`` for ``path``; a one-line GkdError for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise GkdError(f"{path}: model file not found")
+    kind = KINDS.get(path.suffix.lower())
+    if kind is None:
+        raise GkdError(f"{path}: unknown model kind (suffix {path.suffix or 'none'!r}); expected a checkpoint "
+                       f"(.pt, .pth), an ONNX file (.onnx) or a TensorRT engine (.engine, .plan, .trt)")
+    head = path.read_bytes()[:4] if path.stat().st_size else b""
+    is_zip = head[:2] == b"PK"
+    if kind == "pytorch" and not is_zip:
+        raise GkdError(f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive; this file is not one)")
+    if kind in ("onnx", "tensorrt") and (is_zip or not head):
+        raise GkdError(f"{path}: {'empty file' if not head else 'a zip archive (a PyTorch checkpoint?)'}, "
+                       f"not {'an ONNX model' if kind == 'onnx' else 'a TensorRT engine'}")
+    return kind
+
+
+def open_runner(spec: ModelSpec, *, device: str = "cpu", provider: str | None = None, threads: int = 1):
+    """An activated runner for ``spec`` and a note (what was used instead of what was asked, or "").
+
+    Args:
+        spec: the model.
+        device: ``cpu`` or ``cuda`` (PyTorch checkpoints; ONNX picks its provider from it unless ``provider``).
+        provider: onnxruntime provider key (:data:`ORT_PROVIDERS`); default: ``cuda`` on ``--device cuda``.
+        threads: CPU threads (PyTorch's intra-op and onnxruntime's intra-op alike).
+
+    Raises:
+        Unavailable: the model's runtime or device is missing (tensorrt not installed, no CUDA GPU).
+        GkdError: the file is not a usable model.
+    """
+    import torch
+
+    from gkd.export.runtime import OrtRunner, TorchRunner, TrtRunner
+
+    if spec.kind == "pytorch":
+        if device == "cuda" and not torch.cuda.is_available():
+            raise Unavailable(f"{spec.path}: --device cuda asked for, but torch sees no CUDA GPU")
+        from gkd.kd.checkpoint import load_detector
+
+        torch.set_num_threads(threads)
+        model, info = load_detector(spec.path)
+        runner = TorchRunner(model, device=device)
+        runner.precision = "fp32"
+        runner.info = info
+        return runner.__enter__(), ""
+    if spec.kind == "onnx":
+        key = provider or ("cuda" if device == "cuda" else "cpu")
+        asked = ORT_PROVIDERS[key]
+        runner = OrtRunner(spec.path, providers=asked, threads=threads).__enter__()
+        note = ""
+        if runner.provider != asked[0]:
+            note = (f"{spec.path.name}: asked onnxruntime for {asked[0]}, it runs on {runner.provider} "
+                    f"({asked[0]} is not usable here)")
+        return runner, note
+    if spec.kind == "tensorrt":
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            raise Unavailable(f"{spec.path}: running a TensorRT engine needs the tensorrt Python package (pip "
+                              f"install 'gkd[trt]' on a machine with an NVIDIA GPU); it is not installed here") from None
+        if not torch.cuda.is_available():
+            raise Unavailable(f"{spec.path}: running a TensorRT engine needs a CUDA GPU; torch sees none")
+        return TrtRunner(spec.path).__enter__(), ""
+    raise GkdError(f"{spec.path}: unknown model kind {spec.kind!r}")
+
+
+def runner_label(spec: ModelSpec, runner: Any) -> str:
+    """``pytorch-fp32``, ``onnxruntime-int8``, ``tensorrt-fp16``: the runtime and the precision read back."""
+    runtime = {"pytorch": "pytorch", "onnx": "onnxruntime", "tensorrt": "tensorrt"}[spec.kind]
+    return f"{runtime}-{getattr(runner, 'precision', 'unknown')}"
