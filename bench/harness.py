@@ -3,7 +3,8 @@
 Warm-up (per runner, untimed, as trtexec does it by time with a minimum call count): at least ``warmup_min_calls``
 calls and ``warmup_s`` seconds, then until *steady*: the median of the last ``steady_window`` calls is within
 ``steady_tolerance`` of the median of the window before it. A runner that is not steady after ``warmup_max_s`` is
-timed anyway and reported with ``steady: false`` (a warning, never a silent pass).
+timed anyway and reported with ``steady: false`` (a warning, never a silent pass). ``warmup_max_s = 0`` means a
+fixed warm-up of ``warmup_min_calls`` calls, steadiness not tested (``steady: null``).
 
 Timed phase (all runners together): rounds of one call per runner, the order rotating each round so that load
 changes on a shared machine hit every runner alike. It ends when every runner has ``min_iterations`` calls *and*
@@ -35,7 +36,6 @@ class TimingPolicy:
     warmup_max_s: float = 20.0
     steady_window: int = 5
     steady_tolerance: float = 0.05
-    steady_check: bool = True
     duration_s: float = 3.0
     min_iterations: int = 10
     max_iterations: int | None = None
@@ -49,7 +49,7 @@ class TimingPolicy:
     @classmethod
     def fixed(cls, warmup: int, iterations: int) -> "TimingPolicy":
         """Exactly ``warmup`` untimed and ``iterations`` timed calls (no time bounds, no steadiness test)."""
-        return cls(warmup_s=0.0, warmup_min_calls=warmup, warmup_max_s=0.0, steady_check=False, duration_s=0.0,
+        return cls(warmup_s=0.0, warmup_min_calls=warmup, warmup_max_s=0.0, duration_s=0.0,
                    min_iterations=iterations, max_iterations=iterations)
 
 
@@ -61,7 +61,7 @@ class Timings:
     phases_ms: dict[str, list[float]] = field(default_factory=dict)
     warmup_calls: int = 0
     warmup_s: float = 0.0
-    steady: bool = True
+    steady: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,14 +75,14 @@ def _steady(times: list[float], window: int, tol: float) -> bool:
     return before > 0 and abs(last - before) / before <= tol
 
 
-def _warm_up(call: Call, policy: TimingPolicy, clock: Callable[[], float]) -> tuple[int, float, bool]:
+def _warm_up(call: Call, policy: TimingPolicy, clock: Callable[[], float]) -> tuple[int, float, bool | None]:
     start = clock()
     times: list[float] = []
     while True:
         elapsed = clock() - start
         enough = len(times) >= policy.warmup_min_calls and elapsed >= policy.warmup_s
-        if enough and not policy.steady_check:
-            return len(times), elapsed, True
+        if enough and policy.warmup_max_s <= 0:
+            return len(times), elapsed, None  # fixed warm-up: steadiness not tested
         if enough and _steady(times, policy.steady_window, policy.steady_tolerance):
             return len(times), elapsed, True
         if enough and elapsed >= policy.warmup_max_s:

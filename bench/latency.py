@@ -1,17 +1,32 @@
-"""``gkd bench latency``: PyTorch eager vs onnxruntime FP32 vs INT8 (and FP16 where a provider runs it natively),
-batch 1, in one run: latency percentiles and the COCO mAP of each on the same validation images.
+"""``gkd bench latency MODEL...``: the latency of checkpoints, ONNX files and TensorRT engines under one protocol.
 
-Protocol (printed in the report): every runner gets the same decoded images as float32 ``[1, 3, H, W]`` in [0, 1];
-resize, normalisation, NMS and box rescaling are inside each model (export contract), so the timed region is the
-whole model, pre/post-processing included ("end-to-end model latency", image decoding excluded). Runners are timed
-round-robin, one call each per round with the order rotating, so that load changes on a shared machine hit all of
-them alike. Warm-up calls are not timed. The same thread count is given to PyTorch and onnxruntime.
+Protocol (printed, and stored in every report):
+
+- **Inputs**: real images of a COCO JSON (``--data``), cycled; batch 1, original size (the exported graph resizes).
+- **Two views, never mixed.** *compute*: the runtime call on a prepared input (a tensor already on the device, a
+  NumPy array for onnxruntime; on a GPU timed with CUDA events). *e2e*: from the image file: decode, host-to-device,
+  compute, device-to-host, each phase kept apart.
+- **Warm-up until steady, then a timed phase bounded by duration and count** (:mod:`gkd.bench.harness`), runners
+  round-robin with a rotating order. Every per-call time is kept in the JSON report.
+- **Statistics** (:mod:`gkd.bench.stats`): count, mean, std, min, p50, p90, p95, p99, max, CoV, throughput; the
+  headline at batch 1 is MLPerf SingleStream's p90 (early-stopping estimate at 99% confidence when >= 64 queries).
+- **Stamp** before and after: CPU, cores, threads, libraries, GPU name, driver, clocks and throttle reasons (NVML);
+  the precision and provider actually used, read back from each runtime. Warnings when the CoV exceeds 1%
+  (trtexec's threshold), when warm-up never became steady, or when the GPU throttled.
+- **trtexec** (``--trtexec``, when it is on PATH) times TensorRT engines itself; its ``--exportTimes`` per-iteration
+  times go through the same statistics.
+
+``run_latency_benchmark`` is the pipeline's form: a checkpoint and its export folder, with the mAP of each model.
 """
 from __future__ import annotations
 
+import csv
+import io
+import json
 import math
-import os
-import statistics
+import shutil
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -19,72 +34,220 @@ from typing import Any, Callable, Sequence
 import click
 import torch
 
-from ._machine import cpu_name
+from gkd.kd.errors import GkdError
 
-__all__ = ["latency", "latency_stats", "measure_latency", "run_latency_benchmark"]
+from .artifacts import ModelSpec, Unavailable, model_kind, open_runner, runner_label
+from .harness import Timings, TimingPolicy, measure
+from .stats import COV_WARN_THRESHOLD, headline, latency_stats
+from .stamp import machine_stamp, throttle_warnings
 
+__all__ = ["latency", "latency_stats", "benchmark_models", "run_latency_benchmark", "format_report",
+           "check_export_matches", "trtexec_times", "compute_call", "e2e_call"]
 
-def latency_stats(times_ms: Sequence[float]) -> dict[str, float]:
-    """trtexec/optimum-style summary: count, mean, std, min, p50, p90, p95, p99, max (ms), CoV and images/s.
-
-    Percentiles use linear interpolation between closest ranks (numpy's default).
-    """
-    xs = sorted(float(t) for t in times_ms)
-    if not xs:
-        raise ValueError("no timings")
-
-    def pct(q: float) -> float:
-        pos = (len(xs) - 1) * q / 100.0
-        lo, hi = math.floor(pos), math.ceil(pos)
-        return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-    mean = statistics.fmean(xs)
-    std = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return {"count": len(xs), "mean": mean, "std": std, "min": xs[0], "p50": pct(50), "p90": pct(90),
-            "p95": pct(95), "p99": pct(99), "max": xs[-1], "cov": std / mean if mean > 0 else 0.0,
-            "throughput_ips": 1000.0 / mean if mean > 0 else 0.0, "unit": "ms"}
+VIEWS = ("compute", "e2e")
 
 
-def measure_latency(calls: dict[str, Callable[[int], Any]], *, warmup: int, iterations: int,
-                    clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
-    """Time several callables round-robin.
+def _cuda_timed(runner, fn: Callable[[], Any]) -> tuple[Any, float | None]:
+    """Run ``fn``; on a CUDA runner also time it with CUDA events (ms), else None."""
+    dev = getattr(runner, "device", None)
+    if dev is None or getattr(dev, "type", "cpu") != "cuda":
+        return fn(), None
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    out = fn()
+    end.record()
+    end.synchronize()
+    return out, start.elapsed_time(end)
 
-    Args:
-        calls: name -> ``fn(i)`` running iteration ``i`` (e.g. on image ``i % n``).
-        warmup: untimed calls of each before timing.
-        iterations: timed calls of each.
-        clock: seconds clock (injectable for tests).
 
-    Returns:
-        name -> per-call milliseconds (``iterations`` values each).
-    """
-    names = list(calls)
-    for i in range(warmup):
-        for name in names:
-            calls[name](i)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for i in range(iterations):
-        k = i % len(names)
-        for name in names[k:] + names[:k]:  # rotate the order: no runner always runs right after another
-            t0 = clock()
-            calls[name](i)
-            times[name].append((clock() - t0) * 1000.0)
-    return times
+def compute_call(runner, images: Sequence[torch.Tensor]):
+    """The compute view: ``fn(i)`` runs the runtime on prepared input ``i % n`` (prepared once, outside timing)."""
+    prepared = [runner.prepare(im.unsqueeze(0).float().contiguous()) for im in images]
+
+    def call(i: int):
+        _, ms = _cuda_timed(runner, lambda: runner.compute(prepared[i % len(prepared)]))
+        return None if ms is None else {"sample": ms}
+
+    return call
+
+
+def e2e_call(runner, files: Sequence[Path], clock: Callable[[], float] = time.perf_counter):
+    """The end-to-end view: ``fn(i)`` decodes image file ``i % n`` and runs it through; phase times in ms."""
+    import numpy as np
+
+    from gkd.kd.data.coco import load_image
+
+    def call(i: int):
+        t0 = clock()
+        arr = np.asarray(load_image(files[i % len(files)]), dtype=np.uint8)
+        x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0).unsqueeze(0)
+        t1 = clock()
+        p = runner.prepare(x)
+        t2 = clock()
+        raw, ms = _cuda_timed(runner, lambda: runner.compute(p))
+        t3 = clock()
+        runner.finish(raw)
+        t4 = clock()
+        return {"decode": (t1 - t0) * 1e3, "h2d": (t2 - t1) * 1e3, "compute": ms if ms is not None else (t3 - t2) * 1e3,
+                "d2h": (t4 - t3) * 1e3}
+
+    return call
+
+
+def trtexec_times(engine: Path, policy: TimingPolicy, shape: Sequence[int], *, exe: str = "trtexec",
+                  timeout_s: float = 600.0) -> dict[str, list[float]]:
+    """Time a TensorRT engine with trtexec; returns its per-iteration ``latency`` / ``compute`` / ``h2d`` / ``d2h``
+    (ms) read from ``--exportTimes``. trtexec's ``Latency`` is H2D + compute + D2H of one query."""
+    with tempfile.TemporaryDirectory() as tmp:
+        times_file = Path(tmp) / "times.json"
+        cmd = [exe, f"--loadEngine={engine}", f"--shapes=image:{'x'.join(str(int(d)) for d in shape)}",
+               f"--warmUp={int(policy.warmup_s * 1000)}", f"--duration={max(0, math.ceil(policy.duration_s))}",
+               f"--iterations={policy.min_iterations}", f"--exportTimes={times_file}"]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise GkdError(f"{engine}: trtexec did not finish within {timeout_s:.0f} s") from None
+        if proc.returncode != 0 or not times_file.is_file():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise GkdError(f"{engine}: trtexec failed (exit {proc.returncode}): {tail[0][:300]}")
+        trace = json.loads(times_file.read_text())
+    keys = {"latency": "latencyMs", "compute": "computeMs", "h2d": "h2dMs", "d2h": "d2hMs"}
+    return {k: [float(t[v]) for t in trace if v in t] for k, v in keys.items()}
+
+
+def _verified(spec: ModelSpec) -> bool | None:
+    """An ONNX file's parity verdict from the export.json next to it, if that manifest lists this very file
+    (by SHA-256); None when nothing vouches for it. The PyTorch checkpoint is the reference (None)."""
+    from gkd.kd.io import file_sha256
+
+    manifest = spec.path.parent / "export.json"
+    if spec.kind != "onnx" or not manifest.is_file():
+        return None
+    try:
+        files = json.loads(manifest.read_text()).get("files", {})
+    except (OSError, json.JSONDecodeError):
+        return None
+    sha = file_sha256(spec.path)
+    for info in files.values():
+        if info.get("onnx") == spec.path.name and info.get("sha256") == sha:
+            return bool(info.get("verified"))
+    return None
+
+
+def _summarise(t: Timings, view: str) -> dict[str, Any]:
+    stats = latency_stats(t.samples_ms)
+    warnings = []
+    if stats["cov"] > COV_WARN_THRESHOLD:
+        warnings.append(f"unstable: CoV {stats['cov']:.1%} > {COV_WARN_THRESHOLD:.0%} (trtexec's threshold); a "
+                        f"quiet machine, pinned clocks or more iterations make the numbers comparable")
+    if t.steady is False:
+        warnings.append(f"warm-up did not become steady within {t.warmup_s:.1f} s ({t.warmup_calls} calls)")
+    return {"view": view, "latency": stats, "headline": headline(t.samples_ms),
+            "phases": {k: latency_stats(v) for k, v in t.phases_ms.items()},
+            "warmup": {"calls": t.warmup_calls, "seconds": t.warmup_s, "steady": t.steady}, "warnings": warnings}
+
+
+def benchmark_models(specs: Sequence[ModelSpec], data: Path, *, views: Sequence[str] = ("compute",),
+                     device: str = "cpu", provider: str | None = None, threads: int = 1,
+                     policy: TimingPolicy = TimingPolicy(), latency_images: int = 16, trtexec: bool = False,
+                     log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Time every model in every view; returns the report (``views[view][name]``, ``stamp``, ``skipped``...)."""
+    from gkd.export.images import load_image_set
+    from gkd.kd.data.coco import load_coco
+
+    torch.set_num_threads(threads)
+    image_set = load_image_set(data, limit=latency_images, skip_unreadable=True)
+    if not image_set.images:
+        raise GkdError(f"{data}: none of its images could be decoded")
+    index = load_coco(data)
+    by_id = {int(im["id"]): index.image_path(im) for im in index.images}
+    files = [by_id[i] for i, _ in image_set.images]
+    tensors = [im for _, im in image_set.images]
+    opened, skipped, notes = [], {}, {}
+    for spec in specs:
+        if spec.kind == "tensorrt" and trtexec:
+            opened.append((spec, None))
+            continue
+        try:
+            runner, note = open_runner(spec, device=device, provider=provider, threads=threads)
+        except Unavailable as exc:
+            skipped[spec.name or str(spec.path)] = str(exc)
+            log(f"skipped: {exc}")
+            continue
+        if note:
+            log(note)
+        opened.append((spec, runner))
+        notes[id(runner)] = note
+    if not opened:
+        raise GkdError("no model can run here: " + "; ".join(skipped.values()))
+    from .accuracy import unique_names
+
+    labels = unique_names([runner_label(s, r) if r is not None else "trtexec-engine" for s, r in opened],
+                          [s.path for s, _ in opened])
+    before = machine_stamp(threads)
+    report_views: dict[str, dict[str, Any]] = {}
+    for view in views:
+        calls = {}
+        for name, (spec, runner) in zip(labels, opened):
+            if runner is not None:
+                calls[name] = compute_call(runner, tensors) if view == "compute" else e2e_call(runner, files)
+        log(f"latency ({view} view): {len(calls)} runner(s), {len(tensors)} image(s), {threads} thread(s); warm-up "
+            f">= {policy.warmup_min_calls} calls / {policy.warmup_s:g} s until steady, then >= "
+            f"{policy.min_iterations} calls and {policy.duration_s:g} s each, round-robin")
+        timings = measure(calls, policy) if calls else {}
+        entries = {}
+        for name, (spec, runner) in zip(labels, opened):
+            if runner is None:
+                continue
+            entry = _summarise(timings[name], view)
+            entry.update({"path": str(spec.path), "kind": spec.kind, "precision": runner.precision,
+                          "provider": runner.provider, "note": notes.get(id(runner), ""),
+                          "verified": _verified(spec), "raw_times_ms": timings[name].samples_ms})
+            entries[name] = entry
+        if view == "compute":
+            for name, (spec, runner) in zip(labels, opened):
+                if runner is None:
+                    shape = [1, *tensors[0].shape]
+                    t = trtexec_times(spec.path, policy, shape)
+                    entry = _summarise(Timings(samples_ms=t["compute"], phases_ms={k: v for k, v in t.items()
+                                                                                    if k != "compute"}), view)
+                    entry.update({"path": str(spec.path), "kind": spec.kind, "precision": "see engine stamp",
+                                  "provider": "trtexec", "note": "timed by trtexec (--exportTimes)",
+                                  "verified": None, "raw_times_ms": t["compute"]})
+                    entries[name] = entry
+        report_views[view] = entries
+    after = machine_stamp(threads)
+    for _, runner in opened:
+        if runner is not None:
+            runner.__exit__(None, None, None)
+    gpu_warnings = throttle_warnings(before, after)
+    return {
+        "benchmark": "latency", "report_version": 2,
+        "protocol": {"batch": 1, "input": "decoded RGB float32 [1, 3, H, W] in [0, 1], original size",
+                     "views": {"compute": "runtime call on a prepared input (CUDA events on GPU)",
+                               "e2e": "decode + host-to-device + compute + device-to-host, phases apart"},
+                     "policy": {k: getattr(policy, k) for k in policy.__dataclass_fields__},
+                     "latency_images": len(tensors), "order": "round-robin, rotating", "device": device,
+                     "threads": threads,
+                     "headline": "p90 at batch 1 (MLPerf SingleStream; early-stopping estimate at 99% when >= 64 "
+                                 "queries)"},
+        "stamp": {"before": before, "after": after}, "warnings": gpu_warnings,
+        "images_failed": [{"file": f, "reason": r} for f, r in image_set.failed],
+        "views": report_views, "runners": report_views[views[0]], "skipped": skipped,
+    }
 
 
 def run_latency_benchmark(checkpoint: Path, data: Path, export_dir: Path, *, calib_data: Path | None,
                           warmup: int, iterations: int, threads: int, map_images: int | None, latency_images: int,
-                          log: Callable[[str], None] = print) -> dict[str, Any]:
-    """The benchmark behind ``gkd bench latency``; returns the report dict (see docs/export.md)."""
-    from gkd.export.images import load_image_set
-    from gkd.export.parity import coco_map, collect_outputs
+                          log: Callable[[str], None] = print, policy: TimingPolicy | None = None) -> dict[str, Any]:
+    """A checkpoint and its gkd export folder: latency (compute view) and mAP of each, with ratios.
+
+    The export folder is checked by content against the checkpoint; when it holds no export yet and
+    ``calib_data`` is given, FP32 + INT8 are exported there first.
+    """
     from gkd.export.pipeline import ExportOptions, export_checkpoint
-    from gkd.export.runtime import OrtRunner, TorchRunner
-    from gkd.kd.checkpoint import load_detector
-    from gkd.kd.errors import GkdError
     from gkd.kd.io import read_json
 
-    torch.set_num_threads(threads)
     manifest_path = export_dir / "export.json"
     if manifest_path.is_file():
         manifest = read_json(manifest_path, "export manifest")
@@ -96,73 +259,70 @@ def run_latency_benchmark(checkpoint: Path, data: Path, export_dir: Path, *, cal
                            f"there first, or run gkd export")
         manifest = export_checkpoint(ExportOptions(checkpoint=checkpoint, out=export_dir, precisions=("fp32", "int8"),
                                                    calib_data=calib_data, val_data=data, threads=threads), log=log)
-    model, info = load_detector(checkpoint)
-    val = load_image_set(data, limit=map_images)
-    category_ids = info.get("category_ids") or val.category_ids
-    if val.has_annotations:  # mAP of another label space would be a wrong number, not a missing one
-        from gkd.export.pipeline import check_label_space
-
-        check_label_space(data, val, info.get("classes"), category_ids)
-    runners: dict[str, Any] = {"pytorch-fp32": TorchRunner(model)}
+    specs = [ModelSpec(checkpoint, "pytorch")]
     skipped = {}
     for p in ("fp32", "fp16", "int8"):
         f = manifest["files"].get(p)
         if not f:
             continue
-        runner = OrtRunner(export_dir / f["onnx"], threads=threads, precision=p).__enter__()
-        if p == "fp16" and runner.provider == "CPUExecutionProvider":
+        if p == "fp16":
             # onnxruntime's CPU provider has no FP16 convolution kernels on x86: it inserts casts and computes in
             # FP32, so an FP16 timing here would measure casts, not FP16 (its accuracy is in the export's parity)
             skipped["onnxruntime-fp16"] = "CPUExecutionProvider has no native FP16 kernels on x86 (runs via casts)"
             continue
-        runners[f"onnxruntime-{p}"] = runner
-    feeds = [{"image": im.unsqueeze(0)} for _, im in val.images[:latency_images]]
-    log(f"latency: {len(runners)} runners, {warmup} warm-up + {iterations} timed calls each, round-robin over "
-        f"{len(feeds)} image(s), {threads} thread(s)")
-    times = measure_latency({n: (lambda i, r=r: r.infer(feeds[i % len(feeds)])) for n, r in runners.items()},
-                            warmup=warmup, iterations=iterations)
-    results = {}
-    for name, runner in runners.items():
-        log(f"mAP: {name} on {len(val.images)} image(s)")
-        outs = collect_outputs(runner, val.images)
-        m = coco_map(outs, val.gt_json, category_ids) if val.has_annotations else None
-        prec = runner.precision if name != "pytorch-fp32" else "fp32"
-        verified = True if name == "pytorch-fp32" else bool(manifest["files"][prec]["verified"])
-        results[name] = {"precision": prec, "provider": runner.provider, "verified": verified,
-                         "latency": latency_stats(times[name]), "accuracy": m}
-    lat = {n: r["latency"]["mean"] for n, r in results.items()}
-    p50 = {n: r["latency"]["p50"] for n, r in results.items()}
-    mp = {n: (r["accuracy"] or {}).get("bbox_mAP") for n, r in results.items()}
+        specs.append(ModelSpec(export_dir / f["onnx"], "onnx"))
+    rep = benchmark_models(specs, data, threads=threads, policy=policy or TimingPolicy.fixed(warmup, iterations),
+                           latency_images=latency_images, log=log)
+    rep["skipped"].update(skipped)
+    rep.update({"checkpoint": str(checkpoint), "data": str(data), "export_dir": str(export_dir)})
+    _add_accuracy(rep, [checkpoint] + [Path(r["path"]) for n, r in rep["runners"].items() if r["kind"] == "onnx"],
+                  data, map_images, threads, log)
+    for name, r in rep["runners"].items():
+        if r["kind"] == "onnx":
+            r["verified"] = bool(manifest["files"][r["precision"]]["verified"])
+        elif r["kind"] == "pytorch":
+            r["verified"] = True  # the reference
+    rep["ratios"], rep["targets"] = _ratios(rep["runners"])
+    return rep
+
+
+def _add_accuracy(rep: dict[str, Any], models: list[Path], data: Path, limit: int | None, threads: int, log) -> None:
+    """The mAP of every timed model through the one evaluation path (``gkd eval``'s)."""
+    from gkd.kd.data.coco import load_coco
+
+    from .accuracy import evaluate_models
+
+    if not any(load_coco(data).anns_by_image.values()):
+        for r in rep["runners"].values():
+            r["accuracy"] = None
+        return
+
+    acc = evaluate_models(models, data, threads=threads, limit=limit, log=log)
+    for name, r in rep["runners"].items():
+        r["accuracy"] = (acc["models"].get(name) or {}).get("metrics")
+
+
+def _ratios(runners: dict[str, Any]) -> tuple[dict[str, float], dict[str, bool]]:
+    p50 = {n: r["latency"]["p50"] for n, r in runners.items()}
+    mean = {n: r["latency"]["mean"] for n, r in runners.items()}
+    mp = {n: (r.get("accuracy") or {}).get("bbox_mAP") for n, r in runners.items()}
     ratios = {}
-    if "onnxruntime-fp32" in lat:
+    if "onnxruntime-fp32" in p50 and "pytorch-fp32" in p50:
         ratios["ort_fp32_vs_pytorch_p50"] = p50["onnxruntime-fp32"] / p50["pytorch-fp32"]
-        ratios["ort_fp32_vs_pytorch_mean"] = lat["onnxruntime-fp32"] / lat["pytorch-fp32"]
-    if "onnxruntime-int8" in lat and "onnxruntime-fp32" in lat:
+        ratios["ort_fp32_vs_pytorch_mean"] = mean["onnxruntime-fp32"] / mean["pytorch-fp32"]
+    if "onnxruntime-int8" in p50 and "onnxruntime-fp32" in p50:
         ratios["ort_int8_vs_ort_fp32_p50"] = p50["onnxruntime-int8"] / p50["onnxruntime-fp32"]
         if mp.get("onnxruntime-fp32"):
             ratios["int8_map_vs_fp32"] = mp["onnxruntime-int8"] / mp["onnxruntime-fp32"]
     targets = {"ort_fp32_at_most_0.8x_pytorch": ratios.get("ort_fp32_vs_pytorch_p50", math.inf) <= 0.8,
                "int8_faster_than_fp32": ratios.get("ort_int8_vs_ort_fp32_p50", math.inf) < 1.0,
                "int8_map_at_least_99pct_fp32": ratios.get("int8_map_vs_fp32", 0.0) >= 0.99}
-    return {
-        "benchmark": "latency", "report_version": 1, "checkpoint": str(checkpoint), "data": str(data),
-        "export_dir": str(export_dir),
-        "device": {"cpu": cpu_name(), "logical_cores": os.cpu_count(), "threads": threads,
-                   "torch": torch.__version__},
-        "protocol": {"batch": 1, "input": "decoded RGB float32 [1, 3, H, W] in [0, 1], original size",
-                     "timed": "whole model incl. in-graph resize/normalise/NMS; image decoding excluded",
-                     "warmup": warmup, "iterations": iterations, "latency_images": len(feeds),
-                     "order": "round-robin, rotating", "map_images": len(val.images),
-                     "map": "COCO bbox mAP (pycocotools) on the same images for every runner"},
-        "runners": results, "skipped": skipped, "ratios": ratios, "targets": targets,
-        "raw_times_ms": times,
-    }
+    return ratios, targets
 
 
 def check_export_matches(manifest: dict[str, Any], checkpoint: Path, export_dir: Path) -> None:
     """Refuse an export folder made from another checkpoint, or whose files changed since export.json was written
     (by content: SHA-256), instead of benchmarking the wrong model without a word."""
-    from gkd.kd.errors import GkdError
     from gkd.kd.io import file_sha256
 
     want = manifest.get("checkpoint_sha256")
@@ -180,52 +340,134 @@ def check_export_matches(manifest: dict[str, Any], checkpoint: Path, export_dir:
                            f"export.json); export again")
 
 
-def format_report(rep: dict[str, Any]) -> str:
-    """Side-by-side markdown table with ratios against PyTorch eager."""
-    base = rep["runners"]["pytorch-fp32"]["latency"]["p50"]
-    lines = ["| runner | runs on | p50 ms | p90 | p95 | p99 | mean +- std | CoV | img/s | vs eager (p50) | mAP |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, r in rep["runners"].items():
+def format_report(rep: dict[str, Any], view: str | None = None) -> str:
+    """Side-by-side markdown table of one view, with ratios against the first model (p50)."""
+    view = view or next(iter(rep.get("views", {"compute": None})))
+    runners = rep["views"][view] if "views" in rep else rep["runners"]
+    base = next(iter(runners.values()))["latency"]["p50"] if runners else 1.0
+    lines = [f"{view} view ({rep['protocol']['views'].get(view, '')})", "",
+             "| runner | runs on | headline p90 ms | p50 | p95 | p99 | mean +- std | CoV | img/s | vs first (p50) "
+             "| mAP |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in runners.items():
         s = r["latency"]
-        m = r["accuracy"]["bbox_mAP"] if r["accuracy"] else None
-        flag = "" if r.get("verified", True) else " (parity NOT verified)"
-        lines.append(f"| {name}{flag} | {r['provider']} | {s['p50']:.1f} | {s['p90']:.1f} | {s['p95']:.1f} "
-                     f"| {s['p99']:.1f} "
-                     f"| {s['mean']:.1f} +- {s['std']:.1f} | {s['cov']:.1%} | {s['throughput_ips']:.2f} "
-                     f"| {s['p50'] / base:.2f}x | {'-' if m is None else format(m, '.4f')} |")
+        acc = r.get("accuracy")
+        m = acc["bbox_mAP"] if acc else None
+        flag = " (parity NOT verified)" if r.get("verified") is False else ""
+        star = "" if r["headline"]["early_stopping"] else "*"
+        lines.append(f"| {name}{flag} | {r['provider']} | {r['headline']['value']:.1f}{star} | {s['p50']:.1f} "
+                     f"| {s['p95']:.1f} | {s['p99']:.1f} | {s['mean']:.1f} +- {s['std']:.1f} | {s['cov']:.1%} "
+                     f"| {s['throughput_ips']:.2f} | {s['p50'] / base:.2f}x | {'-' if m is None else format(m, '.4f')} |")
     for name, why in rep["skipped"].items():
         lines.append(f"| {name} | skipped: {why} | | | | | | | | | |")
+    lines.append("")
+    lines.append("headline: MLPerf SingleStream p90, early-stopping estimate at 99% confidence; * = plain sample p90 "
+                 "(fewer than 64 timed calls)")
+    phases = [(n, r["phases"]) for n, r in runners.items() if r.get("phases")]
+    if phases:
+        lines += ["", "| runner | " + " | ".join(f"{k} p50 ms" for k in phases[0][1]) + " |",
+                  "|---|" + "---|" * len(phases[0][1])]
+        for name, ph in phases:
+            lines.append(f"| {name} | " + " | ".join(f"{v['p50']:.2f}" for v in ph.values()) + " |")
     return "\n".join(lines)
 
 
+def report_csv(rep: dict[str, Any]) -> str:
+    """One row per (view, runner): the statistics and the headline."""
+    buf = io.StringIO()
+    cols = ["count", "mean", "std", "min", "p50", "p90", "p95", "p99", "max", "cov", "throughput_ips"]
+    w = csv.writer(buf)
+    w.writerow(["view", "runner", "path", "provider", "precision", "headline_ms", "headline", *cols])
+    for view, runners in rep["views"].items():
+        for name, r in runners.items():
+            w.writerow([view, name, r["path"], r["provider"], r["precision"], f"{r['headline']['value']:.6g}",
+                        r["headline"]["label"], *(f"{r['latency'][c]:.6g}" for c in cols)])
+    return buf.getvalue()
+
+
 @click.command("latency", context_settings={"max_content_width": 110})
-@click.argument("checkpoint", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.argument("models", nargs=-1, type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--data", type=click.Path(path_type=Path, exists=True, dir_okay=False), required=True,
-              help="COCO JSON of the validation split: latency inputs and mAP for every runner.")
-@click.option("--export-dir", type=click.Path(path_type=Path, file_okay=False), required=True,
-              help="Folder of a gkd export (export.json); exported there first (FP32 + INT8) when it holds none.")
+              help="COCO JSON whose images are the inputs (and, with annotations, the mAP of every model).")
+@click.option("--export-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="A gkd export folder (export.json): its ONNX files join MODELS, checked by content against the "
+                   "checkpoint given; exported there first (FP32 + INT8) when it holds none and --calib-data is set.")
 @click.option("--calib-data", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="Training-split COCO JSON for INT8 calibration when --export-dir holds no export yet.")
-@click.option("--warmup", type=click.IntRange(0, None), default=5, show_default=True, help="Untimed calls per runner.")
-@click.option("--iterations", type=click.IntRange(2, None), default=50, show_default=True,
-              help="Timed calls per runner.")
+@click.option("--view", type=click.Choice(["compute", "e2e", "both"]), default="compute", show_default=True,
+              help="compute: the runtime call on prepared inputs; e2e: from the image file, phases apart.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default=None,
+              help="onnxruntime execution provider for ONNX models [default: from --device].")
 @click.option("--threads", type=click.IntRange(1, None), default=1, show_default=True,
               help="CPU threads for PyTorch and onnxruntime alike.")
+@click.option("--warmup", type=click.IntRange(0, None), default=5, show_default=True,
+              help="Minimum untimed warm-up calls per runner.")
+@click.option("--warmup-time", type=click.FloatRange(0, None), default=0.2, show_default=True,
+              help="Minimum warm-up seconds per runner (trtexec --warmUp).")
+@click.option("--warmup-max", type=click.FloatRange(0, None), default=20.0, show_default=True,
+              help="Give up waiting for a steady warm-up after this many seconds (0: fixed warm-up, not tested).")
+@click.option("--duration", type=click.FloatRange(0, None), default=3.0, show_default=True,
+              help="Minimum timed seconds per runner (trtexec --duration).")
+@click.option("--iterations", type=click.IntRange(1, None), default=10, show_default=True,
+              help="Minimum timed calls per runner (trtexec --iterations).")
+@click.option("--max-iterations", type=click.IntRange(1, None), default=None, help="Stop timing at this many calls.")
 @click.option("--latency-images", type=click.IntRange(1, None), default=16, show_default=True,
-              help="Validation images cycled through while timing (latency depends on the content).")
+              help="Images cycled through while timing (latency depends on the content).")
 @click.option("--map-images", type=click.IntRange(1, None), default=None,
-              help="Validation images for mAP (default: all).")
+              help="Images for mAP (default: all; only with --export-dir).")
+@click.option("--trtexec", "use_trtexec", is_flag=True, help="Time TensorRT engines with trtexec (must be on PATH).")
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Write the JSON report here (default: <export-dir>/latency.json).")
-def latency(checkpoint, data, export_dir, calib_data, warmup, iterations, threads, latency_images, map_images, out):
-    """Latency and mAP of CHECKPOINT in PyTorch eager vs its ONNX exports on onnxruntime, batch 1, one run."""
-    from gkd.kd.io import atomic_write_json
+              help="Write the JSON report here [default: <export-dir>/latency.json, else ./latency.json].")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout instead of the tables.")
+@click.option("--csv", "csv_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Also write one CSV row per view and runner.")
+def latency(models, data, export_dir, calib_data, view, device, provider, threads, warmup, warmup_time, warmup_max,
+            duration, iterations, max_iterations, latency_images, map_images, use_trtexec, out, as_json, csv_path):
+    """Latency of MODELS (checkpoints .pt, ONNX files, TensorRT engines), batch 1, side by side in one run.
 
-    rep = run_latency_benchmark(checkpoint, data, export_dir, calib_data=calib_data, warmup=warmup,
-                                iterations=iterations, threads=threads, map_images=map_images,
-                                latency_images=latency_images, log=lambda s: click.echo(s, err=True))
-    path = out or export_dir / "latency.json"
+    \b
+    Examples:
+      gkd bench latency runs/student/checkpoints/model.pt --export-dir runs/student/export --data val.json
+      gkd bench latency a.onnx b.onnx --data val.json --view both --duration 10 --csv lat.csv
+    """
+    from gkd.kd.io import atomic_write_json, atomic_write_text
+
+    if max_iterations is not None and max_iterations < iterations:
+        raise GkdError(f"--max-iterations {max_iterations} is below --iterations {iterations}")
+    if use_trtexec and shutil.which("trtexec") is None:
+        raise GkdError("--trtexec: trtexec is not on PATH (it ships with TensorRT: add its bin/ folder to PATH)")
+    policy = TimingPolicy(warmup_s=warmup_time, warmup_min_calls=warmup, warmup_max_s=warmup_max,
+                          duration_s=duration, min_iterations=iterations, max_iterations=max_iterations)
+    log = lambda s: click.echo(s, err=True)  # noqa: E731
+    specs = [ModelSpec(Path(m), model_kind(m)) for m in models]
+    if export_dir is not None:
+        ckpts = [s for s in specs if s.kind == "pytorch"]
+        if len(ckpts) != 1 or len(specs) != 1:
+            raise GkdError("--export-dir: give exactly one checkpoint (the export's source) as MODEL")
+        rep = run_latency_benchmark(ckpts[0].path, data, export_dir, calib_data=calib_data, warmup=warmup,
+                                    iterations=iterations, threads=threads, map_images=map_images,
+                                    latency_images=latency_images, log=log, policy=policy)
+    else:
+        if not specs:
+            raise GkdError("give at least one MODEL (or a checkpoint and --export-dir)")
+        views = VIEWS if view == "both" else (view,)
+        rep = benchmark_models(specs, data, views=views, device=device, provider=provider, threads=threads,
+                               policy=policy, latency_images=latency_images, trtexec=use_trtexec, log=log)
+    path = out or (export_dir / "latency.json" if export_dir is not None else Path("latency.json"))
     atomic_write_json(path, rep)
-    click.echo(format_report(rep))
-    click.echo(f"ratios: {', '.join(f'{k} {v:.3f}' for k, v in rep['ratios'].items())}")
-    click.echo(f"report: {path}")
+    if csv_path is not None:
+        atomic_write_text(csv_path, report_csv(rep))
+    if as_json:
+        click.echo(json.dumps(rep, indent=1))
+    else:
+        for v in rep["views"]:
+            click.echo(format_report(rep, v))
+            click.echo("")
+        if rep.get("ratios"):
+            click.echo(f"ratios: {', '.join(f'{k} {v:.3f}' for k, v in rep['ratios'].items())}")
+    for name, r in ((n, r) for v in rep["views"].values() for n, r in v.items()):
+        for w in r["warnings"] + ([r["note"]] if r.get("note") else []):
+            click.echo(f"warning: {name} ({r['view']}): {w}", err=True)
+    for w in rep["warnings"]:
+        click.echo(f"warning: {w}", err=True)
+    click.echo(f"report: {path}", err=as_json)

@@ -283,7 +283,7 @@ def run_study(cfg: StudyConfig, command: str = "") -> dict[str, Any]:
 def _machine() -> dict[str, Any]:
     import torch
 
-    from ._machine import cpu_name
+    from .stamp import cpu_name
 
     return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "cpus": os.cpu_count(), "processor": cpu_name(),

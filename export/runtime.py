@@ -1,6 +1,8 @@
 """Runners: one interface for PyTorch eager, onnxruntime and TensorRT.
 
-A runner is a context manager with ``infer(feed) -> outputs``: ``feed`` is ``{"image": [1, 3, H, W] float32 in
+A runner is a context manager with ``infer(feed) -> outputs``, done in three steps that benchmarks time apart:
+``prepare`` (the input onto the runtime's device: host-to-device on a GPU), ``compute`` (the runtime call, synchronised)
+and ``finish`` (the outputs back to CPU torch tensors: device-to-host on a GPU). ``feed`` is ``{"image": [1, 3, H, W] float32 in
 [0, 1]}`` and the outputs are ``{"boxes": [N, 4], "scores": [N], "labels": [N]}`` torch tensors on the CPU. All
 runners get the same input and return the same outputs: resize, normalisation, padding, NMS and the mapping back to
 input pixels happen inside the model (see :mod:`gkd.export.adapters`), so no runner does any pre- or post-processing of
@@ -24,7 +26,7 @@ __all__ = ["Runner", "TorchRunner", "OrtRunner", "TrtRunner"]
 
 
 class Runner:
-    """Base class. Subclasses set ``name``, ``precision`` and ``provider`` and implement ``_infer``."""
+    """Base class. Subclasses set ``name``, ``precision`` and ``provider`` and implement ``prepare``, ``compute`` and ``finish``."""
 
     name = "runner"
     precision = "fp32"
@@ -56,14 +58,23 @@ class Runner:
         if image is None or image.dim() != 4 or image.shape[0] != 1 or image.shape[1] != 3:
             shape = None if image is None else list(image.shape)
             raise GkdError(f"{self.name}: feed['{INPUT_NAME}'] must be [1, 3, H, W] (batch fixed at 1), got {shape}")
-        return self._infer(image.float().contiguous())
+        return self.finish(self.compute(self.prepare(image.float().contiguous())))
+
+    def prepare(self, image: torch.Tensor):
+        """``[1, 3, H, W]`` float32 CPU tensor -> the runtime's input (on its device)."""
+        raise NotImplementedError
+
+    def compute(self, prepared):
+        """Run the model on a prepared input; returns when the result is ready (synchronised)."""
+        raise NotImplementedError
+
+    def finish(self, raw) -> dict[str, torch.Tensor]:
+        """The runtime's result -> ``{"boxes", "scores", "labels"}`` CPU tensors."""
+        raise NotImplementedError
 
     def detect(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """Convenience: ``image [3, H, W]`` -> outputs (see :meth:`infer`)."""
         return self.infer({INPUT_NAME: image.unsqueeze(0)})
-
-    def _infer(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
 
     def describe(self) -> dict[str, str]:
         return {"name": self.name, "precision": self.precision, "provider": self.provider}
@@ -83,11 +94,21 @@ class TorchRunner(Runner):
         self.name = "pytorch"
         self.provider = f"torch-{self.device.type}"
 
-    @torch.no_grad()
-    def _infer(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        boxes, scores, labels = self.wrapper(image.to(self.device))
+    def prepare(self, image: torch.Tensor) -> torch.Tensor:
+        x = image.to(self.device)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        return x
+
+    @torch.no_grad()
+    def compute(self, x: torch.Tensor):
+        out = self.wrapper(x)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return out
+
+    def finish(self, raw) -> dict[str, torch.Tensor]:
+        boxes, scores, labels = raw
         return {"boxes": boxes.cpu(), "scores": scores.cpu(), "labels": labels.cpu()}
 
 
@@ -125,6 +146,7 @@ class OrtRunner(Runner):
             raise GkdError(f"{self.path}: onnxruntime cannot load this model: {msg[:300]}") from None
         # what runs is what the session reports, never what was asked for
         self.provider = self.session.get_providers()[0]
+        self._output_names = list(OUTPUT_NAMES)
         names = [i.name for i in self.session.get_inputs()]
         if names != [INPUT_NAME]:
             raise GkdError(f"{self.path}: inputs are {names}; expected exactly ['{INPUT_NAME}'] (a gkd export)")
@@ -137,14 +159,20 @@ class OrtRunner(Runner):
     def deactivate(self) -> None:
         self.session = None
 
-    def _infer(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    def prepare(self, image: torch.Tensor):
         if self.session is None:
             self.activate()
+        return image.cpu().numpy()
+
+    def compute(self, arr):
+        """``session.run`` on a NumPy input (with a CUDA provider this includes onnxruntime's own copies)."""
         try:
-            outs = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: image.cpu().numpy()})
+            return self.session.run(self._output_names, {INPUT_NAME: arr})
         except Exception as exc:
             msg = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise GkdError(f"{self.path}: onnxruntime failed on a {list(image.shape)} input: {msg[:300]}") from None
+            raise GkdError(f"{self.path}: onnxruntime failed on a {list(arr.shape)} input: {msg[:300]}") from None
+
+    def finish(self, outs) -> dict[str, torch.Tensor]:
         boxes, scores, labels = (torch.from_numpy(o.copy()) for o in outs)
         return {"boxes": boxes.float(), "scores": scores.float(), "labels": labels.long()}
 
@@ -189,16 +217,22 @@ class TrtRunner(Runner):
     def deactivate(self) -> None:
         self.context = self.engine = None
 
-    def _infer(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    def prepare(self, image: torch.Tensor) -> torch.Tensor:
         if self.context is None:
             self.activate()
         x = image.to(self.device).contiguous()
+        torch.cuda.synchronize(self.device)
+        return x
+
+    def compute(self, x: torch.Tensor) -> None:
         self.context.set_input_shape(INPUT_NAME, tuple(x.shape))
         self.context.set_tensor_address(INPUT_NAME, x.data_ptr())
         stream = torch.cuda.current_stream(self.device)
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise GkdError(f"{self.path}: TensorRT execution failed for input shape {list(x.shape)}")
         stream.synchronize()
+
+    def finish(self, raw=None) -> dict[str, torch.Tensor]:
         out = {}
         for name in OUTPUT_NAMES:
             buf, shape = self._allocator.buffers[name], self._allocator.shapes[name]
