@@ -191,9 +191,10 @@ def benchmark_models(specs: Sequence[ModelSpec], data: Path, *, views: Sequence[
         for name, (spec, runner) in zip(labels, opened):
             if runner is not None:
                 calls[name] = compute_call(runner, tensors) if view == "compute" else e2e_call(runner, files)
-        log(f"latency ({view} view): {len(calls)} runner(s), {len(tensors)} image(s), {threads} thread(s); warm-up "
-            f">= {policy.warmup_min_calls} calls / {policy.warmup_s:g} s until steady, then >= "
-            f"{policy.min_iterations} calls and {policy.duration_s:g} s each, round-robin")
+        warm = (f"a fixed warm-up of {policy.warmup_min_calls} call(s)" if policy.warmup_max_s <= 0 else
+                f"warm-up >= {policy.warmup_min_calls} calls / {policy.warmup_s:g} s until steady")
+        log(f"latency ({view} view): {len(calls)} runner(s), {len(tensors)} image(s), {threads} thread(s); {warm}, "
+            f"then >= {policy.min_iterations} calls and {policy.duration_s:g} s each, round-robin")
         timings = measure(calls, policy) if calls else {}
         entries = {}
         for name, (spec, runner) in zip(labels, opened):
@@ -212,7 +213,7 @@ def benchmark_models(specs: Sequence[ModelSpec], data: Path, *, views: Sequence[
                     entry = _summarise(Timings(samples_ms=t["compute"], phases_ms={k: v for k, v in t.items()
                                                                                     if k != "compute"}), view)
                     entry.update({"path": str(spec.path), "kind": spec.kind, "precision": "see engine stamp",
-                                  "provider": "trtexec", "note": "timed by trtexec (--exportTimes)",
+                                  "provider": "trtexec (--exportTimes)", "note": "",
                                   "verified": None, "raw_times_ms": t["compute"]})
                     entries[name] = entry
         report_views[view] = entries
