@@ -184,6 +184,30 @@ def format_eval_table(rep: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def default_eval_dir(first: Path) -> Path:
+    """``<run>/eval/<model stem>`` for a model in ``<run>/checkpoints/``, else ``eval/<stem>`` beside it."""
+    parent = first.parent.parent if first.parent.name == "checkpoints" else first.parent
+    return parent / "eval" / first.stem
+
+
+def write_eval_outputs(rep: dict[str, Any], first: Path, data: Path, out: Path | None = None) -> Path:
+    """metrics.json + detections.json of the reference (the single-model layout), detections.<i>.<file>.json of
+    the others, eval.json (everything but detections) and eval.md; returns the folder."""
+    from gkd.kd.io import atomic_write_json, atomic_write_text
+
+    out = Path(out) if out is not None else default_eval_dir(Path(first))
+    ref = rep["models"][rep["reference"]]
+    atomic_write_json(out / "metrics.json", {"checkpoint": str(first), "data": str(data), **ref["metrics"]})
+    atomic_write_json(out / "detections.json", ref["detections"], indent=None)
+    for i, (name, r) in enumerate(rep["models"].items()):
+        if i:
+            atomic_write_json(out / f"detections.{i}.{Path(r['path']).name}.json", r["detections"], indent=None)
+    slim = {**rep, "models": {n: {k: v for k, v in r.items() if k != "detections"} for n, r in rep["models"].items()}}
+    atomic_write_json(out / "eval.json", slim)
+    atomic_write_text(out / "eval.md", format_eval_table(rep) + "\n")
+    return out
+
+
 def gate_failures(rep: dict[str, Any], min_relative_map: float | None) -> list[str]:
     """One line per model whose mAP is below ``min_relative_map`` x the reference's (empty: all pass)."""
     if min_relative_map is None:
@@ -236,7 +260,6 @@ def evaluate(models, data, images, out, max_dets, device, provider, threads, min
     import torch
 
     from gkd.kd.evaluation import STAT_NAMES
-    from gkd.kd.io import atomic_write_json, atomic_write_text
     from gkd.kd.logs import setup_console_logging
 
     setup_console_logging()
@@ -246,22 +269,11 @@ def evaluate(models, data, images, out, max_dets, device, provider, threads, min
         raise GkdError("--device: 'cuda' requested but torch sees no CUDA GPU; use --device cpu")
     rep = evaluate_models(models, data, image_root=images, max_dets=max_dets, device=device, provider=provider,
                           threads=threads, limit=limit, log=lambda s: click.echo(s, err=True))
-    first = models[0]
-    if out is None:
-        parent = first.parent.parent if first.parent.name == "checkpoints" else first.parent
-        out = parent / "eval" / first.stem
+    out = write_eval_outputs(rep, models[0], data, out)
     ref = rep["models"][rep["reference"]]
     for name in STAT_NAMES:
         click.echo(f"{name:<13} {ref['metrics'][name]:.4f}")
     click.echo(format_eval_table(rep))
-    atomic_write_json(out / "metrics.json", {"checkpoint": str(first), "data": str(data), **ref["metrics"]})
-    atomic_write_json(out / "detections.json", ref["detections"], indent=None)
-    for i, (name, r) in enumerate(rep["models"].items()):
-        if i:
-            atomic_write_json(out / f"detections.{i}.{Path(r['path']).name}.json", r["detections"], indent=None)
-    slim = {**rep, "models": {n: {k: v for k, v in r.items() if k != "detections"} for n, r in rep["models"].items()}}
-    atomic_write_json(out / "eval.json", slim)
-    atomic_write_text(out / "eval.md", format_eval_table(rep) + "\n")
     click.echo(f"wrote {out / 'detections.json'}, {out / 'metrics.json'} and {out / 'eval.json'}")
     failures = gate_failures(rep, min_relative_map)
     for line in failures:

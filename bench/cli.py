@@ -11,8 +11,9 @@ __all__ = ["bench"]
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "op": ("gkd.bench.op:op", "Time the prototype-projection operator: C++/CUDA extension vs the PyTorch versions."),
     "distill": ("gkd.bench.distill_step:distill_step", "Time a training step: student alone, + teacher forward, gkd."),
-    "latency": ("gkd.bench.latency:latency", "Latency and mAP of a model on PyTorch / ONNX Runtime / TensorRT."),
+    "latency": ("gkd.bench.latency:latency", "Latency of checkpoints, ONNX files and engines: one protocol, two views."),
     "train": ("gkd.bench.train_step:train_step", "Seconds per training step and inference img/s: teacher vs student."),
+    "overhead": ("gkd.bench.overhead:overhead", "What the latency harness adds over a bare session.run loop."),
 }
 
 

@@ -21,7 +21,7 @@ from typing import Callable
 import click
 import torch
 
-from ._machine import cpu_name
+from .stamp import cpu_name
 
 __all__ = ["op", "run_op_benchmark"]
 

@@ -95,19 +95,19 @@ def distill(config: Config = None, overrides: Overrides = (), *, resume: bool = 
     return _result(cfg, run_distillation(cfg, resume=resume, progress=progress))
 
 
-def evaluate(checkpoint: str | Path, data: str | Path, *, images: str | Path | None = None,
-             out_dir: str | Path | None = None, max_dets: int = 100, batch_size: int = 4,
-             device: str = "auto") -> dict[str, float]:
-    """``gkd eval``: the 12 COCO box metrics of ``checkpoint`` on a COCO JSON (``detections.json`` and
-    ``metrics.json`` go to ``out_dir``, default ``eval/<checkpoint name>`` beside the run's checkpoints)."""
-    from gkd.kd.train import evaluate_checkpoint
+def evaluate(model: str | Path, data: str | Path, *, images: str | Path | None = None,
+             out_dir: str | Path | None = None, max_dets: int | None = None, device: str = "cpu",
+             compare: Sequence[str | Path] = ()) -> dict[str, float]:
+    """``gkd eval``: the 12 COCO box metrics of ``model`` (a checkpoint, an ONNX file or a TensorRT engine) on a COCO
+    JSON, under ``gkd eval``'s protocol. ``compare``: more models scored on the same images (their metrics, per-class
+    AP and delta are in ``out_dir/eval.json``). ``detections.json`` and ``metrics.json`` go to ``out_dir``, default
+    ``eval/<model name>`` beside the run's checkpoints."""
+    from gkd.bench.accuracy import evaluate_models, write_eval_outputs
 
-    checkpoint = Path(checkpoint)
-    if out_dir is None:
-        parent = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-        out_dir = parent / "eval" / checkpoint.stem
-    return evaluate_checkpoint(checkpoint, Path(data), Path(images) if images else None, Path(out_dir),
-                               batch_size=batch_size, max_dets=max_dets, device=device, progress=False)
+    rep = evaluate_models([Path(model), *map(Path, compare)], Path(data), image_root=images, max_dets=max_dets,
+                          device=device, log=lambda line: None)
+    write_eval_outputs(rep, Path(model), Path(data), Path(out_dir) if out_dir else None)
+    return rep["models"][rep["reference"]]["metrics"]
 
 
 def export(checkpoint: str | Path, out: str | Path, *, precisions: Sequence[str] = ("fp32",),

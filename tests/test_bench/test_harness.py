@@ -88,3 +88,25 @@ def test_phases_and_runner_measured_samples_are_kept_apart():
 def test_policy_rejects_impossible_bounds():
     with pytest.raises(ValueError):
         TimingPolicy(min_iterations=10, max_iterations=5)
+
+
+def test_overhead_benchmark_runs_and_reports_both_ratios(tmp_path):
+    """Plumbing of gkd bench overhead on a tiny random-init ONNX model (the ratio itself is measured in the README,
+    never asserted: timing in a unit test is noise on a shared machine)."""
+    import torch
+
+    from gkd.bench.overhead import measure_overhead
+    from gkd.export.onnx import export_onnx
+    from gkd.kd.config import ModelConfig
+    from gkd.kd.models.detectors import build_detector
+    from tests.detectors import make_rect_dataset
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="retinanet", backbone="resnet18", num_classes=2, min_size=64, max_size=64,
+                      anchor_sizes=(16, 32, 64, 128, 256), fpn_channels=64)
+    data = make_rect_dataset(tmp_path / "d", 2, seed=0)
+    model = build_detector(cfg).eval()
+    onnx_path = export_onnx(model, tmp_path / "m.onnx", torch.rand(1, 3, 64, 64), metadata={"precision": "fp32"})
+    r = measure_overhead(onnx_path or tmp_path / "m.onnx", data, calls=3, blocks=2, images=2)
+    assert r["ratio_wall"] > 0 and r["ratio_reported"] > 0 and r["bare_ms_per_call"] > 0
+    assert r["provider"] == "CPUExecutionProvider" and r["calls_per_block"] == 3
