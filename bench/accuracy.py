@@ -142,8 +142,10 @@ def evaluate_models(models: Sequence[str | Path], data: str | Path, *, image_roo
         ids = _check_labels(spec, labels, images)
         log(f"eval: {name} ({spec.path}) on {runner.provider}, score_thresh {labels.score_thresh}, "
             f"{labels.detections_per_img} detections/image")
-        with runner:
+        try:
             outs = collect_outputs(runner, images.images)
+        finally:
+            runner.__exit__(None, None, None)  # opened (entered) by open_runner
         ev = CocoEvaluator(images.gt_json, ids, cap, backend=backend)
         ev.process([{"image_id": o["image_id"]} for o in outs], outs)
         metrics = ev.evaluate()

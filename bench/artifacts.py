@@ -94,6 +94,10 @@ def open_runner(spec: ModelSpec, *, device: str = "cpu", provider: str | None = 
         if runner.provider != asked[0]:
             note = (f"{spec.path.name}: asked onnxruntime for {asked[0]}, it runs on {runner.provider} "
                     f"({asked[0]} is not usable here)")
+        if runner.precision == "fp16" and runner.provider == "CPUExecutionProvider":
+            note = (note + "; " if note else "") + (
+                f"{spec.path.name}: FP16 on onnxruntime's CPU provider runs through casts to FP32 (no FP16 kernels "
+                f"on x86): its time is not an FP16 time")
         return runner, note
     if spec.kind == "tensorrt":
         try:
