@@ -1,9 +1,9 @@
 """``gkd bench``: benchmarks. Each subcommand lives in its own module and is imported only when invoked."""
 from __future__ import annotations
 
-import importlib
-
 import click
+
+from gkd.kd.lazy_cli import LazyGroup
 
 __all__ = ["bench"]
 
@@ -17,26 +17,6 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-class _LazyBench(click.Group):
-    def list_commands(self, ctx):
-        return list(SUBCOMMANDS)
-
-    def get_command(self, ctx, name):
-        if name not in SUBCOMMANDS:
-            return None
-        module, attr = SUBCOMMANDS[name][0].split(":")
-        try:
-            return getattr(importlib.import_module(module), attr)
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.split(".")[0] in {"bench", "export", "kd"}:
-                return None
-            raise
-
-    def format_commands(self, ctx, formatter):
-        with formatter.section("Commands"):
-            formatter.write_dl([(n, h) for n, (_, h) in SUBCOMMANDS.items()])
-
-
-@click.group(cls=_LazyBench)
+@click.group(cls=LazyGroup, commands=SUBCOMMANDS)
 def bench() -> None:
     """Benchmarks that print side-by-side timings and ratios measured in one run (never timed unit tests)."""

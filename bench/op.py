@@ -109,17 +109,18 @@ def _max_error(wl: dict, fn_a, fn_b) -> float:
 def _same_class_timing(wl: dict, prototypes: int, instances: int, dev: torch.device, repeats: int, warmup: int,
                        seed: int) -> dict | None:
     """Time ``max_same_class_cos`` (the robust weight's max over own-class prototypes) on every level's [N, M]."""
-    from gkd.kd.prototype import max_same_class_cos
+    from gkd.kd.distill.robust import max_same_class_cos
 
     if prototypes == 0 or instances == 0:
         return None
     per_class = max(1, prototypes // 80)  # 80 classes x 10 prototypes at the default size
-    offsets = torch.arange(0, prototypes + per_class, per_class, device=dev).clamp_max(prototypes)
-    labels = torch.randint(0, len(offsets) - 1, (instances,), generator=torch.Generator().manual_seed(seed)).to(dev)
+    proto_labels = (torch.arange(prototypes, device=dev) // per_class + 1)  # [M] class 1..K of each column
+    k = int(proto_labels.max())
+    labels = torch.randint(1, k + 1, (instances,), generator=torch.Generator().manual_seed(seed)).to(dev)
     with torch.no_grad():
         cos = [torch.ops.kd.prototype_project(x, wl["boxes"], s, p)[1]
                for x, s, p in zip(wl["levels"], wl["strides"], wl["banks"])]
-    return _time(lambda: [max_same_class_cos(c, labels, offsets) for c in cos], dev, repeats, warmup)
+    return _time(lambda: [max_same_class_cos(c, labels, proto_labels) for c in cos], dev, repeats, warmup)
 
 
 def run_op_benchmark(*, device: str = "cpu", threads: int = 2, batch: int = 2, channels: int = 256,

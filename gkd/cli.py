@@ -6,10 +6,11 @@ User errors (``gkd.kd.GkdError``) are printed as one line, ``gkd: error: ...``, 
 """
 from __future__ import annotations
 
-import importlib
 import sys
 
 import click
+
+from gkd.kd.lazy_cli import LazyGroup
 
 __all__ = ["cli", "main"]
 
@@ -32,44 +33,7 @@ RESUME_HINT = ("Checkpoints already written are kept: `gkd train|distill CONFIG 
                "from its last finished epoch, and the same `gkd run` command continues the pipeline.")
 
 
-class LazyGroup(click.Group):
-    """A click group whose subcommands are imported only when invoked (click docs, "Lazily Loading Subcommands")."""
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(COMMANDS)
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name not in COMMANDS:
-            return None
-        target, _ = COMMANDS[cmd_name]
-        module_name, attr = target.split(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.split(".")[0] in {"kd", "export", "bench", "gkd"}:
-                # The stage is not built yet: say so instead of crashing `gkd --help`.
-                return _unavailable(cmd_name, COMMANDS[cmd_name][1])
-            raise
-        return getattr(module, attr)
-
-    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        # Short help from the table: listing commands must not import torch-heavy modules.
-        rows = [(name, help_) for name, (_, help_) in COMMANDS.items()]
-        with formatter.section("Commands"):
-            formatter.write_dl(rows)
-
-
-def _unavailable(name: str, help_: str) -> click.Command:
-    @click.command(name=name, help=f"{help_}\n\n(Not available in this build.)",
-                   context_settings={"ignore_unknown_options": True})
-    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-    def _cmd(args):
-        raise click.ClickException(f"'gkd {name}' is not available in this version of gkd")
-
-    return _cmd
-
-
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=LazyGroup, commands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="gkd", prog_name="gkd")
 def cli() -> None:
     """gkd: distill object detectors with global knowledge, then ship them.

@@ -26,8 +26,7 @@ from torch import Tensor
 
 from . import _ops
 
-__all__ = ["COS_EPS", "prototype_project", "prototype_project_reference", "prototype_project_vectorized",
-           "max_same_class_cos"]
+__all__ = ["COS_EPS", "prototype_project", "prototype_project_reference", "prototype_project_vectorized"]
 
 COS_EPS = 1e-8
 _OP = "kd::prototype_project: "
@@ -59,30 +58,6 @@ def prototype_project(features: Tensor, boxes: Tensor, stride: float, prototypes
     if not torch.compiler.is_compiling():
         _ops.warn_fallback_once(features.device.type)
     return prototype_project_vectorized(features, boxes, stride, prototypes)
-
-
-def max_same_class_cos(cos: Tensor, labels: Tensor, offsets: Tensor) -> Tensor:
-    """Max cosine to the prototypes of each instance's own class (the robust weight's ``max_k cos``).
-
-    Done on the [N, M] output rather than by a second operator: with a prototype bank grouped by class it is one
-    masked max over N x M values, about as cheap as reading ``cos`` once (see docs/operator.md for the timing).
-
-    Args:
-        cos: [N, M] from ``prototype_project``.
-        labels: [N] int64 class index of each instance, in [0, K).
-        offsets: [K + 1] int64, class k owns prototype columns offsets[k] .. offsets[k+1]-1 (cumulative counts).
-
-    Returns:
-        [N] max over the instance's class columns; NaN where that class has no prototype (the caller decides,
-        e.g. weight 1 and no global term, as method.md asks).
-    """
-    if cos.shape[1] == 0:
-        return cos.new_full((cos.shape[0],), float("nan"))
-    cols = torch.arange(cos.shape[1], device=cos.device)
-    lo, hi = offsets[labels].unsqueeze(1), offsets[labels + 1].unsqueeze(1)
-    own = (cols >= lo) & (cols < hi)                                                # [N, M]
-    best = cos.masked_fill(~own, float("-inf")).amax(dim=1)
-    return torch.where(own.any(dim=1), best, torch.full_like(best, float("nan")))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,4 @@
-"""Detectors (torchvision Faster R-CNN / RetinaNet with FPN) and forward-hook recorders."""
+"""Detectors (torchvision Faster R-CNN / RetinaNet with FPN)."""
 from .detectors import build_detector
-from .recorders import OutputRecorder
 
-__all__ = ["build_detector", "OutputRecorder"]
+__all__ = ["build_detector"]

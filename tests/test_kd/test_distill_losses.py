@@ -6,7 +6,7 @@ import torch
 
 from gkd.kd.distill.levels import assign_levels, pair_levels
 from gkd.kd.distill.losses import decoupled_imitation, global_relation_loss, pkd_loss, soft_label_kl, weighted_box_mask
-from gkd.kd.distill.robust import robust_weights
+from gkd.kd.distill.robust import max_same_class_cos, robust_weights
 from gkd.kd.errors import GkdError
 
 
@@ -134,3 +134,21 @@ def test_adapters_keep_the_map_size_for_both_kernels():
         a = Adapters(["s4", "s8"], kernel=k)
         assert a.convs["s4"].weight.shape == (256, 256, k, k)
         assert a("s8", x).shape == x.shape
+
+
+def test_max_same_class_cos():
+    """The max over each instance's own-class prototype columns (labels 1..K); ``has`` False and best 0 where the
+    class has no prototype, and for an empty bank (moved here from the operator tests: one implementation)."""
+    g = torch.Generator().manual_seed(0)
+    cos = torch.rand(6, 7, generator=g) * 2 - 1
+    proto_labels = torch.tensor([1, 1, 1, 3, 3, 3, 3])  # class 2 has no prototype
+    labels = torch.tensor([1, 3, 2, 1, 3, 2])
+    best, has = max_same_class_cos(cos, labels, proto_labels)
+    for i, k in enumerate(labels.tolist()):
+        cols = (proto_labels == k).nonzero().flatten()
+        if cols.numel() == 0:
+            assert not has[i] and best[i].item() == 0.0
+        else:
+            assert has[i] and best[i].item() == cos[i, cols].max().item()
+    best, has = max_same_class_cos(cos[:, :0], labels, proto_labels[:0])
+    assert not has.any() and (best == 0).all()

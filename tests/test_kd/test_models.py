@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from gkd.kd.config import ModelConfig
-from gkd.kd.models import OutputRecorder, build_detector
+from gkd.kd.models import build_detector
+from tests.helpers import OutputRecorder
 
 TARGET = [{"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0]]), "labels": torch.tensor([2])}]
 

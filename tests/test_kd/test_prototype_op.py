@@ -4,7 +4,6 @@ CPU tests need the extension (``pip install --no-build-isolation -e .`` builds i
 variants are marked ``needs_cuda`` and skip where torch sees no GPU.
 """
 import logging
-import math
 import os
 import signal
 import subprocess
@@ -16,7 +15,7 @@ import pytest
 import torch
 
 from gkd.kd import _ops
-from gkd.kd.prototype import (_cell_range, max_same_class_cos, prototype_project, prototype_project_reference,
+from gkd.kd.prototype import (_cell_range, prototype_project, prototype_project_reference,
                           prototype_project_vectorized)
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda)]
@@ -464,18 +463,3 @@ def test_extension_built_against_another_torch_is_refused():
     ok, why, kernels, info = _ops._load(import_module=lambda name: fake)
     assert not ok and not kernels and info == {"compiler": "GCC 12.2.0", "torch": "2.3"}
     assert why.startswith("gkd.kd._C was built against torch 2.3 but torch ") and why.endswith("rebuild it")
-
-
-def test_max_same_class_cos():
-    g = torch.Generator().manual_seed(0)
-    cos = torch.rand(6, 7, generator=g) * 2 - 1
-    offsets = torch.tensor([0, 3, 3, 7])                 # class 1 has no prototype
-    labels = torch.tensor([0, 2, 1, 0, 2, 1])
-    got = max_same_class_cos(cos, labels, offsets)
-    for i, k in enumerate(labels.tolist()):
-        lo, hi = offsets[k].item(), offsets[k + 1].item()
-        if lo == hi:
-            assert math.isnan(got[i].item())
-        else:
-            assert got[i].item() == cos[i, lo:hi].max().item()
-    assert max_same_class_cos(cos[:, :0], labels, torch.zeros(4, dtype=torch.long)).isnan().all()
