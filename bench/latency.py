@@ -42,7 +42,7 @@ from .stats import COV_WARN_THRESHOLD, headline, latency_stats
 from .stamp import machine_stamp, throttle_warnings
 
 __all__ = ["latency", "latency_stats", "benchmark_models", "run_latency_benchmark", "format_report",
-           "check_export_matches", "trtexec_times", "compute_call", "e2e_call"]
+           "trtexec_times", "compute_call", "e2e_call"]
 
 VIEWS = ("compute", "e2e")
 
@@ -118,20 +118,15 @@ def trtexec_times(engine: Path, policy: TimingPolicy, shape: Sequence[int], *, e
 def _verified(spec: ModelSpec) -> bool | None:
     """An ONNX file's parity verdict from the export.json next to it, if that manifest lists this very file
     (by SHA-256); None when nothing vouches for it. The PyTorch checkpoint is the reference (None)."""
-    from gkd.kd.io import file_sha256
+    from gkd.export.manifest import MANIFEST_NAME, load_export_manifest
 
-    manifest = spec.path.parent / "export.json"
-    if spec.kind != "onnx" or not manifest.is_file():
+    if spec.kind != "onnx" or not (spec.path.parent / MANIFEST_NAME).is_file():
         return None
     try:
-        files = json.loads(manifest.read_text()).get("files", {})
-    except (OSError, json.JSONDecodeError):
+        entry = load_export_manifest(spec.path.parent).entry_for(spec.path)
+    except GkdError:
         return None
-    sha = file_sha256(spec.path)
-    for info in files.values():
-        if info.get("onnx") == spec.path.name and info.get("sha256") == sha:
-            return bool(info.get("verified"))
-    return None
+    return None if entry is None else entry.verified
 
 
 def _summarise(t: Timings, view: str) -> dict[str, Any]:
@@ -246,32 +241,29 @@ def run_latency_benchmark(checkpoint: Path, data: Path, export_dir: Path, *, cal
     The export folder is checked by content against the checkpoint; when it holds no export yet and
     ``calib_data`` is given, FP32 + INT8 are exported there first.
     """
+    from gkd.export.manifest import MANIFEST_NAME, load_export_manifest
     from gkd.export.pipeline import ExportOptions, export_checkpoint
-    from gkd.kd.io import read_json
 
-    manifest_path = export_dir / "export.json"
-    if manifest_path.is_file():
-        manifest = read_json(manifest_path, "export manifest")
-        check_export_matches(manifest, checkpoint, export_dir)
+    if (export_dir / MANIFEST_NAME).is_file():
+        manifest = load_export_manifest(export_dir)
+        manifest.check_matches(checkpoint)
         log(f"using the export in {export_dir} (checked: it is this checkpoint's, files unchanged)")
     else:
         if calib_data is None:
             raise GkdError(f"{export_dir}: holds no export (export.json); give --calib-data to export FP32/INT8 "
                            f"there first, or run gkd export")
-        manifest = export_checkpoint(ExportOptions(checkpoint=checkpoint, out=export_dir, precisions=("fp32", "int8"),
-                                                   calib_data=calib_data, val_data=data, threads=threads), log=log)
+        export_checkpoint(ExportOptions(checkpoint=checkpoint, out=export_dir, precisions=("fp32", "int8"),
+                                        calib_data=calib_data, val_data=data, threads=threads), log=log)
+        manifest = load_export_manifest(export_dir)
     specs = [ModelSpec(checkpoint, "pytorch")]
     skipped = {}
-    for p in ("fp32", "fp16", "int8"):
-        f = manifest["files"].get(p)
-        if not f:
-            continue
+    for p, f in manifest.files.items():
         if p == "fp16":
             # onnxruntime's CPU provider has no FP16 convolution kernels on x86: it inserts casts and computes in
             # FP32, so an FP16 timing here would measure casts, not FP16 (its accuracy is in the export's parity)
             skipped["onnxruntime-fp16"] = "CPUExecutionProvider has no native FP16 kernels on x86 (runs via casts)"
             continue
-        specs.append(ModelSpec(export_dir / f["onnx"], "onnx"))
+        specs.append(ModelSpec(f.path, "onnx"))
     rep = benchmark_models(specs, data, threads=threads, policy=policy or TimingPolicy.fixed(warmup, iterations),
                            latency_images=latency_images, log=log)
     rep["skipped"].update(skipped)
@@ -280,7 +272,7 @@ def run_latency_benchmark(checkpoint: Path, data: Path, export_dir: Path, *, cal
                   data, map_images, threads, log)
     for name, r in rep["runners"].items():
         if r["kind"] == "onnx":
-            r["verified"] = bool(manifest["files"][r["precision"]]["verified"])
+            r["verified"] = manifest.files[r["precision"]].verified
         elif r["kind"] == "pytorch":
             r["verified"] = True  # the reference
     rep["ratios"], rep["targets"] = _ratios(rep["runners"])
@@ -319,26 +311,6 @@ def _ratios(runners: dict[str, Any]) -> tuple[dict[str, float], dict[str, bool]]
                "int8_faster_than_fp32": ratios.get("ort_int8_vs_ort_fp32_p50", math.inf) < 1.0,
                "int8_map_at_least_99pct_fp32": ratios.get("int8_map_vs_fp32", 0.0) >= 0.99}
     return ratios, targets
-
-
-def check_export_matches(manifest: dict[str, Any], checkpoint: Path, export_dir: Path) -> None:
-    """Refuse an export folder made from another checkpoint, or whose files changed since export.json was written
-    (by content: SHA-256), instead of benchmarking the wrong model without a word."""
-    from gkd.kd.io import file_sha256
-
-    want = manifest.get("checkpoint_sha256")
-    have = file_sha256(checkpoint)
-    if want != have:
-        raise GkdError(f"{export_dir}: holds the export of another checkpoint ({manifest.get('checkpoint')}, sha256 "
-                       f"{str(want)[:12]}), not of {checkpoint} (sha256 {have[:12]}); export this checkpoint there "
-                       f"again or give its own --export-dir")
-    for precision, info in manifest.get("files", {}).items():
-        path = export_dir / info["onnx"]
-        if not path.is_file():
-            raise GkdError(f"{path}: listed in {export_dir / 'export.json'} but missing; export again")
-        if file_sha256(path) != info["sha256"]:
-            raise GkdError(f"{path}: changed since it was exported and verified (sha256 differs from "
-                           f"export.json); export again")
 
 
 def format_report(rep: dict[str, Any], view: str | None = None) -> str:
