@@ -59,7 +59,17 @@ def build_model(cfg: RunConfig, num_classes: int, classes: list[str] | None = No
 
 
 def train_detector(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train a detector without distillation (a teacher, or the ``none`` baseline student)."""
+    """Train a detector without distillation (a teacher, or the ``none`` baseline student).
+
+    Started by torchrun, every process joins the job's process group and trains its share (see
+    :mod:`gkd.kd.distributed`); rank 0 writes the run folder."""
+    from .distributed import process_group
+
+    with process_group(cfg.train):
+        return _train_detector(cfg, resume, progress)
+
+
+def _train_detector(cfg: RunConfig, resume: bool, progress: bool) -> dict[str, Any]:
     from .data import CocoDetection
     from .engine import fit, seed_everything
     from .task import DetectionTask
