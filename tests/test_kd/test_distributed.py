@@ -178,6 +178,61 @@ def test_a_rank_that_raises_ends_the_job_naming_its_rank(world, tmp_path):
     assert seconds < 60 + 30, seconds
 
 
+def _evaluate_on_rank(rank, port, checkpoint, val_json, out):
+    """One rank of a 2-process Gloo group (torch.multiprocessing): the sharded evaluation of ``checkpoint``."""
+    import torch.distributed as dist
+
+    from gkd.kd.checkpoint import load_detector
+    from gkd.kd.data import CocoDetection, collate
+    from gkd.kd.distributed import evaluate_sharded
+    from gkd.kd.evaluation import CocoEvaluator
+
+    torch.set_num_threads(TEST_THREADS)  # as the parent process: the same kernels, the same floats
+    dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        model, _ = load_detector(checkpoint)
+        index = load_coco(val_json)
+        ds = CocoDetection(index, train=False, min_size=64, max_size=64)
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=ShardedBatchSampler(len(ds), 2, rank, 2),
+                                             collate_fn=collate)
+        evaluator = CocoEvaluator(index.gt_json, index.category_ids)
+        metrics = evaluate_sharded(model, loader, evaluator, torch.device("cpu"))
+        if rank == 0:
+            torch.save({"metrics": metrics, "detections": evaluator.detections}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_evaluation_gathers_exactly_the_single_process_detections(world, tmp_path):
+    """A fixed random-init checkpoint at score threshold 0 (it detects plenty, by construction of the threshold):
+    2 ranks over 3 images in batches of 2 (rank 0: images 0-1, rank 1: image 2) give the single-process list of
+    detections, in the same order, and the same 12 metrics."""
+    import torch.multiprocessing as mp
+
+    from gkd.kd.checkpoint import load_detector
+    from gkd.kd.data import CocoDetection
+    from gkd.kd.engine import make_loader
+    from gkd.kd.evaluation import CocoEvaluator, evaluate_detector
+
+    index = load_coco(world / "data" / "val.json")
+    cfg = ModelConfig(backbone="resnet18", min_size=64, max_size=64, anchor_sizes=(8, 16, 32, 64, 128),
+                      fpn_channels=64, box_head_dim=128, score_thresh=0.0)
+    torch.manual_seed(1)
+    ckpt = tmp_path / "fixed.pt"
+    save_checkpoint(detector_checkpoint(build_detector(cfg, len(index.classes)), cfg, index.classes,
+                                        index.category_ids), ckpt)
+    mp.spawn(_evaluate_on_rank, args=(free_port(), ckpt, world / "data" / "val.json", tmp_path / "two.pt"),
+             nprocs=2, join=True)
+    two = torch.load(tmp_path / "two.pt", weights_only=False)
+    model, _ = load_detector(ckpt)
+    single = CocoEvaluator(index.gt_json, index.category_ids)
+    metrics = evaluate_detector(model, make_loader(CocoDetection(index, train=False, min_size=64, max_size=64), 2,
+                                                   0), single, "cpu")
+    assert len(single.detections) > 0
+    assert two["detections"] == single.detections
+    assert two["metrics"] == metrics
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # small pieces, in-process
 
