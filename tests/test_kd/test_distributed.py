@@ -65,7 +65,7 @@ def torchrun(*args, script=None, timeout=JOB_TIMEOUT_S):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """9 train + 3 val images of 64 px, a random-init teacher, and a config writer."""
+    """9 train + 3 val images of 64 px, a random-init teacher, train.yaml and distill.yaml."""
     root = tmp_path_factory.mktemp("ddp")
     generate_synthetic(root / "data", n_images=12, seed=0, image_size=64, val_fraction=0.25)
     index = load_coco(root / "data" / "train.json")
@@ -81,6 +81,9 @@ model: {MODEL}
 train: {{epochs: 2, batch_size: 2, lr: 0.002, warmup_iters: 0, max_steps_per_epoch: 1, threads: {TEST_THREADS},
          grad_clip: 10.0, dist_timeout_s: 60}}
 eval: {{batch_size: 2}}
+"""
+    (root / "train.yaml").write_text(text)
+    text += f"""
 distill:
   method: gkd
   teacher: {{checkpoint: {root / 'teacher.pt'}, arch: faster_rcnn, backbone: resnet18}}
@@ -231,6 +234,14 @@ def test_sharded_evaluation_gathers_exactly_the_single_process_detections(world,
     assert len(single.detections) > 0
     assert two["detections"] == single.detections
     assert two["metrics"] == metrics
+
+
+def test_gkd_train_nproc_runs_torchrun_end_to_end(world):
+    """`gkd train --nproc 2`: torchrun --standalone (it finds a free port itself) with the same command line."""
+    cfg = world / "train.yaml"
+    assert main(["train", str(cfg), "name=trained", "train.epochs=1", "--nproc", "2", "--no-progress"]) == 0
+    (record,) = [json.loads(line) for line in (world / "runs" / "trained" / "metrics.jsonl").read_text().splitlines()]
+    assert record["world_size"] == 2 and record["step"] == 1 and "val/bbox_mAP" in record
 
 
 # ------------------------------------------------------------------------------------------------------------------
