@@ -137,12 +137,21 @@ def test_first_bank_equals_one_process_bank(two_process_run, world):
                                                                                           "epoch")[(0, "1")]
 
 
-def test_sharded_evaluation_equals_single_process_evaluation(two_process_run, world, tmp_path):
+def test_sharded_evaluation_equals_single_process_evaluation(two_process_run, world):
+    """The 2-process run's last val metrics (sharded, gathered) = one process evaluating its model.pt the same way
+    (the loop's own evaluation: eval.batch_size 2, max_dets 100). (Called through the library, not `gkd eval`, whose
+    protocol is its own.)"""
+    from gkd.kd.checkpoint import load_detector
+    from gkd.kd.data import CocoDetection
+    from gkd.kd.engine import make_loader
+    from gkd.kd.evaluation import CocoEvaluator, evaluate_detector
+
     _, run = two_process_run
     last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
-    assert main(["eval", str(run / "checkpoints" / "model.pt"), "--data", str(world / "data" / "val.json"),
-                 "--batch-size", "2", "--out", str(tmp_path), "--no-progress"]) == 0
-    single = json.loads((tmp_path / "metrics.json").read_text())
+    index = load_coco(world / "data" / "val.json")
+    model, _ = load_detector(run / "checkpoints" / "model.pt")
+    single = evaluate_detector(model, make_loader(CocoDetection(index, train=False, min_size=64, max_size=64), 2, 0),
+                               CocoEvaluator(index.gt_json, index.category_ids, 100), "cpu")
     names = [k[len("val/"):] for k in last if k.startswith("val/")]
     assert len(names) == 12
     assert {k: last[f"val/{k}"] for k in names} == {k: single[k] for k in names}
