@@ -10,7 +10,9 @@ A gkd checkpoint is a dict of tensors and plain Python values::
      "model": state_dict,
      # training state, present in run checkpoints only:
      "epoch": int, "optimizer": ..., "scheduler": ..., "scaler": ..., "rng": {...}, "config": {...},
-     "metrics": {...}, "extra": {...}}   # extra: stage-specific state (e.g. distillation adapters, prototypes)
+     "metrics": {...}, "extra": {...},   # extra: stage-specific state (e.g. distillation adapters, prototypes)
+     # run checkpoints of a torchrun job only (kd/distributed.py): the process count and every rank's RNG state
+     "world_size": int, "rng_ranks": [{...}, ...]}
 
 ``load_detector`` also accepts a torchvision-format state dict (the file torchvision's model zoo ships, or
 ``torch.save(model.state_dict())``) when the caller supplies the architecture.

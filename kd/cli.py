@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-__all__ = ["train", "config_overrides_argument", "split_config_and_overrides"]
+__all__ = ["train", "config_overrides_argument", "split_config_and_overrides", "nproc_option", "launch_or_run"]
 
 OVERRIDES_HELP = ("Override any config key as key=value (dotted for nested sections), e.g. train.epochs=2 "
                   "model.backbone=resnet18 data.root=data/mine. Values are parsed as YAML.")
@@ -23,13 +23,44 @@ def split_config_and_overrides(config: Path | None, overrides: tuple[str, ...]) 
     return config, list(overrides)
 
 
+def nproc_option(f):
+    return click.option("--nproc", type=click.IntRange(1), default=None, metavar="N",
+                        help="Run on N processes of this machine (N GPUs, or N CPU processes with Gloo): starts "
+                             "torchrun --standalone --nproc_per_node=N. batch_size is per process. Several "
+                             "machines: run torchrun yourself (README, 'Many processes').")(f)
+
+
+def launch_or_run(nproc: int | None, argv: list[str], work):
+    """``work()`` in this process, or, with ``--nproc N`` (N > 1), the same command under torchrun.
+
+    Returns:
+        ``work``'s result, or torchrun's exit status.
+    """
+    from .distributed import SharedRankError, relaunch
+
+    if nproc is not None and nproc > 1:
+        return relaunch(nproc, argv)
+    try:
+        return work()
+    except SharedRankError:
+        raise SystemExit(2) from None  # rank 0 prints this error; the other ranks only stop
+
+
+def _argv(command: str, config: Path | None, overrides: tuple[str, ...], **flags: bool) -> list[str]:
+    """The command line again (for the processes torchrun starts), without ``--nproc``."""
+    return [command, *([str(config)] if config is not None else []), *overrides,
+            *(f"--{name.replace('_', '-')}" for name, on in flags.items() if on)]
+
+
 @click.command("train")
 @click.argument("config", type=click.Path(path_type=Path, dir_okay=False), required=False)
 @config_overrides_argument
 @click.option("--resume", is_flag=True, help="Continue the run runs/<name>/ from its last finished epoch.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (log lines only).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def train(config: Path | None, overrides: tuple[str, ...], resume: bool, no_progress: bool, verbose: bool) -> None:
+@nproc_option
+def train(config: Path | None, overrides: tuple[str, ...], resume: bool, no_progress: bool, verbose: bool,
+          nproc: int | None) -> int | None:
     """Train a detector from a YAML CONFIG (a teacher, or a student without distillation).
 
     \b
@@ -43,6 +74,7 @@ def train(config: Path | None, overrides: tuple[str, ...], resume: bool, no_prog
       gkd train kd/configs/teacher.yaml
       gkd train kd/configs/student.yaml train.epochs=2 name=quick
       gkd train kd/configs/teacher.yaml --resume      # after a kill: continues where it stopped
+      gkd train kd/configs/teacher.yaml --nproc 4     # 4 GPUs of this machine (torchrun)
     """
     from .config import load_config
     from .logs import setup_console_logging
@@ -50,8 +82,20 @@ def train(config: Path | None, overrides: tuple[str, ...], resume: bool, no_prog
 
     setup_console_logging(verbose)
     cfg = load_config(*split_config_and_overrides(config, overrides))
-    record = train_detector(cfg, resume=resume, progress=not no_progress)
-    click.echo(_summary(cfg.run_dir, record))
+
+    def work() -> None:
+        record = train_detector(cfg, resume=resume, progress=not no_progress)
+        _echo_on_rank0(_summary(cfg.run_dir, record))
+
+    return launch_or_run(nproc, _argv("train", config, overrides, resume=resume, no_progress=no_progress,
+                                      verbose=verbose), work)
+
+
+def _echo_on_rank0(text: str) -> None:
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(text)
 
 
 def _summary(run_dir: Path, record: dict) -> str:

@@ -103,7 +103,8 @@ class TrainConfig:
         "epochs": ((">=", 1),), "batch_size": ((">=", 1),), "lr": ((">", 0),), "momentum": ((">=", 0), ("<", 1)),
         "weight_decay": ((">=", 0),), "warmup_iters": ((">=", 0),), "warmup_ratio": ((">", 0), ("<=", 1)),
         "steps": ((">=", 0),), "gamma": ((">", 0),), "grad_clip": ((">", 0),), "hflip": ((">=", 0), ("<=", 1)),
-        "eval_interval": ((">=", 1),), "max_steps_per_epoch": ((">=", 1),), "threads": ((">=", 0),)}
+        "eval_interval": ((">=", 1),), "max_steps_per_epoch": ((">=", 1),), "threads": ((">=", 0),),
+        "base_batch_size": ((">=", 1),), "dist_timeout_s": ((">=", 1),)}
 
     epochs: int = 12
     batch_size: int = 4
@@ -129,6 +130,22 @@ class TrainConfig:
     max_steps_per_epoch: Optional[int] = None
     #: CPU threads for torch (0 = torch's default)
     threads: int = 0
+    # --- many processes (torchrun; see docs/distributed.md). ``batch_size`` is per process: the global batch is
+    # world_size x batch_size. None of these keys changes a single-process run.
+    #: "linear": the linear scaling rule, lr x world_size x batch_size / base_batch_size; "none": lr as given
+    lr_scaling: Literal["none", "linear"] = "none"
+    #: the global batch ``lr`` was tuned for (used by lr_scaling=linear only)
+    base_batch_size: int = 16
+    #: SyncBatchNorm in the student (GPUs only): batch statistics over all ranks' images instead of each rank's
+    sync_bn: bool = False
+    #: DDP's find_unused_parameters: only for a model with parameters that get no gradient in some steps (gkd's
+    #: detectors and adapters use every trainable parameter in every step, so it stays off: it costs a graph walk)
+    find_unused_parameters: bool = False
+    #: process-group backend: auto = NCCL when the run is on CUDA, else Gloo
+    dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    #: seconds a collective may wait for the other ranks before the job stops (a dead or stuck rank);
+    #: $GKD_DIST_TIMEOUT_S overrides it
+    dist_timeout_s: int = 1800
 
 
 @dataclass(frozen=True)

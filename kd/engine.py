@@ -13,9 +13,15 @@
 Reproducibility: the data order of epoch ``e`` is a permutation drawn from ``seed + e``, augmentations are decided by
 (seed, epoch, index) in the dataset, and the torch / Python RNG states are saved with every checkpoint, so a run
 killed and resumed with ``--resume`` reaches the same weights and metrics as an uninterrupted run (on CPU).
+
+Under torchrun (a process group initialised by :func:`gkd.kd.distributed.process_group`) the same loop runs on every
+rank: DDP over the trainable modules only, a ``DistributedSampler`` per rank seeded by ``seed + epoch``, per-process
+batches (global batch = world size x ``train.batch_size``), sharded evaluation gathered on rank 0, loss averages over
+all ranks, and only rank 0 writes the run folder (it alone holds its lock). A single process is unchanged.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -37,7 +43,8 @@ __all__ = ["fit", "select_device", "seed_everything", "EpochSampler", "build_opt
 log = logging.getLogger("gkd")
 
 #: config keys that may differ between a run and its resume (everything else must match)
-RESUMABLE_KEYS = ("train.epochs", "train.eval_interval", "train.threads", "data.num_workers", "train.device")
+RESUMABLE_KEYS = ("train.epochs", "train.eval_interval", "train.threads", "data.num_workers", "train.device",
+                  "train.dist_backend", "train.dist_timeout_s", "train.find_unused_parameters")
 
 
 def select_device(name: str, option: str = "train.device") -> torch.device:
@@ -85,11 +92,12 @@ def make_loader(dataset, batch_size: int, num_workers: int, sampler=None, shuffl
                                        persistent_workers=False)
 
 
-def build_optimizer(params: list[nn.Parameter], tcfg) -> torch.optim.Optimizer:
-    """SGD with momentum or AdamW over the trainable parameters."""
+def build_optimizer(params: list[nn.Parameter], tcfg, lr: float | None = None) -> torch.optim.Optimizer:
+    """SGD with momentum or AdamW over the trainable parameters, at ``lr`` (default ``tcfg.lr``)."""
+    lr = tcfg.lr if lr is None else lr
     if tcfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
-    return torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=tcfg.weight_decay)
 
 
 def build_lr_lambda(tcfg, iters_per_epoch: int):
@@ -130,10 +138,30 @@ def _restore_rng(state: dict[str, Any]) -> None:
 
 
 def _check_resume_config(saved: dict, cfg: RunConfig, path: Path) -> None:
+    defaults = to_dict(type(cfg)())
     for key, va, vb in config_differences(saved, to_dict(cfg)):
+        if _absent(saved, key) and vb == _lookup(defaults, key):
+            continue  # a key added to gkd after the run started, left at its default: the run's own behaviour
         if key not in RESUMABLE_KEYS:
             raise GkdError(f"{path}: cannot resume: '{key}' was {va!r} in the interrupted run, now {vb!r} "
                            f"(only {', '.join(RESUMABLE_KEYS)} may change on resume)")
+
+
+def _lookup(d: dict, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def _absent(d: dict, key: str) -> bool:
+    *parents, last = key.split(".")
+    for part in parents:
+        if not isinstance(d, dict) or part not in d:
+            return True
+        d = d[part]
+    return not isinstance(d, dict) or last not in d
 
 
 class _Progress:
@@ -201,48 +229,32 @@ def fit(task: nn.Module, cfg: RunConfig, train_set, val_set, *, resume: bool = F
     """Train ``task`` according to ``cfg`` and keep ``cfg.run_dir`` up to date, owning the folder while it does.
 
     The folder is locked (``.lock``, see :class:`gkd.kd.io.RunLock`): a second run into it is refused with the
-    owner's pid. Temporary files left by a process killed mid-write are removed first.
+    owner's pid. Temporary files left by a process killed mid-write are removed first. In a process group only
+    rank 0 takes the lock and writes; the other ranks get its verdict (or its error) and train alongside it.
     """
+    from .distributed import current_context, run_on_main
     from .io import RunLock, ensure_writable_folder, remove_stale_temporaries
 
-    with RunLock(cfg.run_dir):
-        ensure_writable_folder(cfg.run_dir / "checkpoints", "the checkpoint folder")  # before an epoch is spent
-        for folder in (cfg.run_dir, cfg.run_dir / "checkpoints"):
-            for stale in remove_stale_temporaries(folder):
-                log.info("removed %s (left by a process killed while writing it)", stale)
+    ctx = current_context()
+    with contextlib.ExitStack() as stack:
+        def own_folder() -> None:
+            stack.enter_context(RunLock(cfg.run_dir))
+            ensure_writable_folder(cfg.run_dir / "checkpoints", "the checkpoint folder")  # before an epoch is spent
+            for folder in (cfg.run_dir, cfg.run_dir / "checkpoints"):
+                for stale in remove_stale_temporaries(folder):
+                    log.info("removed %s (left by a process killed while writing it)", stale)
+
+        run_on_main(own_folder, ctx)
         return _fit(task, cfg, train_set, val_set, resume=resume, classes=classes, category_ids=category_ids,
-                    gt_json=gt_json, progress=progress)
+                    gt_json=gt_json, progress=progress, ctx=ctx)
 
 
-def _fit(task: nn.Module, cfg: RunConfig, train_set, val_set, *, resume: bool, classes: list[str],
-         category_ids: list[int], gt_json: dict | None, progress: bool) -> dict[str, Any]:
-    """The training loop of :func:`fit` (which holds the run folder's lock).
-
-    Args:
-        task: see ``kd/task.py``; ``task.detector`` is evaluated and saved.
-        cfg: the resolved run config (``cfg.model`` must carry the dataset's class count).
-        train_set / val_set: datasets with ``set_epoch`` (train) yielding ``(image, target)``.
-        resume: continue from ``run_dir/checkpoints/last.pt``.
-        classes / category_ids: dataset class names and COCO ids (saved in checkpoints).
-        gt_json: the val split's COCO dict for evaluation (None: no evaluation).
-        progress: show a progress bar.
-
-    Returns:
-        The last epoch's metrics record.
-    """
-    from .evaluation import CocoEvaluator, evaluate_detector
-
+def _open_run(cfg: RunConfig, resume: bool, world_size: int) -> dict[str, Any] | None:
+    """Rank 0's checks and first writes: the resumable state (None for a fresh run), config.yaml, log.txt."""
     run_dir = cfg.run_dir
-    ckpt_dir = run_dir / "checkpoints"
-    last_path = ckpt_dir / "last.pt"
+    last_path = run_dir / "checkpoints" / "last.pt"
     metrics_path = run_dir / "metrics.jsonl"
-    device = select_device(cfg.train.device)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    tcfg = cfg.train
-    use_amp = tcfg.amp and device.type == "cuda"
-
-    start_epoch = 0
+    state = None
     if resume:
         if not last_path.exists():
             raise GkdError(f"{last_path}: nothing to resume: no epoch of '{cfg.name}' finished (it was stopped before "
@@ -251,24 +263,103 @@ def _fit(task: nn.Module, cfg: RunConfig, train_set, val_set, *, resume: bool, c
         if state.get("format") != FORMAT or "optimizer" not in state:
             raise GkdError(f"{last_path}: not a resumable gkd run checkpoint")
         _check_resume_config(state["config"], cfg, last_path)
-        start_epoch = int(state["epoch"]) + 1
+        _check_resume_world(state, world_size, last_path)
+        _truncate_metrics(metrics_path, int(state["epoch"]))
     elif last_path.exists():
         raise GkdError(f"{run_dir}: a run named '{cfg.name}' already exists; pass --resume to continue it, or choose "
                        f"another name (name=...)")
     else:  # a fresh run: records of an earlier attempt killed before its first checkpoint are not this run's
         metrics_path.unlink(missing_ok=True)
-
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
     _attach_log_file(run_dir / "log.txt")
+    return state
+
+
+def _check_resume_world(state: dict[str, Any], world_size: int, path: Path) -> None:
+    """Resuming is refused at another process count: the per-rank data order, the steps per epoch (and so the lr
+    schedule's position) and the per-rank RNG states all depend on it."""
+    saved = int(state.get("world_size", 1))
+    if saved != world_size:
+        raise GkdError(f"{path}: cannot resume on {world_size} process(es): the run was trained on {saved}, and its "
+                       f"data order, steps per epoch and lr schedule depend on the process count; resume with "
+                       f"{saved} process(es) (torchrun --nnodes x --nproc_per_node = {saved}, or gkd --nproc "
+                       f"{saved}), or start a new run (name=...)")
+
+
+def _train_sampler(train_set, seed: int, ctx):
+    """One shuffled order per epoch from ``seed + epoch``; in a process group each rank takes its share of it
+    (``DistributedSampler`` draws the same permutation as :class:`EpochSampler`, then deals it out)."""
+    if not ctx.enabled:
+        return EpochSampler(len(train_set), seed)
+    from torch.utils.data.distributed import DistributedSampler
+
+    return DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed)
+
+
+def _val_loader(val_set, cfg: RunConfig, ctx):
+    """All of the val split for one process; in a process group this rank's batches (:func:`shard_batches`)."""
+    if not ctx.enabled:
+        return make_loader(val_set, cfg.eval.batch_size, cfg.data.num_workers)
+    from .data import collate
+    from .distributed import ShardedBatchSampler
+
+    sampler = ShardedBatchSampler(len(val_set), cfg.eval.batch_size, ctx.rank, ctx.world_size)
+    return torch.utils.data.DataLoader(val_set, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                                       collate_fn=collate)
+
+
+def _fit(task: nn.Module, cfg: RunConfig, train_set, val_set, *, resume: bool, classes: list[str],
+         category_ids: list[int], gt_json: dict | None, progress: bool, ctx) -> dict[str, Any]:
+    """The training loop of :func:`fit` (rank 0 holds the run folder's lock).
+
+    Args:
+        task: see ``kd/task.py``; ``task.detector`` is evaluated and saved.
+        cfg: the resolved run config (``cfg.model`` must carry the dataset's class count).
+        train_set / val_set: datasets with ``set_epoch`` (train) yielding ``(image, target)``.
+        resume: continue from ``run_dir/checkpoints/last.pt``.
+        classes / category_ids: dataset class names and COCO ids (saved in checkpoints).
+        gt_json: the val split's COCO dict for evaluation (None: no evaluation).
+        progress: show a progress bar (rank 0 only).
+        ctx: this process's :class:`gkd.kd.distributed.DistContext`.
+
+    Returns:
+        The last epoch's metrics record (the same on every rank).
+    """
+    from . import distributed as D
+    from .evaluation import CocoEvaluator, evaluate_detector
+
+    run_dir = cfg.run_dir
+    device = D.select_rank_device(cfg.train.device, ctx)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    tcfg = cfg.train
+    use_amp = tcfg.amp and device.type == "cuda"
+
+    # rank 0 reads last.pt (or checks that no run is there) and every rank gets the same state: the other ranks
+    # need not see the run folder (a node with its own disk)
+    state = D.run_on_main(lambda: _open_run(cfg, resume, ctx.world_size), ctx)
+    start_epoch = int(state["epoch"]) + 1 if resume else 0
     seed_everything(cfg.seed)
     task.to(device)
+    # DDP over student + adapters only (the frozen teacher stays a plain replica on each rank). gkd's detectors
+    # and adapters give every trainable parameter a gradient in every step, so find_unused_parameters stays off
+    # unless configured (it walks the autograd graph after each forward).
+    model, view = D.wrap_trainable(task, device, sync_bn=tcfg.sync_bn and ctx.enabled,
+                                   find_unused_parameters=tcfg.find_unused_parameters)
+    if tcfg.sync_bn and not ctx.enabled:
+        log.info("train.sync_bn: one process, nothing to synchronise; plain BatchNorm")
 
-    sampler = EpochSampler(len(train_set), cfg.seed)
+    sampler = _train_sampler(train_set, cfg.seed, ctx)
     loader = make_loader(train_set, tcfg.batch_size, cfg.data.num_workers, sampler=sampler)
     iters_per_epoch = len(loader) if tcfg.max_steps_per_epoch is None else min(len(loader), tcfg.max_steps_per_epoch)
     params = [p for p in task.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, tcfg)
+    lr = D.effective_lr(tcfg, ctx.world_size)
+    if ctx.enabled or lr != tcfg.lr:
+        log.info("%d process(es) x batch %d = global batch %d; lr %g%s", ctx.world_size, tcfg.batch_size,
+                 ctx.world_size * tcfg.batch_size, lr,
+                 f" (linear scaling of {tcfg.lr:g} for base batch {tcfg.base_batch_size})" if lr != tcfg.lr else "")
+    optimizer = build_optimizer(params, tcfg, lr=lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, build_lr_lambda(tcfg, iters_per_epoch))
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     best = -1.0
@@ -279,23 +370,23 @@ def _fit(task: nn.Module, cfg: RunConfig, train_set, val_set, *, resume: bool, c
         scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        _restore_rng(state["rng"])
+        _restore_rng(state["rng_ranks"][ctx.rank] if "rng_ranks" in state else state["rng"])
         best = float(state.get("best", -1.0))
-        _truncate_metrics(metrics_path, start_epoch - 1)
         log.info("resuming '%s' at epoch %d/%d", cfg.name, start_epoch + 1, tcfg.epochs)
         if start_epoch >= tcfg.epochs:
             log.info("run already finished %d epochs; nothing to do (raise train.epochs to continue)", tcfg.epochs)
 
-    val_loader = make_loader(val_set, cfg.eval.batch_size, cfg.data.num_workers) if gt_json is not None else None
+    val_loader = _val_loader(val_set, cfg, ctx) if gt_json is not None else None
     evaluator = CocoEvaluator(gt_json, category_ids, cfg.eval.max_dets) if gt_json is not None else None
-    bar = _Progress((tcfg.epochs - start_epoch) * iters_per_epoch, progress)
+    bar = _Progress((tcfg.epochs - start_epoch) * iters_per_epoch, progress and ctx.is_main)
     # a resumed run with no epoch left returns the metrics of its last epoch, as an uninterrupted run did
     record: dict[str, Any] = dict(state.get("metrics", {})) if resume else {}
     global_step = start_epoch * iters_per_epoch
     for epoch in range(start_epoch, tcfg.epochs):
         t_epoch = time.perf_counter()
         task.train()
-        context = {"epoch": epoch, "device": device, "run_dir": run_dir, "train_set": train_set, "cfg": cfg}
+        context = {"epoch": epoch, "device": device, "run_dir": run_dir, "train_set": train_set, "cfg": cfg,
+                   "dist": ctx}
         task_metrics = task.on_epoch_start(epoch, context) or {}
         task.train()
         sampler.set_epoch(epoch)
@@ -309,10 +400,11 @@ def _fit(task: nn.Module, cfg: RunConfig, train_set, val_set, *, resume: bool, c
             images = [im.to(device, non_blocking=True) for im in images]
             targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
             with torch.autocast(device.type, enabled=use_amp):
-                out = task(images, targets)
-            _check_finite(out, global_step, epoch, task, cfg, optimizer, scheduler, scaler, classes, category_ids)
+                out = model(images, targets)
+            _check_finite(out, global_step, epoch, task, cfg, optimizer, scheduler, scaler, classes, category_ids,
+                          ctx, device)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(out["loss"]).backward()
+            scaler.scale(out["loss"]).backward()  # DDP: gradients are averaged over the ranks here
             if tcfg.grad_clip is not None:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
@@ -324,32 +416,57 @@ def _fit(task: nn.Module, cfg: RunConfig, train_set, val_set, *, resume: bool, c
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             bar.step(float(out["loss"].detach()), optimizer.param_groups[0]["lr"])
+        sums = D.all_reduce_sums(sums, device)  # every rank's steps count: the averages are the job's, not rank 0's
         record = {"epoch": epoch, "step": global_step, "lr": optimizer.param_groups[0]["lr"],
-                  **{f"train/{k}": v / max(1, n_steps) for k, v in sums.items()},
+                  **{f"train/{k}": v / max(1, n_steps * ctx.world_size) for k, v in sums.items()},
                   **{f"task/{k}": v for k, v in task_metrics.items()}}
         record["time/train_s"] = round(time.perf_counter() - t_epoch, 3)
+        if view is not None:
+            D.sync_buffers(view)
+            D.verify_identical(f"trainable parameters and buffers after epoch {epoch + 1}",
+                               D.state_sha256(view.state_dict()))
+            record["world_size"] = ctx.world_size
         if evaluator is not None and ((epoch + 1) % tcfg.eval_interval == 0 or epoch + 1 == tcfg.epochs):
             t_eval = time.perf_counter()
-            metrics = evaluate_detector(task.detector, val_loader, evaluator, device)
+            if ctx.enabled:
+                metrics = D.evaluate_sharded(task.detector, val_loader, evaluator, device)
+            else:
+                metrics = evaluate_detector(task.detector, val_loader, evaluator, device)
             record.update({f"val/{k}": v for k, v in metrics.items()})
             record["time/eval_s"] = round(time.perf_counter() - t_eval, 3)
             log.info("epoch %d/%d  loss %.4f  val bbox_mAP %.4f  mAP_50 %.4f", epoch + 1, tcfg.epochs,
                      record.get("train/loss", float("nan")), metrics["bbox_mAP"], metrics["bbox_mAP_50"])
         else:
             log.info("epoch %d/%d  loss %.4f", epoch + 1, tcfg.epochs, record.get("train/loss", float("nan")))
-        append_jsonl(metrics_path, record)
-        _write_csv(metrics_path, run_dir / "metrics.csv")
-        det = detector_checkpoint(task.detector, cfg.model, classes, category_ids)
-        det["metrics"] = record
-        save_checkpoint(det, ckpt_dir / "model.pt")
-        if record.get("val/bbox_mAP", -1.0) > best:
-            best = record["val/bbox_mAP"]
-            save_checkpoint(det, ckpt_dir / "best.pt")
-        full = _full_state(task, cfg, optimizer, scheduler, scaler, classes, category_ids, epoch)
-        full["best"] = best
-        full["metrics"] = record
-        save_checkpoint(full, last_path)
+        rng_ranks = D.all_gather_objects(_rng_state()) if ctx.enabled else None  # (a collective: every rank)
+        if ctx.is_main:
+            best = _save_epoch(task, cfg, optimizer, scheduler, scaler, classes, category_ids, epoch, record, best,
+                               rng_ranks)
     return record
+
+
+def _save_epoch(task, cfg, optimizer, scheduler, scaler, classes, category_ids, epoch, record, best,
+                rng_ranks) -> float:
+    """Rank 0's writes after an epoch: metrics, ``model.pt``, ``best.pt`` when improved, ``last.pt``. Returns
+    the best val mAP so far."""
+    ckpt_dir = cfg.run_dir / "checkpoints"
+    metrics_path = cfg.run_dir / "metrics.jsonl"
+    append_jsonl(metrics_path, record)
+    _write_csv(metrics_path, cfg.run_dir / "metrics.csv")
+    det = detector_checkpoint(task.detector, cfg.model, classes, category_ids)
+    det["metrics"] = record
+    save_checkpoint(det, ckpt_dir / "model.pt")
+    if record.get("val/bbox_mAP", -1.0) > best:
+        best = record["val/bbox_mAP"]
+        save_checkpoint(det, ckpt_dir / "best.pt")
+    full = _full_state(task, cfg, optimizer, scheduler, scaler, classes, category_ids, epoch)
+    full["best"] = best
+    full["metrics"] = record
+    if rng_ranks is not None:  # each rank resumes with its own RNG stream; rank 0's stays under "rng"
+        full["rng_ranks"] = rng_ranks
+        full["world_size"] = len(rng_ranks)
+    save_checkpoint(full, ckpt_dir / "last.pt")
+    return best
 
 
 def _full_state(task, cfg, optimizer, scheduler, scaler, classes, category_ids, epoch) -> dict[str, Any]:
@@ -360,15 +477,28 @@ def _full_state(task, cfg, optimizer, scheduler, scaler, classes, category_ids, 
     return ckpt
 
 
-def _check_finite(out, step, epoch, task, cfg, optimizer, scheduler, scaler, classes, category_ids) -> None:
+def _check_finite(out, step, epoch, task, cfg, optimizer, scheduler, scaler, classes, category_ids,
+                  ctx=None, device=None) -> None:
+    """Stop at a non-finite loss term after saving the last good state. In a process group every rank learns that
+    one rank's loss is bad (one small all-reduce per step) and all stop together; rank 0 saves."""
+    from .distributed import DistContext, SharedRankError, any_rank
+
+    ctx = ctx or DistContext()
     bad = [k for k, v in out.items() if "loss" in k and not torch.isfinite(v.detach()).all()]
-    if not bad:
+    if not any_rank(bool(bad), device or torch.device("cpu")):
         return
-    term = next((k for k in bad if k != "loss"), bad[0])
     path = cfg.run_dir / "checkpoints" / f"last_good_step{step}.pt"
-    # The weights are still those before this step: they are the last good state.
-    state = _full_state(task, cfg, optimizer, scheduler, scaler, classes, category_ids, epoch - 1)
-    save_checkpoint(state, path)
+    if ctx.is_main:  # the weights are still those before this step (identical on every rank): the last good state
+        state = _full_state(task, cfg, optimizer, scheduler, scaler, classes, category_ids, epoch - 1)
+        save_checkpoint(state, path)
+    if ctx.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()  # the file exists before any rank reports it
+    if not bad:
+        raise SharedRankError(f"non-finite loss on another rank at step {step} (epoch {epoch + 1}); last good state "
+                              f"saved to {path}")
+    term = next((k for k in bad if k != "loss"), bad[0])
     raise GkdError(f"non-finite loss '{term}' ({float(out[term].detach())}) at step {step} (epoch {epoch + 1}); "
                    f"last good state saved to {path}; try a lower train.lr or train.grad_clip")
 

@@ -11,7 +11,7 @@ import torch
 from .config import RunConfig
 from .errors import GkdError
 
-__all__ = ["load_splits", "check_num_classes", "build_model", "train_detector", "evaluate_checkpoint"]
+__all__ = ["load_splits", "check_num_classes", "build_model", "train_detector"]
 
 log = logging.getLogger("gkd")
 
@@ -59,7 +59,17 @@ def build_model(cfg: RunConfig, num_classes: int, classes: list[str] | None = No
 
 
 def train_detector(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train a detector without distillation (a teacher, or the ``none`` baseline student)."""
+    """Train a detector without distillation (a teacher, or the ``none`` baseline student).
+
+    Started by torchrun, every process joins the job's process group and trains its share (see
+    :mod:`gkd.kd.distributed`); rank 0 writes the run folder."""
+    from .distributed import process_group
+
+    with process_group(cfg.train):
+        return _train_detector(cfg, resume, progress)
+
+
+def _train_detector(cfg: RunConfig, resume: bool, progress: bool) -> dict[str, Any]:
     from .data import CocoDetection
     from .engine import fit, seed_everything
     from .task import DetectionTask
@@ -77,34 +87,3 @@ def train_detector(cfg: RunConfig, resume: bool = False, progress: bool = True) 
              cfg.model.backbone, len(train_set), k, len(val_set), cfg.run_dir)
     return fit(DetectionTask(model), cfg, train_set, val_set, resume=resume, classes=train_index.classes,
                category_ids=train_index.category_ids, gt_json=val_index.gt_json, progress=progress)
-
-
-def evaluate_checkpoint(checkpoint: Path, data: Path, images: Path | None, out_dir: Path, *,
-                        batch_size: int = 4, max_dets: int = 100, device: str = "auto", min_size: int | None = None,
-                        max_size: int | None = None, progress: bool = True) -> dict[str, float]:
-    """Evaluate a detector checkpoint on a COCO JSON; write ``detections.json`` and ``metrics.json`` to ``out_dir``.
-
-    The checkpoint's class names must match the dataset's categories (checked by name and count).
-    """
-    from .checkpoint import load_detector
-    from .data import CocoDetection, load_coco
-    from .engine import make_loader, select_device
-    from .evaluation import CocoEvaluator, evaluate_detector
-    from .io import atomic_write_json
-
-    index = load_coco(data, image_root=images)
-    model, info = load_detector(checkpoint)
-    if info["classes"] is not None and list(info["classes"]) != list(index.classes):
-        raise GkdError(f"{data}: categories {index.classes} do not match the checkpoint's classes {info['classes']}")
-    if min_size or max_size:
-        model.transform.min_size = (min_size or model.transform.min_size[0],)
-        model.transform.max_size = max_size or model.transform.max_size
-    dev = select_device(device, "--device")
-    model.to(dev)
-    dataset = CocoDetection(index, train=False, min_size=model.transform.min_size[0],
-                            max_size=model.transform.max_size)
-    evaluator = CocoEvaluator(index.gt_json, index.category_ids, max_dets)
-    metrics = evaluate_detector(model, make_loader(dataset, batch_size, 0), evaluator, dev, progress=progress)
-    atomic_write_json(out_dir / "detections.json", evaluator.detections, indent=None)
-    atomic_write_json(out_dir / "metrics.json", {"checkpoint": str(checkpoint), "data": str(data), **metrics})
-    return metrics

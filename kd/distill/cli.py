@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import config_overrides_argument
+from ..cli import config_overrides_argument, nproc_option
 
 __all__ = ["distill"]
 
@@ -17,7 +17,9 @@ __all__ = ["distill"]
                                              "(same adapters and prototypes).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (log lines only).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def distill(config: Path | None, overrides: tuple[str, ...], resume: bool, no_progress: bool, verbose: bool) -> None:
+@nproc_option
+def distill(config: Path | None, overrides: tuple[str, ...], resume: bool, no_progress: bool, verbose: bool,
+            nproc: int | None) -> int | None:
     """Distill a student detector from a trained teacher, as configured in CONFIG.
 
     \b
@@ -38,8 +40,9 @@ def distill(config: Path | None, overrides: tuple[str, ...], resume: bool, no_pr
       gkd distill kd/configs/distill_gkd.yaml
       gkd distill kd/configs/distill_gkd.yaml distill.method=robust name=robust
       gkd distill kd/configs/distill_gkd.yaml --resume
+      gkd distill kd/configs/distill_gkd.yaml --nproc 8      # 8 GPUs of this machine (torchrun)
     """
-    from ..cli import _summary, split_config_and_overrides
+    from ..cli import _argv, _echo_on_rank0, _summary, launch_or_run, split_config_and_overrides
     from ..config import load_config
     from ..logs import setup_console_logging
     from .config import DistillRunConfig
@@ -48,5 +51,10 @@ def distill(config: Path | None, overrides: tuple[str, ...], resume: bool, no_pr
     setup_console_logging(verbose)
     config, overrides = split_config_and_overrides(config, overrides)
     cfg = load_config(*split_config_and_overrides(config, overrides), cls=DistillRunConfig)
-    record = run_distillation(cfg, resume=resume, progress=not no_progress)
-    click.echo(_summary(cfg.run_dir, record))
+
+    def work() -> None:
+        record = run_distillation(cfg, resume=resume, progress=not no_progress)
+        _echo_on_rank0(_summary(cfg.run_dir, record))
+
+    return launch_or_run(nproc, _argv("distill", config, overrides, resume=resume, no_progress=no_progress,
+                                      verbose=verbose), work)

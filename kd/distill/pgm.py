@@ -14,6 +14,10 @@ Once per refresh (default: before every epoch) and without gradients:
    with the O(K N) closed-form error, in float32, never re-selecting a chosen atom. The output is the *raw* pooled
    features of the chosen instances in both spaces.
 
+In a process group (torchrun) the extraction is sharded: each rank runs its share of the image batches (batch-aligned,
+so every batch is computed as one process would), rank 0 gathers the pooled features in batch order, runs the
+selection once and broadcasts the bank; every rank logs the bank's SHA-256, and the job stops if they differ.
+
 A class with fewer filtered candidates than ``num_prototypes`` gets fewer prototypes; a class with no valid instance
 gets none (warned once, naming the class): its instances then get robust weight 1 and no global term.
 """
@@ -66,6 +70,14 @@ class PrototypeBank:
 
     def count(self, key: str) -> int:
         return int(self.labels[key].numel()) if key in self.labels else 0
+
+    def sha256(self) -> str:
+        """Checksum of every tensor (names, dtypes, shapes, bytes): equal banks, equal digests."""
+        from ..distributed import state_sha256
+
+        st = self.state()
+        return state_sha256({f"{space}/{k}": v for space in ("student", "teacher", "labels")
+                             for k, v in st[space].items()})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -207,16 +219,21 @@ class PrototypeGenerator:
         self.empty_classes = [c for c, imgs in self.samples.items() if not imgs]
         self._teacher_cache: dict[str, torch.Tensor] | None = None
         self._labels_cache: torch.Tensor | None = None
+        self._teacher_done = False  # (on every rank; only rank 0 of a process group holds the cache)
+
+    def _batches(self) -> list[list[int]]:
+        """The sampled images in the batches the extraction runs (``cfg.batch_size`` each)."""
+        bs = max(1, self.cfg.batch_size)
+        return [self.images[s:s + bs] for s in range(0, len(self.images), bs)]
 
     @torch.no_grad()
-    def _extract(self, student, teacher, device, with_teacher: bool):
-        """Pooled features of every sampled instance: ({key: [N, C]} student, teacher or None, labels [N])."""
+    def _extract(self, student, teacher, device, with_teacher: bool, batches: list[list[int]] | None = None):
+        """Pooled features of every sampled instance of ``batches`` (default: all): ({key: [N, C]} student,
+        teacher or None, labels [N])."""
         feats_s: dict[str, list[torch.Tensor]] = {p.key: [] for p in self.pairs}
         feats_t: dict[str, list[torch.Tensor]] = {p.key: [] for p in self.pairs}
         labels: list[torch.Tensor] = []
-        bs = max(1, self.cfg.batch_size)
-        for start in range(0, len(self.images), bs):
-            batch = self.images[start:start + bs]
+        for batch in (self._batches() if batches is None else batches):
             images, targets = [], []
             for i in batch:
                 img, tgt = self.load(i)
@@ -240,23 +257,65 @@ class PrototypeGenerator:
         return (cat(feats_s, student.gkd_meta["channels"]),
                 cat(feats_t, teacher.gkd_meta["channels"]) if with_teacher else None, lab)
 
+    def _extract_sharded(self, student, teacher, device, with_teacher: bool, ctx):
+        """:meth:`_extract` with this rank's share of the batches; the whole result on rank 0 (None elsewhere),
+        concatenated in batch order: the same tensors one process computes."""
+        from ..distributed import gather_objects, shard_batches
+
+        batches = self._batches()
+        mine = [(i, self._extract(student, teacher, device, with_teacher, [batches[i]]))
+                for i, _ in shard_batches(len(batches), 1, ctx.rank, ctx.world_size)]
+        parts = gather_objects(mine)
+        if parts is None:
+            return None, None, None
+        ordered = [r for _, r in sorted((item for part in parts for item in part), key=lambda item: item[0])]
+        if not ordered:
+            return self._extract(student, teacher, device, with_teacher, [])
+        cat = lambda i: {p.key: torch.cat([r[i][p.key] for r in ordered]) for p in self.pairs}  # noqa: E731
+        return cat(0), cat(1) if with_teacher else None, torch.cat([r[2] for r in ordered])
+
     def refresh(self, student: torch.nn.Module, teacher: torch.nn.Module,
                 device: torch.device) -> tuple[PrototypeBank, dict[str, float]]:
         """Build prototypes from the current student (put in eval mode here; the caller restores train mode).
+
+        In a process group every rank must call it (it is collective); every rank returns the same bank.
 
         Returns:
             ``(bank on device, metrics)``; metrics: ``pgm_time_s``, ``pgm_extract_s``, ``pgm_select_s``,
             ``pgm_images``, ``pgm_instances``, ``pgm_prototypes`` (total over levels).
         """
+        from ..distributed import broadcast_object, current_context
+
+        ctx = current_context()
         t0 = time.perf_counter()
         student.eval()
         teacher.eval()
-        first = self._teacher_cache is None
-        fs, ft, labels = self._extract(student, teacher, device, with_teacher=first)
+        first = not self._teacher_done
+        if ctx.enabled:
+            fs, ft, labels = self._extract_sharded(student, teacher, device, first, ctx)
+        else:
+            fs, ft, labels = self._extract(student, teacher, device, with_teacher=first)
+        self._teacher_done = True
+        if not ctx.is_main:  # rank 0 selects; this rank takes its bank
+            state, metrics = broadcast_object(None)
+            return PrototypeBank.from_state(state).to(device), metrics
         if first:
             self._teacher_cache, self._labels_cache = ft, labels
         ft, labels = self._teacher_cache, self._labels_cache
         t1 = time.perf_counter()
+        bank = self._select(fs, ft, labels)
+        t2 = time.perf_counter()
+        metrics = {"pgm_time_s": round(t2 - t0, 4), "pgm_extract_s": round(t1 - t0, 4),
+                   "pgm_select_s": round(t2 - t1, 4), "pgm_images": len(self.images),
+                   "pgm_instances": int(labels.numel()),
+                   "pgm_prototypes": sum(bank.count(p.key) for p in self.pairs)}
+        if ctx.enabled:
+            broadcast_object((bank.state(), metrics))
+        return bank.to(device), metrics
+
+    def _select(self, fs: dict[str, torch.Tensor], ft: dict[str, torch.Tensor],
+                labels: torch.Tensor) -> PrototypeBank:
+        """Joint matching pursuit per (class, level) over the pooled features ``fs`` / ``ft`` ``[N, C]``."""
         bank = PrototypeBank()
         cfg = self.cfg
         for p in self.pairs:
@@ -273,12 +332,7 @@ class PrototypeGenerator:
             bank.student[p.key] = fs[p.key][sel]
             bank.teacher[p.key] = ft[p.key][sel]
             bank.labels[p.key] = torch.cat(lab_all) if lab_all else torch.zeros(0, dtype=torch.long)
-        t2 = time.perf_counter()
-        metrics = {"pgm_time_s": round(t2 - t0, 4), "pgm_extract_s": round(t1 - t0, 4),
-                   "pgm_select_s": round(t2 - t1, 4), "pgm_images": len(self.images),
-                   "pgm_instances": int(labels.numel()),
-                   "pgm_prototypes": sum(bank.count(p.key) for p in self.pairs)}
-        return bank.to(device), metrics
+        return bank
 
 
 def _pool(fmap: torch.Tensor, boxes5: torch.Tensor, stride: int) -> torch.Tensor:

@@ -108,9 +108,19 @@ def build_task(cfg: DistillRunConfig, student: nn.Module, teacher: nn.Module | N
 def run_distillation(cfg: DistillRunConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train the student of ``cfg`` with ``cfg.distill.method``; writes ``cfg.run_dir`` (see ``gkd.kd.engine.fit``).
 
+    Started by torchrun, every process joins the job's process group (see :mod:`gkd.kd.distributed`): each rank
+    loads the frozen teacher, DDP trains student + adapters, the prototype extraction is sharded.
+
     Returns:
         The last epoch's metrics record.
     """
+    from ..distributed import process_group
+
+    with process_group(cfg.train):
+        return _run_distillation(cfg, resume, progress)
+
+
+def _run_distillation(cfg: DistillRunConfig, resume: bool, progress: bool) -> dict[str, Any]:
     from ..data import CocoDetection
     from ..engine import fit, seed_everything
     from ..train import build_model, load_splits

@@ -120,6 +120,11 @@ class DistillationTask(nn.Module):
                 device = context.get("device") or next(self.detector.parameters()).device
                 self.bank, pgm_metrics = self.pgm.refresh(self.detector, self.teacher, torch.device(device))
                 metrics.update(pgm_metrics)
+                if context.get("dist") is not None and context["dist"].enabled:
+                    from ..distributed import verify_identical
+
+                    # every rank must distil against the same bank: logged per rank, compared, stopped if not
+                    verify_identical(f"prototype bank of epoch {epoch + 1}", self.bank.sha256())
                 log.info("prototypes refreshed in %.2fs: %d per level from %d instances in %d images",
                          pgm_metrics["pgm_time_s"], pgm_metrics["pgm_prototypes"] // max(1, len(self.pairs)),
                          pgm_metrics["pgm_instances"], pgm_metrics["pgm_images"])
