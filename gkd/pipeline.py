@@ -37,7 +37,7 @@ __all__ = ["PipelineConfig", "run_pipeline", "resolve_stage_configs", "run", "QU
 
 log = logging.getLogger("gkd")
 #: config keys that do not change a training stage's result (they are left out of its key)
-UNKEYED = ("train.threads", "data.num_workers")
+UNKEYED = ("train.threads", "data.num_workers", "train.dist_timeout_s")
 
 
 @dataclass(frozen=True)
