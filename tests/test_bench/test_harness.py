@@ -110,3 +110,4 @@ def test_overhead_benchmark_runs_and_reports_both_ratios(tmp_path):
     r = measure_overhead(onnx_path or tmp_path / "m.onnx", data, calls=3, blocks=2, images=2)
     assert r["ratio_wall"] > 0 and r["ratio_reported"] > 0 and r["bare_ms_per_call"] > 0
     assert r["provider"] == "CPUExecutionProvider" and r["calls_per_block"] == 3
+    assert r["bookkeeping_us_per_call"] >= 0 and r["overhead_fraction"] >= 0
