@@ -275,6 +275,12 @@ def compare_outputs(ref: Outputs, cand: Outputs, tol: Tolerances, *, gt_json: di
                         f"({det['extra']} extra)")
     if det["mean_score_delta"] > tol.max_mean_score_delta:
         failures.append(f"detections: mean score delta {det['mean_score_delta']:.4f} > {tol.max_mean_score_delta:g}")
+    found = sum(int((o["scores"] >= tol.score_floor).sum()) for o in ref)
+    if found == 0:
+        # two empty outputs agree perfectly and prove nothing: a model that detects nothing is never verified
+        failures.append(f"detections: the reference detects nothing at score >= {tol.score_floor:g} on these "
+                        f"{len(ref)} image(s); matching empty outputs verifies nothing")
+    det["reference_detections"] = found
     det["passed"] = not any(f.startswith("detections") for f in failures)
     map_level = None
     if gt_json is not None and category_ids is not None:
@@ -285,7 +291,10 @@ def compare_outputs(ref: Outputs, cand: Outputs, tol: Tolerances, *, gt_json: di
         map_level = {"reference": r, "candidate": c, "delta": c - r, "ratio": ratio,
                      "reference_mAP_50": ref_m["bbox_mAP_50"], "candidate_mAP_50": cand_m["bbox_mAP_50"],
                      "passed": ratio >= tol.min_map_ratio}
-        if not map_level["passed"]:
+        if r <= 0:
+            map_level["passed"] = False
+            failures.append(f"mAP: the reference's mAP is {r:.4f} on these images; a ratio to it verifies nothing")
+        elif not map_level["passed"]:
             failures.append(f"mAP: {c:.4f} is {ratio:.2%} of the reference {r:.4f} (needs {tol.min_map_ratio:.1%})")
     return {"images": len(ref), "tensor": tensor, "detection": det, "map": map_level,
             "tolerances": dataclasses.asdict(tol), "passed": not failures, "failures": failures}

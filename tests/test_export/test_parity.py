@@ -106,3 +106,22 @@ def test_swaps_at_the_top_k_cut_pass_but_a_real_difference_fails():
     top_missing = _many(10, scores)
     top_missing["boxes"][0] += 500
     assert not compare_outputs([ref], [top_missing], tol, max_detections=10)["passed"]
+
+
+def test_a_reference_that_detects_nothing_is_never_verified():
+    """Two empty outputs agree perfectly and prove nothing; a mAP ratio to a reference at mAP 0 neither."""
+    empty = _dets([], [], [])
+    rep = compare_outputs([empty], [empty], Tolerances())
+    assert not rep["passed"] and rep["detection"]["reference_detections"] == 0
+    assert rep["failures"] == ["detections: the reference detects nothing at score >= 0.3 on these 1 image(s); "
+                               "matching empty outputs verifies nothing"]
+    low = _dets([[0, 0, 10, 10]], [0.1], [1])  # a detection, but below the floor
+    assert not compare_outputs([low], [low], Tolerances())["passed"]
+    gt = {"images": [{"id": 1, "width": 100, "height": 100}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 5, "bbox": [60, 60, 10, 10], "area": 100,
+                           "iscrowd": 0}], "categories": [{"id": 5, "name": "a"}]}
+    wrong = _dets([[0, 0, 10, 10]], [0.9], [1])  # detects, but nothing right: mAP 0
+    rep = compare_outputs([wrong], [wrong], Tolerances(), gt_json=gt, category_ids=[5])
+    assert not rep["passed"] and not rep["map"]["passed"]
+    assert any("reference's mAP is 0.0000" in f for f in rep["failures"])
+    assert compare_outputs([REF], [REF], Tolerances())["passed"]  # a real reference still passes against itself

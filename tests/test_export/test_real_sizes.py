@@ -72,7 +72,12 @@ def test_fp32_matches_pytorch_on_photos(exported, trained, photos, arch, size):
         for ri, ci, _ in match_detections(r, o):
             if r["scores"][ri] >= DETECTS_SCORE:
                 assert float((r["boxes"][ri] - o["boxes"][ci]).abs().max()) <= 0.05
-    assert rep["passed"], rep["failures"]
+    if det["reference_detections"] == 0:  # only allowed at 64x400 (asserted above)
+        # nothing above the floor: everything agrees, and the verdict still says it verifies nothing
+        assert len(rep["failures"]) == 1 and "the reference detects nothing" in rep["failures"][0]
+        assert not rep["passed"]
+    else:
+        assert rep["passed"], rep["failures"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
