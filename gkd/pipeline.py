@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import click
 from gkd.kd import CONFIG_DIR
@@ -66,6 +66,12 @@ class PipelineConfig:
     bench_iterations: int = 30
     #: validation images cycled through while timing
     bench_images: int = 16
+    #: the accuracy gate: the shipped student's INT8 mAP must be at least this fraction of its FP32 mAP, and its
+    #: FP32 export must detect (mAP > 0); `gkd run` exits 1 naming the model and the numbers otherwise (0: no gate)
+    gate_min_ratio: float = 0.99
+
+    RANGES: ClassVar[dict] = {"gate_min_ratio": ((">=", 0), ("<=", 10)), "synth_images": ((">=", 2),),
+                              "bench_iterations": ((">=", 1),), "bench_images": ((">=", 1),)}
 
     @property
     def run_dir(self) -> Path:
@@ -455,6 +461,8 @@ def _run_stages(cfg: PipelineConfig, stage_cfgs: StageConfigs) -> dict[str, Any]
                             "student": _sha(distilled, "checkpoint"), "exports": files, "data": data_shas},
                   lambda: _bench_stage(cfg, student_ckpt))
     manifest.data["invocation"] = [dataclasses.asdict(o) for o in outcomes]
+    manifest.data["gate"] = accuracy_gate(manifest.stages.get("bench") if cfg.precisions and cfg.bench else None,
+                                          cfg.gate_min_ratio)
     manifest.save()
     atomic_write_text(cfg.run_dir / "report.md", render_report(manifest.data))
     return manifest.data
@@ -467,6 +475,37 @@ def _run_stages(cfg: PipelineConfig, stage_cfgs: StageConfigs) -> dict[str, Any]
 def _map(rec: dict | None, key: str = "val/bbox_mAP") -> str:
     v = (rec or {}).get("metrics", {}).get(key)
     return "-" if v is None else f"{100 * v:.1f}"
+
+
+def accuracy_gate(bench: dict[str, Any] | None, min_ratio: float) -> dict[str, Any]:
+    """The deployment gate on the bench stage's record (runner -> mAP of the shipped student's exports).
+
+    Returns ``{"min_ratio", "passed": True | False | None (not checked), "checked": [...], "failures": [...]}``:
+    the FP32 export must detect (mAP > 0: a model that detects nothing passes no gate) and INT8 must reach
+    ``min_ratio`` x FP32's mAP. ``min_ratio`` 0 turns the gate off.
+    """
+    out: dict[str, Any] = {"min_ratio": min_ratio, "passed": None, "checked": [], "failures": []}
+    if min_ratio <= 0:
+        out["reason"] = "gate off (gate_min_ratio=0)"
+        return out
+    runners = (bench or {}).get("runners") or {}
+    ref_name = "onnxruntime-fp32" if "onnxruntime-fp32" in runners else "pytorch-fp32"
+    ref = (runners.get(ref_name) or {}).get("bbox_mAP")
+    if ref is None:
+        out["reason"] = "no mAP measured (no bench stage, or a val split without annotations)"
+        return out
+    out["checked"].append(f"{ref_name} detects (mAP {ref:.4f})")
+    if ref <= 0:
+        out["failures"].append(f"{ref_name} of the distilled student has mAP {ref:.4f} on the val split: a model "
+                               f"that detects nothing passes no gate")
+    int8 = (runners.get("onnxruntime-int8") or {}).get("bbox_mAP")
+    if int8 is not None and ref > 0:
+        out["checked"].append(f"onnxruntime-int8 mAP {int8:.4f} >= {min_ratio:g} x {ref_name} {ref:.4f}")
+        if int8 < min_ratio * ref:
+            out["failures"].append(f"onnxruntime-int8 of the distilled student: mAP {int8:.4f} is {int8 / ref:.1%} "
+                                   f"of {ref_name}'s {ref:.4f}, below gate_min_ratio={min_ratio:g}")
+    out["passed"] = not out["failures"]
+    return out
 
 
 def render_report(m: dict[str, Any]) -> str:
@@ -498,6 +537,14 @@ def render_report(m: dict[str, Any]) -> str:
         for n, r in st["bench"]["runners"].items():
             mp = "-" if r["bbox_mAP"] is None else f"{100 * r['bbox_mAP']:.1f}"
             lines.append(f"| {n} | {r['provider']} | {r['p50_ms']:.1f} | {mp} |")
+    gate = m.get("gate") or {}
+    if gate:
+        verdict = {True: "PASS", False: "FAILED", None: "not checked"}[gate.get("passed")]
+        lines += ["", f"## Accuracy gate: {verdict}", ""]
+        lines += [f"- checked: {c}" for c in gate.get("checked", [])]
+        lines += [f"- **failed**: {f}" for f in gate.get("failures", [])]
+        if gate.get("reason"):
+            lines.append(f"- {gate['reason']}")
     lines += ["", f"Versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}", ""]
     return "\n".join(lines)
 
@@ -528,7 +575,9 @@ def run(config: Path | None, overrides: tuple[str, ...], quick: bool) -> None:
       baseline  (baseline=true) the student without distillation     -> runs/<name>/baseline/
       export    ONNX FP32/FP16/INT8 (+ TensorRT where present), parity -> runs/<name>/export/
       bench     latency and mAP of PyTorch vs each export            -> runs/<name>/bench/
-    A summary goes to runs/<name>/report.md.
+    A summary goes to runs/<name>/report.md. The accuracy gate (gate_min_ratio, default 0.99: the shipped
+    student's INT8 mAP >= 99% of its FP32 mAP, and FP32 must detect) makes the command exit 1 when it fails,
+    naming the model and the numbers; gate_min_ratio=0 turns it off.
 
     \b
     Rerunning is cheap and safe. Each stage is keyed by what it depends on (its config, its inputs' SHA-256, gkd's
@@ -549,6 +598,11 @@ def run(config: Path | None, overrides: tuple[str, ...], quick: bool) -> None:
     setup_console_logging()
     config, overrides = split_config_and_overrides(config, overrides)
     cfg = load_pipeline_config(config, overrides, quick)
-    run_pipeline(cfg)
+    manifest = run_pipeline(cfg)
     click.echo((cfg.run_dir / "report.md").read_text())
     click.echo(f"done: {cfg.run_dir}  (report.md, manifest.json)")
+    gate = manifest.get("gate") or {}
+    for line in gate.get("failures", []):
+        click.echo(f"gkd run: gate failed: {line}", err=True)
+    if gate.get("passed") is False:
+        raise click.exceptions.Exit(1)  # the run finished and its files are kept; what it shipped fails the gate

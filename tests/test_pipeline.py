@@ -221,3 +221,54 @@ def test_one_gkd_run_per_run_folder(world, tmp_path):
     finally:
         other.kill()
         other.wait()
+
+
+def _bench(fp32, int8=None):
+    runners = {"pytorch-fp32": {"bbox_mAP": fp32}, "onnxruntime-fp32": {"bbox_mAP": fp32}}
+    if int8 is not None:
+        runners["onnxruntime-int8"] = {"bbox_mAP": int8}
+    return {"runners": runners}
+
+
+def test_accuracy_gate_on_hand_made_numbers():
+    from gkd.pipeline import accuracy_gate
+
+    ok = accuracy_gate(_bench(0.40, 0.399), 0.99)
+    assert ok["passed"] is True and not ok["failures"] and len(ok["checked"]) == 2
+    low = accuracy_gate(_bench(0.40, 0.38), 0.99)
+    assert low["passed"] is False
+    assert low["failures"] == ["onnxruntime-int8 of the distilled student: mAP 0.3800 is 95.0% of "
+                               "onnxruntime-fp32's 0.4000, below gate_min_ratio=0.99"]
+    blind = accuracy_gate(_bench(0.0, 0.0), 0.99)  # detects nothing: 0 >= 0.99 x 0 would pass a naive ratio
+    assert blind["passed"] is False and "detects nothing passes no gate" in blind["failures"][0]
+    assert accuracy_gate(_bench(0.40), 0.99)["passed"] is True  # no INT8 export: FP32 must still detect
+    assert accuracy_gate(_bench(0.0, 0.0), 0)["passed"] is None  # gate off
+    assert accuracy_gate(None, 0.99)["passed"] is None  # nothing measured: not checked, never "passed"
+    assert accuracy_gate({"runners": {"pytorch-fp32": {"bbox_mAP": None}}}, 0.99)["passed"] is None
+
+
+def test_gkd_run_exits_1_when_the_gate_fails_and_0_when_it_passes(first_run, world, tmp_path, capsys, monkeypatch):
+    """The exit code follows the gate (stages reused from the first run; the gate's numbers are stubbed so that
+    the test does not depend on what the tiny models learned)."""
+    import yaml
+
+    import gkd.pipeline as pipeline
+
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(yaml.safe_dump({**TINY, "name": "a", "runs_dir": world["runs_dir"],
+                                        "data_root": world["data_root"]}))
+    monkeypatch.setattr(pipeline, "accuracy_gate", lambda bench, r: {
+        "min_ratio": r, "passed": False, "checked": ["x"],
+        "failures": ["onnxruntime-int8 of the distilled student: mAP 0.3000 is 75.0% of onnxruntime-fp32's 0.4000"]})
+    assert main(["run", str(cfg_file)]) == 1
+    cap = capsys.readouterr()
+    assert "gkd run: gate failed: onnxruntime-int8 of the distilled student: mAP 0.3000" in cap.err
+    assert "## Accuracy gate: FAILED" in cap.out
+    assert all(a == "reused" for a, _ in actions(json.loads((config(world, "a").run_dir / "manifest.json")
+                                                             .read_text())).values())
+    monkeypatch.setattr(pipeline, "accuracy_gate", lambda bench, r: {"min_ratio": r, "passed": True,
+                                                                      "checked": ["x"], "failures": []})
+    assert main(["run", str(cfg_file)]) == 0
+    assert "## Accuracy gate: PASS" in capsys.readouterr().out
+    assert main(["run", str(cfg_file), "gate_min_ratio=-1"]) == 2
+    assert "gate_min_ratio" in capsys.readouterr().err
