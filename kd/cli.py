@@ -5,7 +5,8 @@ from pathlib import Path
 
 import click
 
-__all__ = ["train", "config_overrides_argument", "split_config_and_overrides", "nproc_option", "launch_or_run"]
+__all__ = ["train", "config_overrides_argument", "split_config_and_overrides", "nproc_option", "launch_or_run",
+           "command_argv", "echo_on_rank0", "run_summary"]
 
 OVERRIDES_HELP = ("Override any config key as key=value (dotted for nested sections), e.g. train.epochs=2 "
                   "model.backbone=resnet18 data.root=data/mine. Values are parsed as YAML.")
@@ -46,7 +47,7 @@ def launch_or_run(nproc: int | None, argv: list[str], work):
         raise SystemExit(2) from None  # rank 0 prints this error; the other ranks only stop
 
 
-def _argv(command: str, config: Path | None, overrides: tuple[str, ...], **flags: bool) -> list[str]:
+def command_argv(command: str, config: Path | None, overrides: tuple[str, ...], **flags: bool) -> list[str]:
     """The command line again (for the processes torchrun starts), without ``--nproc``."""
     return [command, *([str(config)] if config is not None else []), *overrides,
             *(f"--{name.replace('_', '-')}" for name, on in flags.items() if on)]
@@ -85,20 +86,20 @@ def train(config: Path | None, overrides: tuple[str, ...], resume: bool, no_prog
 
     def work() -> None:
         record = train_detector(cfg, resume=resume, progress=not no_progress)
-        _echo_on_rank0(_summary(cfg.run_dir, record))
+        echo_on_rank0(run_summary(cfg.run_dir, record))
 
-    return launch_or_run(nproc, _argv("train", config, overrides, resume=resume, no_progress=no_progress,
+    return launch_or_run(nproc, command_argv("train", config, overrides, resume=resume, no_progress=no_progress,
                                       verbose=verbose), work)
 
 
-def _echo_on_rank0(text: str) -> None:
+def echo_on_rank0(text: str) -> None:
     import os
 
     if os.environ.get("RANK", "0") == "0":
         click.echo(text)
 
 
-def _summary(run_dir: Path, record: dict) -> str:
+def run_summary(run_dir: Path, record: dict) -> str:
     if "val/bbox_mAP" in record:
         return (f"done: {run_dir}  bbox_mAP {record['val/bbox_mAP']:.4f}  mAP_50 {record['val/bbox_mAP_50']:.4f}  "
                 f"checkpoint {run_dir / 'checkpoints' / 'model.pt'}")

@@ -13,7 +13,18 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["DetectionTask"]
+__all__ = ["DetectionTask", "loss_terms", "with_total"]
+
+
+def loss_terms(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """torchvision's loss dict with every key named ``loss_<term>`` (RetinaNet says ``classification``, Faster
+    R-CNN ``loss_classifier``): the engine backpropagates and logs keys containing "loss"."""
+    return {(k if k.startswith("loss") else f"loss_{k}"): v for k, v in losses.items()}
+
+
+def with_total(terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``terms`` plus ``"loss"``: their sum (what the engine backpropagates)."""
+    return {**terms, "loss": sum(terms.values())}
 
 
 class DetectionTask(nn.Module):
@@ -30,10 +41,8 @@ class DetectionTask(nn.Module):
     def forward(self, images: list[torch.Tensor], targets: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Args: images: list of ``[3, H, W]`` float tensors in [0, 1]; targets: per image ``boxes [n, 4]`` and
         ``labels [n]``. Returns ``{"loss": sum of terms, "loss_<term>": ...}``."""
-        losses = self.detector(images, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
-        out = {f"loss_{k}" if not k.startswith("loss") else k: v for k, v in losses.items()}
-        out["loss"] = sum(out.values())
-        return out
+        return with_total(loss_terms(self.detector(images, [{"boxes": t["boxes"], "labels": t["labels"]}
+                                                            for t in targets])))
 
     def on_epoch_start(self, epoch: int, context: dict[str, Any]) -> dict[str, float]:
         return {}

@@ -42,7 +42,7 @@ def distill(config: Path | None, overrides: tuple[str, ...], resume: bool, no_pr
       gkd distill kd/configs/distill_gkd.yaml --resume
       gkd distill kd/configs/distill_gkd.yaml --nproc 8      # 8 GPUs of this machine (torchrun)
     """
-    from ..cli import _argv, _echo_on_rank0, _summary, launch_or_run, split_config_and_overrides
+    from ..cli import command_argv, echo_on_rank0, launch_or_run, run_summary, split_config_and_overrides
     from ..config import load_config
     from ..logs import setup_console_logging
     from .config import DistillRunConfig
@@ -54,7 +54,7 @@ def distill(config: Path | None, overrides: tuple[str, ...], resume: bool, no_pr
 
     def work() -> None:
         record = run_distillation(cfg, resume=resume, progress=not no_progress)
-        _echo_on_rank0(_summary(cfg.run_dir, record))
+        echo_on_rank0(run_summary(cfg.run_dir, record))
 
-    return launch_or_run(nproc, _argv("distill", config, overrides, resume=resume, no_progress=no_progress,
+    return launch_or_run(nproc, command_argv("distill", config, overrides, resume=resume, no_progress=no_progress,
                                       verbose=verbose), work)

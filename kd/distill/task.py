@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import GkdError
+from ..task import loss_terms, with_total
 from .adapters import Adapters
 from .config import DistillConfig, method_parts
 from .levels import LevelPair, assign_levels, pair_levels
@@ -185,9 +186,7 @@ class DistillationTask(nn.Module):
         """
         targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
         if self.teacher is None:  # "none": exactly the detector's own training forward
-            out = {(k if k.startswith("loss") else f"loss_{k}"): v for k, v in self.detector(images, targets).items()}
-            out["loss"] = sum(out.values())
-            return out
+            return with_total(loss_terms(self.detector(images, targets)))
         student = self.detector
         x, tgts = student.transform(images, targets)
         feats = student.backbone(x.tensors)
@@ -198,7 +197,7 @@ class DistillationTask(nn.Module):
         else:
             det, inst = self._faster_rcnn_step(x, tgts, feats, tfeats)
         kd = self._distill(x.tensors.shape[0], feats, tfeats, inst)
-        out = {(k if k.startswith("loss") else f"loss_{k}"): v for k, v in det.items()}
+        out = loss_terms(det)
         out.update({k: v for k, v in kd.items() if k.startswith("loss")})
         out["loss"] = sum(out.values())
         out.update({k: v for k, v in kd.items() if not k.startswith("loss")})
