@@ -159,7 +159,7 @@ def export_checkpoint(opts: ExportOptions, log: Callable[[str], None] = print) -
                     "details": extra}
         log(f"{p}: parity {'PASS' if rep['passed'] else 'FAIL: ' + '; '.join(rep['failures'])}")
 
-    engines = _engines(opts, paths, contract, log,
+    engines = _engines(opts, paths, profile, log,
                        check=lambda runner, p: compare_outputs(ref, collect_outputs(runner, parity_set.images),
                                                                tol_for(p), gt_json=gt[0], category_ids=gt[1],
                                                                ref_map=ref_map, max_detections=cut))
@@ -248,7 +248,7 @@ def _rtx_check(opts: ExportOptions, paths: dict[str, Path], profile: dict, log) 
             "results": results, "summary": {p: trt_rtx.summarize(r) for p, r in results.items()}}
 
 
-def _engines(opts: ExportOptions, paths: dict[str, Path], contract: dict, log, check) -> dict[str, Any]:
+def _engines(opts: ExportOptions, paths: dict[str, Path], profile: dict, log, check) -> dict[str, Any]:
     """Build, verify and run TensorRT engines when TensorRT and a GPU are present; otherwise say why in one line.
 
     ``check(runner, precision)`` runs parity of an engine against the PyTorch reference.
@@ -268,9 +268,8 @@ def _engines(opts: ExportOptions, paths: dict[str, Path], contract: dict, log, c
     import tensorrt as trt
 
     from .runtime import TrtRunner
-    from .trt import build_engine, compute_profile, onnx_for_build, trt_major
+    from .trt import build_engine, onnx_for_build, trt_major
 
-    profile = compute_profile(contract, opts.min_shapes, opts.opt_shapes, opts.max_shapes)
     major = trt_major(trt)
     out = {"built": True, "tensorrt_version": trt.__version__, "typing": "strong" if major >= 11 else "weak",
            "profile": profile, "engines": {}}

@@ -26,12 +26,15 @@ __all__ = [
     "DataConfig", "ModelConfig", "TrainConfig", "EvalConfig", "RunConfig",
     "load_config", "from_dict", "to_dict", "config_differences", "merge_dicts", "apply_overrides",
     "parse_override_value", "flatten_overrides", "dump_config",
-    "ARCHS", "BACKBONES",
+    "ARCHS", "BACKBONES", "Arch", "Backbone",
 ]
 
-ARCHS = ("faster_rcnn", "retinanet")
+#: the detector architectures and backbones: one definition, the type of the config fields and the tuples alike
+Arch = Literal["faster_rcnn", "retinanet"]
+Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large"]
+ARCHS = typing.get_args(Arch)
+BACKBONES = typing.get_args(Backbone)
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large")
 
 
 @dataclass(frozen=True)
@@ -63,8 +66,8 @@ class ModelConfig:
         "rois_per_image": ((">=", 1),), "proposals_test": ((">=", 1),), "score_thresh": ((">=", 0), ("<", 1)),
         "detections_per_img": ((">=", 1),)}
 
-    arch: Literal["faster_rcnn", "retinanet"] = "faster_rcnn"
-    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large"] = "resnet50"
+    arch: Arch = "faster_rcnn"
+    backbone: Backbone = "resnet50"
     num_classes: int = 0
     #: shorter / longer image side after the detector's internal resize (aspect kept)
     min_size: int = 320

@@ -75,10 +75,9 @@ def _train_detector(cfg: RunConfig, resume: bool, progress: bool) -> dict[str, A
 
     train_index, val_index = load_splits(cfg)
     k = len(train_index.classes)
-    check_num_classes(cfg, k)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=k))
     seed_everything(cfg.seed)  # model init is part of the seeded run
-    model = build_model(cfg, k, train_index.classes)
+    model = build_model(cfg, k, train_index.classes)  # checks model.num_classes against the dataset's k
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=k))
     train_set = CocoDetection(train_index, train=True, min_size=cfg.model.min_size, max_size=cfg.model.max_size,
                               hflip=cfg.train.hflip, seed=cfg.seed, keep_empty=cfg.data.keep_empty)
     val_set = CocoDetection(val_index, train=False, min_size=cfg.model.min_size, max_size=cfg.model.max_size)

@@ -6,15 +6,17 @@ project's decisions from ``method.md`` (global loss on, weight 5, attenuated). `
 """
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Optional
 
-from ..config import RunConfig
+from ..config import Arch, Backbone, RunConfig
 
 __all__ = ["METHODS", "TeacherConfig", "PGMConfig", "DistillConfig", "DistillRunConfig", "method_parts"]
 
-#: the method menu (``distill.method``)
-METHODS = ("none", "local", "robust", "gkd", "pkd", "pkd+global")
+#: the method menu (``distill.method``): one definition for the field's type and the tuple
+Method = Literal["none", "local", "robust", "gkd", "pkd", "pkd+global"]
+METHODS = typing.get_args(Method)
 
 
 @dataclass(frozen=True)
@@ -27,8 +29,8 @@ class TeacherConfig:
     """
 
     checkpoint: Optional[str] = None
-    arch: Optional[Literal["faster_rcnn", "retinanet"]] = None
-    backbone: Optional[Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large"]] = None
+    arch: Optional[Arch] = None
+    backbone: Optional[Backbone] = None
     #: anchor sizes of a plain-state-dict teacher (gkd checkpoints record their own); empty = torchvision's
     anchor_sizes: tuple[int, ...] = ()
 
@@ -69,7 +71,7 @@ class DistillConfig:
         "strides": ((">", 0),), "fg_weight": ((">=", 0),), "bg_weight": ((">=", 0),), "soft_weight": ((">=", 0),),
         "temperature": ((">", 0),), "global_weight": ((">=", 0),), "pkd_weight": ((">=", 0),)}
 
-    method: Literal["none", "local", "robust", "gkd", "pkd", "pkd+global"] = "gkd"
+    method: Method = "gkd"
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     pgm: PGMConfig = field(default_factory=PGMConfig)
     #: FPN strides to distill (empty = every stride both detectors have)
