@@ -135,29 +135,30 @@ def evaluate_models(models: Sequence[str | Path], data: str | Path, *, image_roo
             log(note)
         opened.append((spec, runner, note))
         names.append(runner_label(spec, runner))
-    labels_by_name = unique_names(names, [s.path for s, _, _ in opened])
-    ref_map = None
-    for name, (spec, runner, note) in zip(labels_by_name, opened):
-        labels = label_space(spec, runner)
-        ids = _check_labels(spec, labels, images)
-        log(f"eval: {name} ({spec.path}) on {runner.provider}, score_thresh {labels.score_thresh}, "
-            f"{labels.detections_per_img} detections/image")
-        try:
+    try:
+        labels_by_name = unique_names(names, [s.path for s, _, _ in opened])
+        ref_map = None
+        for name, (spec, runner, note) in zip(labels_by_name, opened):
+            labels = label_space(spec, runner)
+            ids = _check_labels(spec, labels, images)
+            log(f"eval: {name} ({spec.path}) on {runner.provider}, score_thresh {labels.score_thresh}, "
+                f"{labels.detections_per_img} detections/image")
             outs = collect_outputs(runner, images.images)
-        finally:
-            runner.__exit__(None, None, None)  # opened (entered) by open_runner
-        ev = CocoEvaluator(images.gt_json, ids, cap, backend=backend)
-        ev.process([{"image_id": o["image_id"]} for o in outs], outs)
-        metrics = ev.evaluate()
-        per_class = {cls: ev.per_class.get(cid, -1.0) for cls, cid in zip(images.classes, ids)}
-        if ref_map is None:
-            ref_map = metrics["bbox_mAP"]
-        results[name] = {"path": str(spec.path), "kind": spec.kind, "provider": runner.provider,
-                         "precision": runner.precision, "note": note, "score_thresh": labels.score_thresh,
-                         "detections_per_img": labels.detections_per_img, "metrics": metrics,
-                         "per_class_AP": per_class, "detections": ev.detections,
-                         "delta_map": metrics["bbox_mAP"] - ref_map,
-                         "relative_map": metrics["bbox_mAP"] / ref_map if ref_map and ref_map > 0 else None}
+            ev = CocoEvaluator(images.gt_json, ids, cap, backend=backend)
+            ev.process([{"image_id": o["image_id"]} for o in outs], outs)
+            metrics = ev.evaluate()
+            per_class = {cls: ev.per_class.get(cid, -1.0) for cls, cid in zip(images.classes, ids)}
+            if ref_map is None:
+                ref_map = metrics["bbox_mAP"]
+            results[name] = {"path": str(spec.path), "kind": spec.kind, "provider": runner.provider,
+                             "precision": runner.precision, "note": note, "score_thresh": labels.score_thresh,
+                             "detections_per_img": labels.detections_per_img, "metrics": metrics,
+                             "per_class_AP": per_class, "detections": ev.detections,
+                             "delta_map": metrics["bbox_mAP"] - ref_map,
+                             "relative_map": metrics["bbox_mAP"] / ref_map if ref_map and ref_map > 0 else None}
+    finally:  # closed even when a later model is refused (its label space, say)
+        for _, runner, _ in opened:
+            runner.__exit__(None, None, None)
     if not results:
         raise GkdError("no model could be evaluated here: " + "; ".join(skipped.values()))
     return {"report": "eval", "report_version": 1, "protocol": protocol,

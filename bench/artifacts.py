@@ -32,11 +32,10 @@ class Unavailable(GkdError):
 
 @dataclass
 class ModelSpec:
-    """One model to run. ``name`` labels it in tables (``<runtime>-<precision>``, made unique by the caller)."""
+    """One model to run: its file and kind (:data:`KINDS`). Tables label it by :func:`runner_label`."""
 
     path: Path
     kind: str
-    name: str = ""
 
 
 def model_kind(path: str | Path) -> str:

@@ -142,6 +142,37 @@ def _summarise(t: Timings, view: str) -> dict[str, Any]:
             "warmup": {"calls": t.warmup_calls, "seconds": t.warmup_s, "steady": t.steady}, "warnings": warnings}
 
 
+def _time_view(view, labels, opened, tensors, files, policy, threads, notes, verified, log) -> dict[str, Any]:
+    """One view's timings of every opened model: name -> report entry."""
+    calls = {}
+    for name, (spec, runner) in zip(labels, opened):
+        if runner is not None:
+            calls[name] = compute_call(runner, tensors) if view == "compute" else e2e_call(runner, files)
+    warm = (f"a fixed warm-up of {policy.warmup_min_calls} call(s)" if policy.warmup_max_s <= 0 else
+            f"warm-up >= {policy.warmup_min_calls} calls / {policy.warmup_s:g} s until steady")
+    log(f"latency ({view} view): {len(calls)} runner(s), {len(tensors)} image(s), {threads} thread(s); {warm}, "
+        f"then >= {policy.min_iterations} calls and {policy.duration_s:g} s each, round-robin")
+    timings = measure(calls, policy) if calls else {}
+    entries = {}
+    for name, (spec, runner) in zip(labels, opened):
+        if runner is not None:
+            entry = _summarise(timings[name], view)
+            entry.update({"path": str(spec.path), "kind": spec.kind, "precision": runner.precision,
+                          "provider": runner.provider, "note": notes.get(id(runner), ""),
+                          "verified": verified[id(spec)], "raw_times_ms": timings[name].samples_ms})
+        elif view == "compute":  # a TensorRT engine timed by trtexec (it has no e2e view)
+            t = trtexec_times(spec.path, policy, [1, *tensors[0].shape])
+            entry = _summarise(Timings(samples_ms=t["compute"],
+                                       phases_ms={k: v for k, v in t.items() if k != "compute"}), view)
+            entry.update({"path": str(spec.path), "kind": spec.kind, "precision": "see engine stamp",
+                          "provider": "trtexec (--exportTimes)", "note": "", "verified": None,
+                          "raw_times_ms": t["compute"]})
+        else:
+            continue
+        entries[name] = entry
+    return entries
+
+
 def benchmark_models(specs: Sequence[ModelSpec], data: Path, *, views: Sequence[str] = ("compute",),
                      device: str = "cpu", provider: str | None = None, threads: int = 1,
                      policy: TimingPolicy = TimingPolicy(), latency_images: int = 16, trtexec: bool = False,
@@ -166,7 +197,7 @@ def benchmark_models(specs: Sequence[ModelSpec], data: Path, *, views: Sequence[
         try:
             runner, note = open_runner(spec, device=device, provider=provider, threads=threads)
         except Unavailable as exc:
-            skipped[spec.name or str(spec.path)] = str(exc)
+            skipped[str(spec.path)] = str(exc)
             log(f"skipped: {exc}")
             continue
         if note:
@@ -179,43 +210,16 @@ def benchmark_models(specs: Sequence[ModelSpec], data: Path, *, views: Sequence[
 
     labels = unique_names([runner_label(s, r) if r is not None else "trtexec-engine" for s, r in opened],
                           [s.path for s, _ in opened])
-    before = machine_stamp(threads)
-    report_views: dict[str, dict[str, Any]] = {}
-    for view in views:
-        calls = {}
-        for name, (spec, runner) in zip(labels, opened):
+    verified = {id(spec): _verified(spec) for spec, _ in opened}  # hashes each file once, not once per view
+    try:
+        before = machine_stamp(threads)
+        report_views = {view: _time_view(view, labels, opened, tensors, files, policy, threads, notes, verified, log)
+                        for view in views}
+        after = machine_stamp(threads)
+    finally:  # every runner opened here is closed here, whatever happened
+        for _, runner in opened:
             if runner is not None:
-                calls[name] = compute_call(runner, tensors) if view == "compute" else e2e_call(runner, files)
-        warm = (f"a fixed warm-up of {policy.warmup_min_calls} call(s)" if policy.warmup_max_s <= 0 else
-                f"warm-up >= {policy.warmup_min_calls} calls / {policy.warmup_s:g} s until steady")
-        log(f"latency ({view} view): {len(calls)} runner(s), {len(tensors)} image(s), {threads} thread(s); {warm}, "
-            f"then >= {policy.min_iterations} calls and {policy.duration_s:g} s each, round-robin")
-        timings = measure(calls, policy) if calls else {}
-        entries = {}
-        for name, (spec, runner) in zip(labels, opened):
-            if runner is None:
-                continue
-            entry = _summarise(timings[name], view)
-            entry.update({"path": str(spec.path), "kind": spec.kind, "precision": runner.precision,
-                          "provider": runner.provider, "note": notes.get(id(runner), ""),
-                          "verified": _verified(spec), "raw_times_ms": timings[name].samples_ms})
-            entries[name] = entry
-        if view == "compute":
-            for name, (spec, runner) in zip(labels, opened):
-                if runner is None:
-                    shape = [1, *tensors[0].shape]
-                    t = trtexec_times(spec.path, policy, shape)
-                    entry = _summarise(Timings(samples_ms=t["compute"], phases_ms={k: v for k, v in t.items()
-                                                                                    if k != "compute"}), view)
-                    entry.update({"path": str(spec.path), "kind": spec.kind, "precision": "see engine stamp",
-                                  "provider": "trtexec (--exportTimes)", "note": "",
-                                  "verified": None, "raw_times_ms": t["compute"]})
-                    entries[name] = entry
-        report_views[view] = entries
-    after = machine_stamp(threads)
-    for _, runner in opened:
-        if runner is not None:
-            runner.__exit__(None, None, None)
+                runner.__exit__(None, None, None)
     gpu_warnings = throttle_warnings(before, after)
     return {
         "benchmark": "latency", "report_version": 2,
