@@ -189,3 +189,43 @@ def test_bench_latency_without_any_runnable_model_says_why(fake_engine, rect_dat
     assert main(["bench", "latency", str(fake_engine), "--data", str(rect_data["val"])]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("gkd: error: no model can run here:") and "tensorrt Python package" in err[-1]
+
+
+def test_gkd_eval_on_large_non_square_photos(trained, exported, rect_data, tmp_path, capsys):
+    """What users feed in: the parity images as 427x640 / 640x427 / 1080x1920 JPEG photos (annotations scaled with
+    them). The exported graph and the checkpoint resize them alike: same mAP, and the model still detects."""
+    from PIL import Image
+
+    from tests.test_export.test_real_sizes import as_photo
+
+    src = json.loads(rect_data["val"].read_text())
+    root = tmp_path / "photos"
+    (root / "images").mkdir(parents=True)
+    sizes = [(427, 640), (640, 427), (1080, 1920)]
+    images, anns = [], []
+    from gkd.export.images import load_image_set
+
+    decoded = dict(load_image_set(rect_data["val"]).images)
+    for k, im in enumerate(src["images"][:3]):
+        h, w = sizes[k]
+        sy, sx = h / im["height"], w / im["width"]
+        photo = as_photo(decoded[im["id"]], (h, w), seed=k)
+        name = f"photo_{k}.jpg"
+        Image.fromarray((photo * 255).round().byte().permute(1, 2, 0).numpy()).save(root / "images" / name,
+                                                                                    quality=95)
+        images.append({"id": im["id"], "file_name": name, "width": w, "height": h})
+        for a in src["annotations"]:
+            if a["image_id"] == im["id"]:
+                x, y, bw, bh = a["bbox"]
+                anns.append({**a, "bbox": [x * sx, y * sy, bw * sx, bh * sy], "area": bw * sx * bh * sy})
+    data = root / "val.json"
+    data.write_text(json.dumps({"images": images, "annotations": anns, "categories": src["categories"]}))
+    rc = main(["eval", str(trained[ARCH]["checkpoint"]), str(exported[ARCH]["fp32"]), "--data", str(data),
+               "--out", str(tmp_path / "ev"), "--min-relative-map", "0.99"])
+    assert rc == 0, capsys.readouterr().err
+    rep = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert rep["models"]["pytorch-fp32"]["metrics"]["bbox_mAP"] > 0
+    dets = json.loads((tmp_path / "ev" / "detections.json").read_text())
+    # it detects on every photo (test_real_sizes' criterion): the comparison means something
+    assert {d["image_id"] for d in dets if d["score"] >= 0.3} == {im["id"] for im in images}
+    assert abs(rep["models"]["onnxruntime-fp32"]["delta_map"]) < 0.01
