@@ -65,6 +65,11 @@ def label_space(spec: ModelSpec, runner: Any) -> LabelSpace:
                       post.get("detections_per_img"))
 
 
+def grouped(group: str, label: str) -> str:
+    """``distilled/onnxruntime-int8`` (or the bare label when there is no group)."""
+    return f"{group}/{label}" if group else label
+
+
 def unique_names(names: Sequence[str], paths: Sequence[Path]) -> list[str]:
     """Table labels: ``onnxruntime-int8``, or ``onnxruntime-int8 (b.onnx)`` when two models share a label."""
     out = []
@@ -88,11 +93,16 @@ def _check_labels(spec: ModelSpec, labels: LabelSpace, images) -> list[int]:
 def evaluate_models(models: Sequence[str | Path], data: str | Path, *, image_root: str | Path | None = None,
                     max_dets: int | None = None, device: str = "cpu", provider: str | None = None,
                     threads: int = 1, limit: int | None = None, backend: str | None = None,
+                    groups: Sequence[str] | None = None, subsets: Sequence[str] = (),
                     log: Callable[[str], None] = print) -> dict[str, Any]:
     """Evaluate every model on the same decoded images; the first evaluated model is the reference for deltas.
 
+    ``groups`` (one per model) prefixes the labels (``baseline/onnxruntime-int8``); ``subsets`` names annotation
+    attributes (``small``, ``occluded``, ``blurred``: the synthetic data's hard cases) to score each model on
+    too, from the same detections (COCO metrics on the ground truth whose ``attributes[name]`` is true).
+
     Returns the report: ``protocol``, ``images`` (count, failed), ``models`` (name -> path, kind, provider,
-    precision, metrics, per_class, detections, delta_map), ``skipped`` (name -> why).
+    precision, metrics, per_class, subsets, detections, delta_map), ``skipped`` (name -> why).
     """
     from gkd.export.images import load_image_set
     from gkd.export.parity import collect_outputs
@@ -124,7 +134,7 @@ def evaluate_models(models: Sequence[str | Path], data: str | Path, *, image_roo
     skipped: dict[str, str] = {}
     names: list[str] = []
     opened = []
-    for spec in specs:
+    for i, spec in enumerate(specs):
         try:
             runner, note = open_runner(spec, device=device, provider=provider, threads=threads)
         except Unavailable as exc:
@@ -134,7 +144,7 @@ def evaluate_models(models: Sequence[str | Path], data: str | Path, *, image_roo
         if note:
             log(note)
         opened.append((spec, runner, note))
-        names.append(runner_label(spec, runner))
+        names.append(grouped(groups[i] if groups else "", runner_label(spec, runner)))
     try:
         labels_by_name = unique_names(names, [s.path for s, _, _ in opened])
         ref_map = None
@@ -148,12 +158,14 @@ def evaluate_models(models: Sequence[str | Path], data: str | Path, *, image_roo
             ev.process([{"image_id": o["image_id"]} for o in outs], outs)
             metrics = ev.evaluate()
             per_class = {cls: ev.per_class.get(cid, -1.0) for cls, cid in zip(images.classes, ids)}
+            hard = {name_: ev.evaluate(ann_filter=lambda a, n=name_: bool((a.get("attributes") or {}).get(n)))
+                    for name_ in subsets}
             if ref_map is None:
                 ref_map = metrics["bbox_mAP"]
             results[name] = {"path": str(spec.path), "kind": spec.kind, "provider": runner.provider,
                              "precision": runner.precision, "note": note, "score_thresh": labels.score_thresh,
                              "detections_per_img": labels.detections_per_img, "metrics": metrics,
-                             "per_class_AP": per_class, "detections": ev.detections,
+                             "per_class_AP": per_class, "subsets": hard, "detections": ev.detections,
                              "delta_map": metrics["bbox_mAP"] - ref_map,
                              "relative_map": metrics["bbox_mAP"] / ref_map if ref_map and ref_map > 0 else None}
     finally:  # closed even when a later model is refused (its label space, say)

@@ -176,8 +176,12 @@ def _time_view(view, labels, opened, tensors, files, policy, threads, notes, ver
 def benchmark_models(specs: Sequence[ModelSpec], data: Path, *, views: Sequence[str] = ("compute",),
                      device: str = "cpu", provider: str | None = None, threads: int = 1,
                      policy: TimingPolicy = TimingPolicy(), latency_images: int = 16, trtexec: bool = False,
+                     groups: Sequence[str] | None = None,
                      log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Time every model in every view; returns the report (``views[view][name]``, ``stamp``, ``skipped``...)."""
+    """Time every model in every view; returns the report (``views[view][name]``, ``stamp``, ``skipped``...).
+
+    ``groups`` (one per spec) prefixes each runner's label, ``teacher/pytorch-fp32``, so that models of the same
+    runtime and precision (two students' INT8 files) are told apart in one round-robin measurement."""
     from gkd.export.images import load_image_set
     from gkd.kd.data.coco import load_coco
 
@@ -189,8 +193,9 @@ def benchmark_models(specs: Sequence[ModelSpec], data: Path, *, views: Sequence[
     by_id = {int(im["id"]): index.image_path(im) for im in index.images}
     files = [by_id[i] for i, _ in image_set.images]
     tensors = [im for _, im in image_set.images]
-    opened, skipped, notes = [], {}, {}
-    for spec in specs:
+    opened, skipped, notes, group_of = [], {}, {}, {}
+    for i, spec in enumerate(specs):
+        group_of[id(spec)] = groups[i] if groups else ""
         if spec.kind == "tensorrt" and trtexec:
             opened.append((spec, None))
             continue
@@ -206,10 +211,10 @@ def benchmark_models(specs: Sequence[ModelSpec], data: Path, *, views: Sequence[
         notes[id(runner)] = note
     if not opened:
         raise GkdError("no model can run here: " + "; ".join(skipped.values()))
-    from .accuracy import unique_names
+    from .accuracy import grouped, unique_names
 
-    labels = unique_names([runner_label(s, r) if r is not None else "trtexec-engine" for s, r in opened],
-                          [s.path for s, _ in opened])
+    labels = unique_names([grouped(group_of[id(s)], runner_label(s, r) if r is not None else "trtexec-engine")
+                           for s, r in opened], [s.path for s, _ in opened])
     verified = {id(spec): _verified(spec) for spec, _ in opened}  # hashes each file once, not once per view
     try:
         before = machine_stamp(threads)

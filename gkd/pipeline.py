@@ -32,6 +32,7 @@ from typing import Any, Callable, ClassVar
 
 import click
 from gkd.kd import CONFIG_DIR
+from gkd.report import STUDENTS, accuracy_gate, render_report, summary_table, write_plots
 
 __all__ = ["PipelineConfig", "run_pipeline", "resolve_stage_configs", "run", "QUICK"]
 
@@ -58,14 +59,20 @@ class PipelineConfig:
     #: nested mappings merged over the teacher / student run configs, e.g. {"train": {"epochs": 2}}
     teacher: dict = field(default_factory=dict)
     student: dict = field(default_factory=dict)
-    #: also train the student without distillation (same schedule) to report what distillation bought
-    baseline: bool = False
+    #: the teacher's own seed (its initialisation and data order), apart from the students' ``seed``: the teacher
+    #: is an independent model, never the student's own run carried on longer
+    teacher_seed: int = 1
+    #: also train the student without distillation (same schedule, data order and seed) and export it, so that the
+    #: report says what distillation bought at each deployed precision
+    baseline: bool = True
     #: export precisions, and whether to benchmark latency/mAP of the exports
     precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
     bench: bool = True
     bench_iterations: int = 30
     #: validation images cycled through while timing
     bench_images: int = 16
+    #: write the report's PNG plots (training curves, per-class AP, latency, mAP against latency)
+    plots: bool = True
     #: the accuracy gate: the shipped student's INT8 mAP must be at least this fraction of its FP32 mAP, and its
     #: FP32 export must detect (mAP > 0); `gkd run` exits 1 naming the model and the numbers otherwise (0: no gate)
     gate_min_ratio: float = 0.99
@@ -108,7 +115,8 @@ def _stage_updates(cfg: PipelineConfig, stage: str, section: dict, prefix: str) 
     for key in ("name", "runs_dir"):
         if key in section:
             raise GkdError(f"{prefix}{key}: set by gkd run (runs/<name>/<stage>/); use {key}=... for the whole run")
-    fixed = {"runs_dir": str(cfg.run_dir), "name": stage, "seed": cfg.seed, "data": {"root": cfg.data_root}}
+    seed = cfg.teacher_seed if stage == "teacher" else cfg.seed
+    fixed = {"runs_dir": str(cfg.run_dir), "name": stage, "seed": seed, "data": {"root": cfg.data_root}}
     return merge_dicts(fixed, section)
 
 
@@ -374,10 +382,9 @@ def _student_stage(run_cfg) -> dict[str, Any]:
     return {**_training_result(run_cfg, record), "method": run_cfg.distill.method}
 
 
-def _export_stage(cfg: PipelineConfig, student_ckpt: Path) -> dict[str, Any]:
+def _export_stage(cfg: PipelineConfig, student_ckpt: Path, out: Path) -> dict[str, Any]:
     from gkd.export.pipeline import ExportOptions, export_checkpoint
 
-    out = cfg.run_dir / "export"
     data = Path(cfg.data_root)
     manifest = export_checkpoint(ExportOptions(checkpoint=student_ckpt, out=out, precisions=tuple(cfg.precisions),
                                                calib_data=data / "train.json", val_data=data / "val.json",
@@ -387,20 +394,103 @@ def _export_stage(cfg: PipelineConfig, student_ckpt: Path) -> dict[str, Any]:
             "tensorrt": manifest.get("tensorrt")}
 
 
-def _bench_stage(cfg: PipelineConfig, student_ckpt: Path) -> dict[str, Any]:
-    from gkd.bench.latency import format_report, run_latency_benchmark
-    from gkd.kd.io import atomic_write_json, atomic_write_text
+#: the val objects' attributes (the synthetic generator's hard cases) that the report gives AP on
+HARD_SUBSETS = ("small", "occluded", "blurred")
+#: CPU threads of the latency measurement (batch 1 on one core: the number an edge device's single stream sees)
+BENCH_THREADS = 1
+#: threads of the mAP evaluation (not timed: it may use both cores of the reference machine)
+ACCURACY_THREADS = 2
+
+
+def _bench_models(teacher_ckpt: Path, students: dict[str, tuple[Path, dict]]) -> list[tuple[str, Path]]:
+    """``(group, path)`` of every model the bench stage measures: the teacher's checkpoint, then each student's
+    checkpoint and exported files (``students``: group -> (checkpoint, its export stage record))."""
+    models = [("teacher", teacher_ckpt)]
+    for group, (ckpt, exported) in students.items():
+        models.append((group, ckpt))
+        models += [(group, Path(f["onnx"]["path"])) for f in exported["outputs"]["files"].values()]
+    return models
+
+
+def _bench_stage(cfg: PipelineConfig, models: list[tuple[str, Path]]) -> dict[str, Any]:
+    """Latency (round-robin, side by side) and val mAP of the teacher, both students and their exports."""
+    from gkd.bench.accuracy import evaluate_models
+    from gkd.bench.artifacts import ModelSpec, model_kind
+    from gkd.bench.harness import TimingPolicy
+    from gkd.bench.latency import benchmark_models
+    from gkd.kd.errors import GkdError
+    from gkd.kd.io import atomic_write_json
 
     out = cfg.run_dir / "bench"
-    rep = run_latency_benchmark(student_ckpt, Path(cfg.data_root) / "val.json", cfg.run_dir / "export",
-                                calib_data=None, warmup=5, iterations=cfg.bench_iterations, threads=1,
-                                map_images=None, latency_images=cfg.bench_images, log=log.info)
-    atomic_write_json(out / "latency.json", rep)
-    atomic_write_text(out / "latency.md", format_report(rep) + "\n")
-    return {"outputs": {"report": _artifact(out / "latency.json")}, "ratios": rep["ratios"],
-            "targets": rep["targets"],
-            "runners": {n: {"p50_ms": r["latency"]["p50"], "bbox_mAP": (r["accuracy"] or {}).get("bbox_mAP"),
-                            "provider": r["provider"], "verified": r["verified"]} for n, r in rep["runners"].items()}}
+    val = Path(cfg.data_root) / "val.json"
+    timed, skipped = [], {}
+    for group, path in models:
+        kind = model_kind(path)
+        if kind == "onnx" and path.stem.endswith("fp16"):
+            # onnxruntime's CPU provider has no FP16 convolution kernels on x86: it inserts casts and computes in
+            # FP32, so an FP16 timing here would measure casts, not FP16 (its accuracy is measured all the same)
+            skipped[f"{group}/onnxruntime-fp16"] = ("onnxruntime's CPU provider has no FP16 kernels on x86 (it "
+                                                    "runs through casts): FP16 is timed on a GPU only")
+            continue
+        timed.append((group, ModelSpec(path, kind)))
+    lat = benchmark_models([s for _, s in timed], val, threads=BENCH_THREADS,
+                           policy=TimingPolicy.fixed(5, cfg.bench_iterations), latency_images=cfg.bench_images,
+                           groups=[g for g, _ in timed], log=log.info)
+    lat["skipped"].update(skipped)
+    subsets = HARD_SUBSETS if _has_attributes(val) else ()
+    exports = [(g, p) for g, p in models if model_kind(p) == "onnx"]
+    acc = evaluate_models([p for _, p in exports], val, groups=[g for g, _ in exports], threads=ACCURACY_THREADS,
+                          subsets=subsets, log=log.info)
+    try:  # the teacher too, when it speaks the data's label space (a given COCO teacher may not)
+        acc["models"].update(evaluate_models([models[0][1]], val, groups=["teacher"], threads=ACCURACY_THREADS,
+                                             subsets=subsets, log=log.info)["models"])
+    except GkdError as exc:
+        acc["skipped"]["teacher"] = str(exc)
+        log.info("teacher: not evaluated on %s (%s)", val, exc)
+    atomic_write_json(out / "latency.json", lat)
+    for r in acc["models"].values():
+        r.pop("detections", None)  # ~100 boxes per image per model: `gkd eval` writes them when asked
+    atomic_write_json(out / "accuracy.json", acc)
+    runners: dict[str, dict[str, Any]] = {}
+    for name, r in lat["runners"].items():
+        runners[name] = {"p50_ms": r["latency"]["p50"], "p90_ms": r["latency"]["p90"], "provider": r["provider"],
+                         "verified": r["verified"], "bbox_mAP": None}
+    for name, r in acc["models"].items():
+        runners.setdefault(name, {"p50_ms": None, "p90_ms": None, "provider": r["provider"], "verified": None})
+        runners[name]["bbox_mAP"] = r["metrics"]["bbox_mAP"]
+        if r["kind"] == "onnx" and runners[name]["verified"] is None:
+            runners[name]["verified"] = _verified_export(Path(r["path"]))
+    # the students' PyTorch mAP is their FP32 export's (parity-checked against it); not evaluated twice
+    for group in STUDENTS.values():
+        pt, onnx = runners.get(f"{group}/pytorch-fp32"), runners.get(f"{group}/onnxruntime-fp32") or {}
+        if pt is not None and pt["bbox_mAP"] is None:
+            pt["bbox_mAP_source"] = f"{group}/onnxruntime-fp32 (verified export of this checkpoint)"
+            pt["bbox_mAP"] = onnx.get("bbox_mAP") if onnx.get("verified") else None
+    teacher, student = runners.get("teacher/pytorch-fp32") or {}, runners.get("distilled/pytorch-fp32") or {}
+    speed = {}
+    if teacher.get("p50_ms") and student.get("p50_ms"):
+        speed = {"teacher_p50_ms": teacher["p50_ms"], "student_p50_ms": student["p50_ms"],
+                 "teacher_over_student_p50": teacher["p50_ms"] / student["p50_ms"]}
+    keep = ("teacher/pytorch-fp32", "distilled/onnxruntime-fp32", "baseline/onnxruntime-fp32")
+    return {"outputs": {"latency": _artifact(out / "latency.json"), "accuracy": _artifact(out / "accuracy.json")},
+            "device": "cpu", "threads": BENCH_THREADS, "runners": runners, "skipped": lat["skipped"], "speed": speed,
+            "subsets": {n: {k: v["bbox_mAP"] for k, v in acc["models"][n]["subsets"].items()}
+                        for n in keep if n in acc["models"] and acc["models"][n]["subsets"]},
+            "per_class": {n: acc["models"][n]["per_class_AP"] for n in keep if n in acc["models"]},
+            "samples_ms": {n: r["raw_times_ms"] for n, r in lat["runners"].items()}}
+
+
+def _has_attributes(val: Path) -> bool:
+    from gkd.kd.data.coco import load_coco
+
+    return any("attributes" in a for anns in load_coco(val).anns_by_image.values() for a in anns)
+
+
+def _verified_export(path: Path) -> bool | None:
+    from gkd.export.manifest import load_export_manifest
+
+    entry = load_export_manifest(path.parent).entry_for(path)
+    return None if entry is None else entry.verified
 
 
 def _sha(record: dict[str, Any], *path: str) -> str:
@@ -427,7 +517,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def _run_stages(cfg: PipelineConfig, stage_cfgs: StageConfigs) -> dict[str, Any]:
-    from gkd.kd.io import atomic_write_text
+    from gkd.kd.io import atomic_write_json, atomic_write_text
 
     manifest = Manifest(cfg.run_dir / "manifest.json", cfg)
     outcomes: list[Outcome] = []
@@ -449,104 +539,48 @@ def _run_stages(cfg: PipelineConfig, stage_cfgs: StageConfigs) -> dict[str, Any]
     for name, run_cfg in students:
         stage(name, _training_inputs(run_cfg, data=data_shas, teacher=teacher_sha),
               lambda run_cfg=run_cfg: _student_stage(run_cfg), "student.")
-    distilled = manifest.stages["distill"]
-    student_ckpt = Path(distilled["outputs"]["checkpoint"]["path"])
+    trained = {STUDENTS[name]: manifest.stages[name] for name, _ in students}
     if cfg.precisions:
-        export_inputs = {"config": {"precisions": list(cfg.precisions), "seed": cfg.seed},
-                         "student": _sha(distilled, "checkpoint"), "data": data_shas}
-        exported = stage("export", export_inputs, lambda: _export_stage(cfg, student_ckpt))
+        exported = {}
+        for group, record in trained.items():
+            ckpt = Path(record["outputs"]["checkpoint"]["path"])
+            folder = "export" if group == "distilled" else "export-baseline"
+            export_inputs = {"config": {"precisions": list(cfg.precisions), "seed": cfg.seed},
+                             "student": _sha(record, "checkpoint"), "data": data_shas}
+            exported[group] = stage(folder, export_inputs,
+                                    lambda ckpt=ckpt, folder=folder: _export_stage(cfg, ckpt, cfg.run_dir / folder))
         if cfg.bench:
-            files = {p: f["onnx"]["sha256"] for p, f in exported["outputs"]["files"].items()}
-            stage("bench", {"config": {"bench_iterations": cfg.bench_iterations, "bench_images": cfg.bench_images},
-                            "student": _sha(distilled, "checkpoint"), "exports": files, "data": data_shas},
-                  lambda: _bench_stage(cfg, student_ckpt))
+            models = _bench_models(Path(teacher["outputs"]["checkpoint"]["path"]),
+                                   {g: (Path(trained[g]["outputs"]["checkpoint"]["path"]), exported[g])
+                                    for g in trained})
+            bench_inputs = {"config": {"bench_iterations": cfg.bench_iterations, "bench_images": cfg.bench_images},
+                            "teacher": teacher_sha, "student": {g: _sha(r, "checkpoint") for g, r in trained.items()},
+                            "exports": {f"{g}/{p}": f["onnx"]["sha256"] for g, e in exported.items()
+                                        for p, f in e["outputs"]["files"].items()}, "data": data_shas}
+            stage("bench", bench_inputs, lambda: _bench_stage(cfg, models))
     manifest.data["invocation"] = [dataclasses.asdict(o) for o in outcomes]
     manifest.data["gate"] = accuracy_gate(manifest.stages.get("bench") if cfg.precisions and cfg.bench else None,
                                           cfg.gate_min_ratio)
+    manifest.data["plots"] = write_plots(manifest.data, cfg.run_dir) if cfg.plots else {}
     manifest.save()
     atomic_write_text(cfg.run_dir / "report.md", render_report(manifest.data))
+    atomic_write_json(cfg.run_dir / "report.json", _report_json(manifest.data))
     return manifest.data
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# the report
+def _report_json(m: dict[str, Any]) -> dict[str, Any]:
+    """``report.json``: the report's numbers for scripts (the manifest holds the full records)."""
+    from gkd.report import deployment_rows
 
-
-def _map(rec: dict | None, key: str = "val/bbox_mAP") -> str:
-    v = (rec or {}).get("metrics", {}).get(key)
-    return "-" if v is None else f"{100 * v:.1f}"
-
-
-def accuracy_gate(bench: dict[str, Any] | None, min_ratio: float) -> dict[str, Any]:
-    """The deployment gate on the bench stage's record (runner -> mAP of the shipped student's exports).
-
-    Returns ``{"min_ratio", "passed": True | False | None (not checked), "checked": [...], "failures": [...]}``:
-    the FP32 export must detect (mAP > 0: a model that detects nothing passes no gate) and INT8 must reach
-    ``min_ratio`` x FP32's mAP. ``min_ratio`` 0 turns the gate off.
-    """
-    out: dict[str, Any] = {"min_ratio": min_ratio, "passed": None, "checked": [], "failures": []}
-    if min_ratio <= 0:
-        out["reason"] = "gate off (gate_min_ratio=0)"
-        return out
-    runners = (bench or {}).get("runners") or {}
-    ref_name = "onnxruntime-fp32" if "onnxruntime-fp32" in runners else "pytorch-fp32"
-    ref = (runners.get(ref_name) or {}).get("bbox_mAP")
-    if ref is None:
-        out["reason"] = "no mAP measured (no bench stage, or a val split without annotations)"
-        return out
-    out["checked"].append(f"{ref_name} detects (mAP {ref:.4f})")
-    if ref <= 0:
-        out["failures"].append(f"{ref_name} of the distilled student has mAP {ref:.4f} on the val split: a model "
-                               f"that detects nothing passes no gate")
-    int8 = (runners.get("onnxruntime-int8") or {}).get("bbox_mAP")
-    if int8 is not None and ref > 0:
-        out["checked"].append(f"onnxruntime-int8 mAP {int8:.4f} >= {min_ratio:g} x {ref_name} {ref:.4f}")
-        if int8 < min_ratio * ref:
-            out["failures"].append(f"onnxruntime-int8 of the distilled student: mAP {int8:.4f} is {int8 / ref:.1%} "
-                                   f"of {ref_name}'s {ref:.4f}, below gate_min_ratio={min_ratio:g}")
-    out["passed"] = not out["failures"]
-    return out
-
-
-def render_report(m: dict[str, Any]) -> str:
-    """``runs/<name>/report.md``: what was shipped, how it measured, and what this invocation did."""
     st = m["stages"]
-    lines = [f"# gkd run report: {m['config']['name']}", "", f"Command (this invocation): `{' '.join(m['command'])}`",
-             "", "## Stages", "", "| stage | this invocation | why | seconds | made by |", "|---|---|---|---|---|"]
-    for o in m.get("invocation", []):
-        made_by = " ".join(st.get(o["stage"], {}).get("command", []))
-        lines.append(f"| {o['stage']} | {o['action']} | {o['reason']} | {o['seconds']:.0f} | `{made_by}` |")
-    lines += ["", "## Accuracy (COCO bbox AP %, val split)", "", "| model | mAP | AP50 | AP75 |", "|---|---|---|---|"]
-    for stage, label in (("teacher", "teacher"), ("baseline", "student, no distillation"),
-                         ("distill", "student, global-knowledge distillation (shipped)")):
-        if stage in st:
-            lines.append(f"| {label} | {_map(st[stage])} | {_map(st[stage], 'val/bbox_mAP_50')} "
-                         f"| {_map(st[stage], 'val/bbox_mAP_75')} |")
-    if "export" in st:
-        lines += ["", "## Exports (parity against the PyTorch student on real val images)", "",
-                  "| precision | file | verified | sha256 |", "|---|---|---|---|"]
-        for p, f in st["export"]["outputs"]["files"].items():
-            lines.append(f"| {p} | {f['onnx']['path']} | {'yes' if f['verified'] else 'NO'} | "
-                         f"{f['onnx']['sha256'][:16]} |")
-        trt = st["export"].get("tensorrt") or {}
-        if isinstance(trt, dict) and trt.get("reason"):
-            lines += ["", f"TensorRT: not built ({trt['reason']})"]
-    if "bench" in st:
-        lines += ["", "## Latency (batch 1, CPU, 1 thread) and mAP of each runtime", "",
-                  "| runner | runs on | p50 ms | mAP |", "|---|---|---|---|"]
-        for n, r in st["bench"]["runners"].items():
-            mp = "-" if r["bbox_mAP"] is None else f"{100 * r['bbox_mAP']:.1f}"
-            lines.append(f"| {n} | {r['provider']} | {r['p50_ms']:.1f} | {mp} |")
-    gate = m.get("gate") or {}
-    if gate:
-        verdict = {True: "PASS", False: "FAILED", None: "not checked"}[gate.get("passed")]
-        lines += ["", f"## Accuracy gate: {verdict}", ""]
-        lines += [f"- checked: {c}" for c in gate.get("checked", [])]
-        lines += [f"- **failed**: {f}" for f in gate.get("failures", [])]
-        if gate.get("reason"):
-            lines.append(f"- {gate['reason']}")
-    lines += ["", f"Versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}", ""]
-    return "\n".join(lines)
+    bench = st.get("bench") or {}
+    return {"format": "gkd-run-report", "version": 1, "name": m["config"]["name"],
+            "deployment": deployment_rows(bench, m["config"].get("precisions") or ()) if bench else [],
+            "speed": bench.get("speed") or {}, "gate": m.get("gate"),
+            "training": {s: st[s].get("metrics", {}) for s in ("teacher", "baseline", "distill") if s in st},
+            "hard_cases": bench.get("subsets") or {}, "per_class_AP": bench.get("per_class") or {},
+            "runners": bench.get("runners") or {}, "plots": m.get("plots") or {},
+            "invocation": m.get("invocation", [])}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ TINY = {
                 "distill": {"pgm": {"num_prototypes": 2, "min_box_size": 4, "max_images_per_class": 4,
                                     "batch_size": 4}}},
 }
-STAGES = ["data", "teacher", "distill", "export", "bench"]
+STAGES = ["data", "teacher", "distill", "baseline", "export", "export-baseline", "bench"]
 
 
 class Killed(KeyboardInterrupt):
@@ -70,10 +70,30 @@ def test_end_to_end_runs_every_stage_and_records_artifacts(first_run, world):
     assert file_sha256(ckpt["path"]) == ckpt["sha256"]
     assert stages["distill"]["method"] == "gkd"
     assert {"val/bbox_mAP", "val/bbox_mAP_50"} <= set(stages["distill"]["metrics"])
-    assert set(stages["export"]["outputs"]["files"]) == {"fp32"}
-    assert "pytorch-fp32" in stages["bench"]["runners"]
-    report = (config(world, "a").run_dir / "report.md").read_text()
+    assert stages["baseline"]["method"] == "none"
+    assert set(stages["export"]["outputs"]["files"]) == set(stages["export-baseline"]["outputs"]["files"]) == {"fp32"}
+    runners = stages["bench"]["runners"]
+    for name in ("teacher/pytorch-fp32", "distilled/pytorch-fp32", "distilled/onnxruntime-fp32",
+                 "baseline/pytorch-fp32", "baseline/onnxruntime-fp32"):
+        assert runners[name]["p50_ms"] > 0 and runners[name]["p90_ms"] >= runners[name]["p50_ms"], name
+    for name in ("teacher/pytorch-fp32", "distilled/onnxruntime-fp32", "baseline/onnxruntime-fp32"):
+        assert 0 <= runners[name]["bbox_mAP"] <= 1, name
+    assert set(stages["bench"]["subsets"]["distilled/onnxruntime-fp32"]) == {"small", "occluded", "blurred"}
+    speed = stages["bench"]["speed"]
+    assert speed["teacher_over_student_p50"] == pytest.approx(speed["teacher_p50_ms"] / speed["student_p50_ms"])
+    run_dir = config(world, "a").run_dir
+    report = (run_dir / "report.md").read_text()
     assert "| distill | ran | not run before |" in report and "## Accuracy" in report
+    assert "## Deployment: what distillation bought, per exported precision" in report
+    assert "| precision | baseline mAP | distilled mAP | gain | p50 ms | p90 ms | verified |" in report
+    summary = json.loads((run_dir / "report.json").read_text())
+    [row] = summary["deployment"]
+    assert row["precision"] == "fp32"
+    assert row["distilled_mAP"] == runners["distilled/onnxruntime-fp32"]["bbox_mAP"]
+    assert row["gain"] == pytest.approx(row["distilled_mAP"] - row["baseline_mAP"])
+    assert set(first_run["plots"]) == {"training curves", "per-class AP", "latency", "mAP vs p90 latency"}
+    for png in first_run["plots"].values():
+        assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and f"]({png.split('/')[-1]})" in report
     on_disk = json.loads((config(world, "a").run_dir / "manifest.json").read_text())
     assert on_disk["stages"]["distill"]["key"] == stages["distill"]["key"]
 
@@ -83,7 +103,8 @@ def test_rerun_reuses_every_stage_without_running_anything(first_run, world, mon
         raise AssertionError("a stage ran although nothing changed")
 
     for target in ("gkd.kd.train.train_detector", "gkd.kd.distill.run.run_distillation",
-                   "gkd.export.pipeline.export_checkpoint", "gkd.bench.latency.run_latency_benchmark",
+                   "gkd.export.pipeline.export_checkpoint", "gkd.bench.latency.benchmark_models",
+                   "gkd.bench.accuracy.evaluate_models",
                    "gkd.kd.data.generate_synthetic"):
         monkeypatch.setattr(target, must_not_run)
     again = run_pipeline(config(world, "a"))
@@ -156,7 +177,7 @@ def test_kill_during_distillation_then_same_command_gives_the_same_result(killed
     acts = actions(resumed)
     assert acts["data"] == ("reused", "unchanged") and acts["teacher"] == ("reused", "unchanged")
     assert acts["distill"][0] == "ran" and acts["distill"][1].startswith("interrupted earlier")
-    assert acts["export"] == acts["bench"] == ("ran", "not run before")
+    assert acts["export"] == acts["export-baseline"] == acts["bench"] == ("ran", "not run before")
     log = (killed_then_resumed["cfg"].run_dir / "distill" / "log.txt").read_text()
     assert "resuming 'distill' at epoch 2/2" in log
     a, b = first_run["stages"]["distill"], resumed["stages"]["distill"]
@@ -171,8 +192,8 @@ def test_changed_key_reruns_exactly_the_stages_that_depend_on_it(killed_then_res
     changed = run_pipeline(cfg)
     acts = actions(changed)
     assert acts["data"] == acts["teacher"] == ("reused", "unchanged")
-    assert acts["distill"] == ("ran", "changed: student.train.lr 0.002 -> 0.001")
-    assert acts["export"] == ("ran", "changed: input 'student'")
+    assert acts["distill"] == acts["baseline"] == ("ran", "changed: student.train.lr 0.002 -> 0.001")
+    assert acts["export"] == acts["export-baseline"] == ("ran", "changed: input 'student'")
     assert acts["bench"][0] == "ran" and "input 'student'" in acts["bench"][1]
     report = (cfg.run_dir / "report.md").read_text()
     assert "| distill | ran | changed: student.train.lr 0.002 -> 0.001 |" in report
@@ -197,8 +218,12 @@ def test_modified_output_is_detected_and_remade(killed_then_resumed, world):
 def test_stage_methods_and_the_teacher_they_read():
     from gkd.pipeline import resolve_stage_configs
 
-    stages = resolve_stage_configs(load_pipeline_config(None, ["baseline=true", "name=m"]))
+    stages = resolve_stage_configs(load_pipeline_config(None, ["name=m"]))  # the baseline is on by default
     assert stages.distill.distill.method == "gkd" and stages.baseline.distill.method == "none"
+    # the teacher is its own model: its own seed, never the students' (whose seed and data order are shared)
+    assert stages.teacher.seed == 1 and stages.distill.seed == stages.baseline.seed == 0
+    assert resolve_stage_configs(load_pipeline_config(None, ["seed=5"])).teacher.seed == 1
+    assert resolve_stage_configs(load_pipeline_config(None, ["baseline=false"])).baseline is None
     assert stages.distill.distill.teacher.checkpoint.endswith("m/teacher/checkpoints/model.pt")
     assert stages.distill.run_dir.name == "distill" and stages.baseline.run_dir.name == "baseline"
     chosen = resolve_stage_configs(load_pipeline_config(None, ["baseline=true", "student.distill.method=local"]))
@@ -224,9 +249,10 @@ def test_one_gkd_run_per_run_folder(world, tmp_path):
 
 
 def _bench(fp32, int8=None):
-    runners = {"pytorch-fp32": {"bbox_mAP": fp32}, "onnxruntime-fp32": {"bbox_mAP": fp32}}
+    runners = {"distilled/pytorch-fp32": {"bbox_mAP": fp32}, "distilled/onnxruntime-fp32": {"bbox_mAP": fp32},
+               "baseline/onnxruntime-fp32": {"bbox_mAP": 0.5}}  # the baseline's numbers are no part of the gate
     if int8 is not None:
-        runners["onnxruntime-int8"] = {"bbox_mAP": int8}
+        runners["distilled/onnxruntime-int8"] = {"bbox_mAP": int8}
     return {"runners": runners}
 
 
@@ -237,14 +263,36 @@ def test_accuracy_gate_on_hand_made_numbers():
     assert ok["passed"] is True and not ok["failures"] and len(ok["checked"]) == 2
     low = accuracy_gate(_bench(0.40, 0.38), 0.99)
     assert low["passed"] is False
-    assert low["failures"] == ["onnxruntime-int8 of the distilled student: mAP 0.3800 is 95.0% of "
-                               "onnxruntime-fp32's 0.4000, below gate_min_ratio=0.99"]
+    assert low["failures"] == ["distilled/onnxruntime-int8: mAP 0.3800 is 95.0% of distilled/onnxruntime-fp32's "
+                               "0.4000, below gate_min_ratio=0.99"]
     blind = accuracy_gate(_bench(0.0, 0.0), 0.99)  # detects nothing: 0 >= 0.99 x 0 would pass a naive ratio
     assert blind["passed"] is False and "detects nothing passes no gate" in blind["failures"][0]
     assert accuracy_gate(_bench(0.40), 0.99)["passed"] is True  # no INT8 export: FP32 must still detect
     assert accuracy_gate(_bench(0.0, 0.0), 0)["passed"] is None  # gate off
     assert accuracy_gate(None, 0.99)["passed"] is None  # nothing measured: not checked, never "passed"
-    assert accuracy_gate({"runners": {"pytorch-fp32": {"bbox_mAP": None}}}, 0.99)["passed"] is None
+    assert accuracy_gate({"runners": {"distilled/pytorch-fp32": {"bbox_mAP": None}}}, 0.99)["passed"] is None
+
+
+def test_deployment_table_on_hand_made_numbers():
+    from gkd.report import deployment_rows
+
+    bench = {"runners": {"distilled/onnxruntime-fp32": {"bbox_mAP": 0.30, "p50_ms": 40.0, "p90_ms": 44.0,
+                                                        "verified": True},
+                         "baseline/onnxruntime-fp32": {"bbox_mAP": 0.25, "p50_ms": 41.0, "p90_ms": 45.0},
+                         "distilled/onnxruntime-fp16": {"bbox_mAP": 0.29, "p50_ms": None, "p90_ms": None},
+                         "baseline/onnxruntime-fp16": {"bbox_mAP": 0.26, "p50_ms": None, "p90_ms": None}},
+             "skipped": {"distilled/onnxruntime-fp16": "no FP16 kernels"}}
+    fp32, fp16, int8 = deployment_rows(bench, ["fp32", "fp16", "int8"])
+    assert (fp32["gain"], fp32["p50_ms"], fp32["p90_ms"], fp32["baseline_p50_ms"]) == (pytest.approx(0.05), 40, 44, 41)
+    assert fp16["gain"] == pytest.approx(0.03) and fp16["p50_ms"] is None and fp16["latency_note"] == "no FP16 kernels"
+    assert int8["distilled_mAP"] is None and int8["gain"] is None  # not exported: no number is made up
+
+
+def test_pareto_front():
+    from gkd.bench.plots import pareto_front
+
+    points = [(10.0, 0.20), (5.0, 0.10), (12.0, 0.19), (20.0, 0.30), (5.0, 0.05), (8.0, 0.10)]
+    assert pareto_front(points) == [1, 0, 3]  # (12, .19) and (8, .10) are beaten; of two at 5 ms the better one
 
 
 def test_gkd_run_exits_1_when_the_gate_fails_and_0_when_it_passes(first_run, world, tmp_path, capsys, monkeypatch):
@@ -259,10 +307,10 @@ def test_gkd_run_exits_1_when_the_gate_fails_and_0_when_it_passes(first_run, wor
                                         "data_root": world["data_root"]}))
     monkeypatch.setattr(pipeline, "accuracy_gate", lambda bench, r: {
         "min_ratio": r, "passed": False, "checked": ["x"],
-        "failures": ["onnxruntime-int8 of the distilled student: mAP 0.3000 is 75.0% of onnxruntime-fp32's 0.4000"]})
+        "failures": ["distilled/onnxruntime-int8: mAP 0.3000 is 75.0% of distilled/onnxruntime-fp32's 0.4000"]})
     assert main(["run", str(cfg_file)]) == 1
     cap = capsys.readouterr()
-    assert "gkd run: gate failed: onnxruntime-int8 of the distilled student: mAP 0.3000" in cap.err
+    assert "gkd run: gate failed: distilled/onnxruntime-int8: mAP 0.3000" in cap.err
     assert "## Accuracy gate: FAILED" in cap.out
     assert all(a == "reused" for a, _ in actions(json.loads((config(world, "a").run_dir / "manifest.json")
                                                              .read_text())).values())

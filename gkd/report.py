@@ -1,0 +1,186 @@
+"""What ``gkd run`` tells its user: the deployment table, the accuracy gate, report.md / report.json and the plots.
+
+Everything here reads the manifest's stage records (plain dicts); nothing trains or measures. The headline is the
+**deployment table**: for each exported precision, the val mAP of the baseline student (no distillation) and of
+the distilled one measured on their exported files, the gain, and the p50/p90 latency of those files.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["accuracy_gate", "deployment_rows", "render_report", "summary_table", "write_plots", "STUDENTS"]
+
+#: the students gkd run ships and compares: stage name -> the group label its models carry in the bench reports
+STUDENTS = {"distill": "distilled", "baseline": "baseline"}
+RUNTIME = {"fp32": "onnxruntime-fp32", "fp16": "onnxruntime-fp16", "int8": "onnxruntime-int8"}
+
+
+def _pct(v: float | None, signed: bool = False) -> str:
+    if v is None:
+        return "-"
+    return f"{100 * v:+.1f}" if signed else f"{100 * v:.1f}"
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def deployment_rows(bench: dict[str, Any] | None, precisions: tuple[str, ...] | list[str]) -> list[dict[str, Any]]:
+    """One row per exported precision: baseline / distilled mAP on the exported files, the gain, their latency.
+
+    ``bench`` is the bench stage's record (``runners``: label -> p50_ms, p90_ms, bbox_mAP, verified; ``skipped``:
+    label -> why it was not timed). Latency is the distilled file's (the baseline's, same architecture, is in
+    ``baseline_p50_ms``); a precision not timed here carries the reason in ``latency_note``.
+    """
+    runners = (bench or {}).get("runners") or {}
+    skipped = (bench or {}).get("skipped") or {}
+    rows = []
+    for p in precisions:
+        name = RUNTIME.get(p, f"onnxruntime-{p}")
+        dist, base = runners.get(f"distilled/{name}") or {}, runners.get(f"baseline/{name}") or {}
+        d_map, b_map = dist.get("bbox_mAP"), base.get("bbox_mAP")
+        rows.append({"precision": p, "baseline_mAP": b_map, "distilled_mAP": d_map,
+                     "gain": None if d_map is None or b_map is None else d_map - b_map,
+                     "p50_ms": dist.get("p50_ms"), "p90_ms": dist.get("p90_ms"),
+                     "baseline_p50_ms": base.get("p50_ms"), "verified": dist.get("verified"),
+                     "latency_note": skipped.get(f"distilled/{name}", "")})
+    return rows
+
+
+def accuracy_gate(bench: dict[str, Any] | None, min_ratio: float) -> dict[str, Any]:
+    """The deployment gate on the bench stage's record (runner label -> mAP of the shipped student's exports).
+
+    Returns ``{"min_ratio", "passed": True | False | None (not checked), "checked": [...], "failures": [...]}``:
+    the distilled student's FP32 export must detect (mAP > 0: a model that detects nothing passes no gate) and its
+    INT8 export must reach ``min_ratio`` x FP32's mAP. ``min_ratio`` 0 turns the gate off.
+    """
+    out: dict[str, Any] = {"min_ratio": min_ratio, "passed": None, "checked": [], "failures": []}
+    if min_ratio <= 0:
+        out["reason"] = "gate off (gate_min_ratio=0)"
+        return out
+    runners = (bench or {}).get("runners") or {}
+    ref_name = "distilled/onnxruntime-fp32" if "distilled/onnxruntime-fp32" in runners else "distilled/pytorch-fp32"
+    ref = (runners.get(ref_name) or {}).get("bbox_mAP")
+    if ref is None:
+        out["reason"] = "no mAP measured (no bench stage, or a val split without annotations)"
+        return out
+    out["checked"].append(f"{ref_name} detects (mAP {ref:.4f})")
+    if ref <= 0:
+        out["failures"].append(f"{ref_name} has mAP {ref:.4f} on the val split: a model that detects nothing "
+                               f"passes no gate")
+    int8 = (runners.get("distilled/onnxruntime-int8") or {}).get("bbox_mAP")
+    if int8 is not None and ref > 0:
+        out["checked"].append(f"distilled/onnxruntime-int8 mAP {int8:.4f} >= {min_ratio:g} x {ref_name} {ref:.4f}")
+        if int8 < min_ratio * ref:
+            out["failures"].append(f"distilled/onnxruntime-int8: mAP {int8:.4f} is {int8 / ref:.1%} of {ref_name}'s "
+                                   f"{ref:.4f}, below gate_min_ratio={min_ratio:g}")
+    out["passed"] = not out["failures"]
+    return out
+
+
+def _train_map(rec: dict | None, key: str = "val/bbox_mAP") -> str:
+    return _pct((rec or {}).get("metrics", {}).get(key))
+
+
+def summary_table(m: dict[str, Any]) -> list[str]:
+    """The deployment table (markdown lines), or [] when nothing was benchmarked."""
+    bench = m["stages"].get("bench")
+    if not bench:
+        return []
+    rows = deployment_rows(bench, m["config"].get("precisions") or ())
+    lines = ["| precision | baseline mAP | distilled mAP | gain | p50 ms | p90 ms | verified |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        latency = (_ms(r["p50_ms"]), _ms(r["p90_ms"])) if r["p50_ms"] is not None else ("not timed", "")
+        verified = {True: "yes", False: "NO", None: "-"}[r["verified"]]
+        lines.append(f"| {r['precision']} | {_pct(r['baseline_mAP'])} | {_pct(r['distilled_mAP'])} | "
+                     f"{_pct(r['gain'], signed=True)} | {latency[0]} | {latency[1]} | {verified} |")
+    notes = sorted({r["latency_note"] for r in rows if r["latency_note"]})
+    lines += [f"\nNot timed: {n}" for n in notes]
+    return lines
+
+
+def render_report(m: dict[str, Any]) -> str:
+    """``runs/<name>/report.md``: what was shipped, how it measured, and what this invocation did."""
+    st = m["stages"]
+    lines = [f"# gkd run report: {m['config']['name']}", "", f"Command (this invocation): `{' '.join(m['command'])}`"]
+    table = summary_table(m)
+    bench = st.get("bench") or {}
+    if table:
+        lines += ["", "## Deployment: what distillation bought, per exported precision", "",
+                  "COCO bbox mAP (%) on the val split, measured on the exported ONNX files; latency of the distilled "
+                  f"student's file at batch 1 on {bench.get('device', 'cpu')}, {bench.get('threads', 1)} thread(s).",
+                  ""] + table
+        speed = bench.get("speed") or {}
+        if speed.get("teacher_over_student_p50"):
+            lines += ["", f"Student speed: the teacher (PyTorch) takes {speed['teacher_p50_ms']:.1f} ms p50, the "
+                          f"distilled student (PyTorch) {speed['student_p50_ms']:.1f} ms: "
+                          f"**{speed['teacher_over_student_p50']:.2f}x faster**, measured side by side."]
+    lines += ["", "## Stages", "", "| stage | this invocation | why | seconds | made by |", "|---|---|---|---|---|"]
+    for o in m.get("invocation", []):
+        made_by = " ".join(st.get(o["stage"], {}).get("command", []))
+        lines.append(f"| {o['stage']} | {o['action']} | {o['reason']} | {o['seconds']:.0f} | `{made_by}` |")
+    lines += ["", "## Accuracy during training (COCO bbox AP %, val split, PyTorch)", "",
+              "| model | mAP | AP50 | AP75 |", "|---|---|---|---|"]
+    for stage, label in (("teacher", "teacher"), ("baseline", "student, no distillation (baseline)"),
+                         ("distill", "student, global-knowledge distillation (shipped)")):
+        if stage in st:
+            lines.append(f"| {label} | {_train_map(st[stage])} | {_train_map(st[stage], 'val/bbox_mAP_50')} "
+                         f"| {_train_map(st[stage], 'val/bbox_mAP_75')} |")
+    subsets = bench.get("subsets") or {}
+    if subsets:
+        names = list(next(iter(subsets.values())))
+        lines += ["", "## Hard cases (AP % on the val objects tagged so by the generator)", "",
+                  "| model | all | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for model, aps in subsets.items():
+            overall = (bench.get("runners", {}).get(model) or {}).get("bbox_mAP")
+            lines.append(f"| {model} | {_pct(overall)} | " + " | ".join(
+                _pct(aps[n]) if aps[n] >= 0 else "none" for n in names) + " |")
+    if "export" in st:
+        lines += ["", "## Exports (parity against the PyTorch student on real val images)", "",
+                  "| student | precision | file | verified | sha256 |", "|---|---|---|---|---|"]
+        for stage, student in (("export", "distilled"), ("export-baseline", "baseline")):
+            for p, f in (st.get(stage) or {}).get("outputs", {}).get("files", {}).items():
+                lines.append(f"| {student} | {p} | {f['onnx']['path']} | {'yes' if f['verified'] else 'NO'} | "
+                             f"{f['onnx']['sha256'][:16]} |")
+        trt = st["export"].get("tensorrt") or {}
+        if isinstance(trt, dict) and trt.get("reason"):
+            lines += ["", f"TensorRT: not built ({trt['reason']})"]
+    if bench.get("runners"):
+        lines += ["", "## Every runner (batch 1, latency and val mAP)", "",
+                  "| runner | runs on | p50 ms | p90 ms | mAP |", "|---|---|---|---|---|"]
+        for n, r in bench["runners"].items():
+            lines.append(f"| {n} | {r.get('provider') or '-'} | {_ms(r.get('p50_ms'))} | {_ms(r.get('p90_ms'))} | "
+                         f"{_pct(r.get('bbox_mAP'))} |")
+    gate = m.get("gate") or {}
+    if gate:
+        verdict = {True: "PASS", False: "FAILED", None: "not checked"}[gate.get("passed")]
+        lines += ["", f"## Accuracy gate: {verdict}", ""]
+        lines += [f"- checked: {c}" for c in gate.get("checked", [])]
+        lines += [f"- **failed**: {f}" for f in gate.get("failures", [])]
+        if gate.get("reason"):
+            lines.append(f"- {gate['reason']}")
+    plots = m.get("plots") or {}
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{k}]({Path(v).name})" for k, v in plots.items()]
+    lines += ["", f"Versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}", ""]
+    return "\n".join(lines)
+
+
+def write_plots(m: dict[str, Any], run_dir: Path) -> dict[str, str]:
+    """The report's PNGs in ``run_dir`` (name -> path); a plot without data is left out."""
+    from gkd.bench import plots
+
+    st = m["stages"]
+    out: dict[str, Path | None] = {}
+    curves = {name: run_dir / name / "metrics.csv" for name in ("teacher", "baseline", "distill") if name in st}
+    out["training curves"] = plots.training_curves(curves, run_dir / "training_curves.png")
+    bench = st.get("bench") or {}
+    if bench:
+        out["per-class AP"] = plots.per_class_ap(bench.get("per_class") or {}, run_dir / "per_class_ap.png")
+        out["latency"] = plots.latency_distribution(bench.get("samples_ms") or {}, run_dir / "latency.png")
+        points = {n: (r["p90_ms"], r["bbox_mAP"]) for n, r in (bench.get("runners") or {}).items()
+                  if r.get("p90_ms") is not None and r.get("bbox_mAP") is not None}
+        out["mAP vs p90 latency"] = plots.map_vs_latency(points, run_dir / "map_vs_latency.png")
+    return {k: str(v) for k, v in out.items() if v is not None}
