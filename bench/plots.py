@@ -23,8 +23,9 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
-    from gkd.kd.io import atomic_write_bytes
     import io
+
+    from gkd.kd.io import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -55,7 +56,7 @@ def training_curves(metrics_csv: Mapping[str, Path], out: Path) -> Path | None:
         val = [(r["step"], 100 * r["val/bbox_mAP"]) for r in rows if "val/bbox_mAP" in r]
         if val:
             ax_map.plot(*zip(*val), marker="o", ms=3, label=name)
-    ax_loss.set(xlabel="step", ylabel="train loss (epoch mean)", title="training loss")
+    ax_loss.set(xlabel="step", ylabel="train loss (epoch mean, with any distillation terms)", title="training loss")
     ax_map.set(xlabel="step", ylabel="val mAP (%)", title="val COCO mAP")
     for ax in (ax_loss, ax_map):
         ax.grid(alpha=0.3)
@@ -117,19 +118,26 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 def map_vs_latency(points: Mapping[str, tuple[float, float]], out: Path) -> Path | None:
     """mAP (%) against p90 latency (ms) for every model and precision, the Pareto front joined by a line.
 
-    ``points``: label -> (p90 ms, mAP in [0, 1])."""
+    ``points``: label -> (p90 ms, mAP in [0, 1]). Labels ``group/runtime-precision`` get one colour per group
+    (teacher, distilled, baseline) and one marker per runtime and precision."""
     if not points:
         return None
     plt = _pyplot()
     names = list(points)
     xy = [points[n] for n in names]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.scatter([x for x, _ in xy], [100 * y for _, y in xy], s=30)
+    groups = list(dict.fromkeys(n.split("/")[0] if "/" in n else "" for n in names))
+    kinds = list(dict.fromkeys(n.split("/")[-1] for n in names))
+    markers = "osD^vP*X"
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for n, (x, y) in zip(names, xy):
-        ax.annotate(n, (x, 100 * y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        g, k = (n.split("/")[0] if "/" in n else ""), n.split("/")[-1]
+        ax.scatter([x], [100 * y], s=40, color=colours[groups.index(g) % len(colours)],
+                   marker=markers[kinds.index(k) % len(markers)], label=n, zorder=3)
     front = pareto_front(xy)
-    ax.plot([xy[i][0] for i in front], [100 * xy[i][1] for i in front], "--", lw=1, label="Pareto front")
+    ax.plot([xy[i][0] for i in front], [100 * xy[i][1] for i in front], "--", lw=1, color="grey",
+            label="Pareto front", zorder=2)
     ax.set(xlabel="p90 latency at batch 1 (ms)", ylabel="val mAP (%)", title="accuracy against latency")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _save(fig, out)

@@ -32,7 +32,7 @@ from typing import Any, Callable, ClassVar
 
 import click
 from gkd.kd import CONFIG_DIR
-from gkd.report import STUDENTS, accuracy_gate, render_report, summary_table, write_plots
+from gkd.report import STUDENTS, accuracy_gate, render_report, summary_text, write_plots
 
 __all__ = ["PipelineConfig", "run_pipeline", "resolve_stage_configs", "run", "QUICK"]
 
@@ -259,8 +259,34 @@ def _why_run(old: dict | None, key: str, inputs: dict[str, Any], prefix: str = "
     return None
 
 
-def _run_stage(manifest: Manifest, outcomes: list[Outcome], stage: str, inputs: dict[str, Any],
-               fn: Callable[[], dict[str, Any]], prefix: str = "") -> dict[str, Any]:
+class Progress:
+    """One line per stage: ``[3/7] distill: running (why); 160 steps; ETA ...``, then its time and the run's."""
+
+    def __init__(self, stages: list[str]):
+        self.stages = stages
+        self.t0 = time.perf_counter()
+
+    def tag(self, stage: str) -> str:
+        n = self.stages.index(stage) + 1 if stage in self.stages else 0
+        return f"[{n}/{len(self.stages)}] {stage}"
+
+    def start(self, stage: str, reason: str, work: str, old: dict | None) -> None:
+        # the best estimate before a step has run: this stage's last run (a changed key rarely changes its cost)
+        eta = f"; ETA ~{_fmt_s(old['seconds'])} (its last run)" if (old or {}).get("seconds") else ""
+        log.info("%s: running (%s)%s%s", self.tag(stage), reason, f"; {work}" if work else "", eta)
+
+    def done(self, stage: str, seconds: float) -> None:
+        log.info("%s: done in %s (run so far %s)", self.tag(stage), _fmt_s(seconds),
+                 _fmt_s(time.perf_counter() - self.t0))
+
+
+def _fmt_s(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
+
+
+def _run_stage(manifest: Manifest, outcomes: list[Outcome], progress: Progress, stage: str, inputs: dict[str, Any],
+               fn: Callable[[], dict[str, Any]], prefix: str = "", work: str = "") -> dict[str, Any]:
     """Reuse or run ``stage``; returns its record (``outputs``, ``metrics``, ...)."""
     from gkd import __version__
 
@@ -269,19 +295,36 @@ def _run_stage(manifest: Manifest, outcomes: list[Outcome], stage: str, inputs: 
     old = manifest.stages.get(stage)
     reason = _why_run(old, key, inputs, prefix)
     if reason is None:
-        log.info("stage %s: reused (key %s, unchanged)", stage, key[:12])
+        log.info("%s: reused (key %s, unchanged)", progress.tag(stage), key[:12])
         outcomes.append(Outcome(stage, "reused", "unchanged"))
         return old
-    log.info("stage %s: running (%s)", stage, reason)
-    manifest.write(stage, {"status": "running", "key": key, "inputs": inputs, "command": sys.argv})
+    progress.start(stage, reason, work, old)
+    manifest.write(stage, {"status": "running", "key": key, "inputs": inputs, "command": sys.argv,
+                           **({"seconds": old["seconds"]} if (old or {}).get("seconds") else {})})
     t0 = time.perf_counter()
     info = fn()
     seconds = round(time.perf_counter() - t0, 1)
     record = {"status": "done", "key": key, "inputs": inputs, "command": sys.argv, "seconds": seconds, **info}
     manifest.write(stage, record)
     outcomes.append(Outcome(stage, "ran", reason, seconds))
-    log.info("stage %s: done in %.0f s", stage, seconds)
+    progress.done(stage, seconds)
     return record
+
+
+def _training_work(run_cfg) -> str:
+    """``"3 epochs x 80 steps of 8 images"`` (the steps per epoch capped by ``max_steps_per_epoch``)."""
+    import math
+
+    from gkd.kd.data.coco import load_coco
+
+    try:
+        n_images = len(load_coco(run_cfg.data.path("train")).images)
+    except Exception:  # noqa: BLE001 - only a progress line; the stage itself reports a bad file
+        return ""
+    per_epoch = math.ceil(n_images / run_cfg.train.batch_size)
+    if run_cfg.train.max_steps_per_epoch:
+        per_epoch = min(per_epoch, run_cfg.train.max_steps_per_epoch)
+    return f"{run_cfg.train.epochs} epochs x {per_epoch} steps of {run_cfg.train.batch_size} images"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -521,9 +564,14 @@ def _run_stages(cfg: PipelineConfig, stage_cfgs: StageConfigs) -> dict[str, Any]
 
     manifest = Manifest(cfg.run_dir / "manifest.json", cfg)
     outcomes: list[Outcome] = []
+    planned = ["data", "teacher", "distill"] + (["baseline"] if cfg.baseline else [])
+    if cfg.precisions:
+        planned += ["export"] + (["export-baseline"] if cfg.baseline else []) + (["bench"] if cfg.bench else [])
+    progress = Progress(planned)
 
-    def stage(name: str, inputs: dict[str, Any], fn: Callable[[], dict[str, Any]], prefix: str = "") -> dict:
-        return _run_stage(manifest, outcomes, name, inputs, fn, prefix)
+    def stage(name: str, inputs: dict[str, Any], fn: Callable[[], dict[str, Any]], prefix: str = "",
+              work: str = "") -> dict:
+        return _run_stage(manifest, outcomes, progress, name, inputs, fn, prefix, work)
 
     data = stage("data", _data_inputs(cfg), lambda: _data_stage(cfg))
     data_shas = {"train.json": _sha(data, "train"), "val.json": _sha(data, "val")}
@@ -533,12 +581,12 @@ def _run_stages(cfg: PipelineConfig, stage_cfgs: StageConfigs) -> dict[str, Any]
                                                                         "metrics": {}})
     else:
         teacher = stage("teacher", _training_inputs(stage_cfgs.teacher, data=data_shas),
-                        lambda: _teacher_stage(stage_cfgs.teacher), "teacher.")
+                        lambda: _teacher_stage(stage_cfgs.teacher), "teacher.", _training_work(stage_cfgs.teacher))
     teacher_sha = _sha(teacher, "checkpoint")
     students = [("distill", stage_cfgs.distill)] + ([("baseline", stage_cfgs.baseline)] if cfg.baseline else [])
     for name, run_cfg in students:
         stage(name, _training_inputs(run_cfg, data=data_shas, teacher=teacher_sha),
-              lambda run_cfg=run_cfg: _student_stage(run_cfg), "student.")
+              lambda run_cfg=run_cfg: _student_stage(run_cfg), "student.", _training_work(run_cfg))
     trained = {STUDENTS[name]: manifest.stages[name] for name, _ in students}
     if cfg.precisions:
         exported = {}
@@ -633,8 +681,8 @@ def run(config: Path | None, overrides: tuple[str, ...], quick: bool) -> None:
     config, overrides = split_config_and_overrides(config, overrides)
     cfg = load_pipeline_config(config, overrides, quick)
     manifest = run_pipeline(cfg)
-    click.echo((cfg.run_dir / "report.md").read_text())
-    click.echo(f"done: {cfg.run_dir}  (report.md, manifest.json)")
+    click.echo(summary_text(manifest))
+    click.echo(f"done: {cfg.run_dir}  (report.md with the plots, report.json, manifest.json)")
     gate = manifest.get("gate") or {}
     for line in gate.get("failures", []):
         click.echo(f"gkd run: gate failed: {line}", err=True)

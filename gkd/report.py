@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["accuracy_gate", "deployment_rows", "render_report", "summary_table", "write_plots", "STUDENTS"]
+__all__ = ["accuracy_gate", "deployment_rows", "render_report", "summary_table", "summary_text", "write_plots",
+           "STUDENTS"]
 
 #: the students gkd run ships and compares: stage name -> the group label its models carry in the bench reports
 STUDENTS = {"distill": "distilled", "baseline": "baseline"}
@@ -101,6 +102,33 @@ def summary_table(m: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _gate_lines(m: dict[str, Any]) -> list[str]:
+    gate = m.get("gate") or {}
+    if not gate:
+        return []
+    verdict = {True: "PASS", False: "FAILED", None: "not checked"}[gate.get("passed")]
+    lines = [f"## Accuracy gate: {verdict}", ""]
+    lines += [f"- checked: {c}" for c in gate.get("checked", [])]
+    lines += [f"- **failed**: {f}" for f in gate.get("failures", [])]
+    if gate.get("reason"):
+        lines.append(f"- {gate['reason']}")
+    return lines
+
+
+def summary_text(m: dict[str, Any]) -> str:
+    """What ``gkd run`` prints at the end: the models' mAP, the deployment table, the student's speed, the gate."""
+    st = m["stages"]
+    lines = ["val mAP after training: " + ", ".join(
+        f"{label} {_train_map(st[stage])}" for stage, label in (("teacher", "teacher"), ("baseline", "baseline"),
+                                                               ("distill", "distilled")) if stage in st), ""]
+    lines += summary_table(m)
+    speed = (st.get("bench") or {}).get("speed") or {}
+    if speed:
+        lines += ["", f"the distilled student is {speed['teacher_over_student_p50']:.2f}x faster than the teacher "
+                      f"(PyTorch p50 {speed['student_p50_ms']:.1f} vs {speed['teacher_p50_ms']:.1f} ms)"]
+    return "\n".join(lines + [""] + _gate_lines(m))
+
+
 def render_report(m: dict[str, Any]) -> str:
     """``runs/<name>/report.md``: what was shipped, how it measured, and what this invocation did."""
     st = m["stages"]
@@ -153,14 +181,7 @@ def render_report(m: dict[str, Any]) -> str:
         for n, r in bench["runners"].items():
             lines.append(f"| {n} | {r.get('provider') or '-'} | {_ms(r.get('p50_ms'))} | {_ms(r.get('p90_ms'))} | "
                          f"{_pct(r.get('bbox_mAP'))} |")
-    gate = m.get("gate") or {}
-    if gate:
-        verdict = {True: "PASS", False: "FAILED", None: "not checked"}[gate.get("passed")]
-        lines += ["", f"## Accuracy gate: {verdict}", ""]
-        lines += [f"- checked: {c}" for c in gate.get("checked", [])]
-        lines += [f"- **failed**: {f}" for f in gate.get("failures", [])]
-        if gate.get("reason"):
-            lines.append(f"- {gate['reason']}")
+    lines += [""] + _gate_lines(m) if m.get("gate") else []
     plots = m.get("plots") or {}
     if plots:
         lines += ["", "## Plots", ""] + [f"![{k}]({Path(v).name})" for k, v in plots.items()]

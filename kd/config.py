@@ -131,7 +131,8 @@ class TrainConfig:
     eval_interval: int = 1
     #: cap on steps per epoch (null = whole split); useful for smoke runs
     max_steps_per_epoch: Optional[int] = None
-    #: CPU threads for torch (0 = torch's default)
+    #: CPU threads for torch; 0 = auto: the cores available less what other processes use when the run starts
+    #: (gkd/kd/cpu_share.py: 2 threads beside a busy process run 2.7x slower than alone, 1 thread does not)
     threads: int = 0
     # --- many processes (torchrun; see docs/distributed.md). ``batch_size`` is per process: the global batch is
     # world_size x batch_size. None of these keys changes a single-process run.

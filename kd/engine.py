@@ -309,6 +309,22 @@ def _val_loader(val_set, cfg: RunConfig, ctx):
                                        collate_fn=collate)
 
 
+def _choose_threads(asked: int, device: torch.device, ctx) -> int:
+    """``train.threads``, or (0) what :func:`gkd.kd.cpu_share.auto_threads` leaves other processes; set for torch."""
+    if asked:
+        torch.set_num_threads(asked)
+        return asked
+    if device.type != "cpu" or ctx.enabled:  # GPU training, or torchrun (which sets OMP_NUM_THREADS per rank)
+        return torch.get_num_threads()
+    from .cpu_share import auto_threads
+
+    threads, why = auto_threads()
+    torch.set_num_threads(threads)
+    if ctx.is_main:
+        log.info("CPU threads: %d (%s; train.threads=N fixes it)", threads, why)
+    return threads
+
+
 def _fit(task: nn.Module, cfg: RunConfig, train_set, val_set, *, resume: bool, classes: list[str],
          category_ids: list[int], gt_json: dict | None, progress: bool, ctx) -> dict[str, Any]:
     """The training loop of :func:`fit` (rank 0 holds the run folder's lock).
@@ -331,8 +347,7 @@ def _fit(task: nn.Module, cfg: RunConfig, train_set, val_set, *, resume: bool, c
 
     run_dir = cfg.run_dir
     device = D.select_rank_device(cfg.train.device, ctx)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    threads = _choose_threads(cfg.train.threads, device, ctx)
     tcfg = cfg.train
     use_amp = tcfg.amp and device.type == "cuda"
 
@@ -421,6 +436,7 @@ def _fit(task: nn.Module, cfg: RunConfig, train_set, val_set, *, resume: bool, c
                   **{f"train/{k}": v / max(1, n_steps * ctx.world_size) for k, v in sums.items()},
                   **{f"task/{k}": v for k, v in task_metrics.items()}}
         record["time/train_s"] = round(time.perf_counter() - t_epoch, 3)
+        record["time/threads"] = threads
         if view is not None:
             D.sync_buffers(view)
             D.verify_identical(f"trainable parameters and buffers after epoch {epoch + 1}",
