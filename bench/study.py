@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 from gkd.kd import CONFIG_DIR
@@ -58,6 +58,8 @@ class StudyConfig:
     data_root: str = "data/synth"
     synth_images: int = 800
     synth_size: int = 160
+    #: the study's designs so far ran on the first (cluttered) world; kept so that their numbers reproduce
+    synth_preset: Literal["clean", "cluttered"] = "cluttered"
     data_seed: int = 0
     teacher_config: str = str(STUDY_CONFIG_DIR / "teacher.yaml")
     student_config: str = str(STUDY_CONFIG_DIR / "distill.yaml")
@@ -214,7 +216,7 @@ def run_study(cfg: StudyConfig, command: str = "") -> dict[str, Any]:
     data_root = Path(cfg.data_root)
     if not (data_root / "train.json").exists():
         generate_synthetic(data_root, n_images=cfg.synth_images, seed=cfg.data_seed, image_size=cfg.synth_size,
-                           val_fraction=0.2, progress=True)
+                           val_fraction=0.2, progress=True, preset=cfg.synth_preset)
     tcfg = None
     if not cfg.teacher_checkpoint:
         tcfg = load_config(cfg.teacher_config, [f"runs_dir={cfg.run_dir}", "name=teacher",

@@ -68,11 +68,13 @@ def _result(cfg, record: dict[str, Any]) -> RunResult:
 
 
 def synth(out: str | Path, *, n_images: int = 800, seed: int = 0, image_size: int = 160,
-          val_fraction: float = 0.2) -> dict[str, Any]:
-    """Write the embedded synthetic dataset (``train.json``, ``val.json``, ``images/``) to ``out``; its metadata."""
+          val_fraction: float = 0.2, preset: str = "clean") -> dict[str, Any]:
+    """Write the embedded synthetic dataset (``train.json``, ``val.json``, ``images/``) to ``out``; its metadata.
+    ``preset``: ``clean`` (the default world) or ``cluttered`` (see ``gkd data synth --help``)."""
     from gkd.kd.data import generate_synthetic
 
-    return generate_synthetic(out, n_images=n_images, seed=seed, image_size=image_size, val_fraction=val_fraction)
+    return generate_synthetic(out, n_images=n_images, seed=seed, image_size=image_size, val_fraction=val_fraction,
+                              preset=preset)
 
 
 def train(config: Config = None, overrides: Overrides = (), *, resume: bool = False,

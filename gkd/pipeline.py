@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Literal
 
 import click
 from gkd.kd import CONFIG_DIR
@@ -52,6 +52,8 @@ class PipelineConfig:
     data_root: str = "data/synth"
     synth_images: int = 800
     synth_size: int = 160
+    #: the synthetic world (``gkd data synth --preset``): clean (the default) or cluttered
+    synth_preset: Literal["clean", "cluttered"] = "clean"
     teacher_config: str = str(CONFIG_DIR / "teacher.yaml")
     student_config: str = str(CONFIG_DIR / "distill_gkd.yaml")
     #: an existing teacher checkpoint (gkd or torchvision format) instead of training one
@@ -332,7 +334,8 @@ def _training_work(run_cfg) -> str:
 
 
 def _synth_params(cfg: PipelineConfig) -> dict[str, Any]:
-    return {"n_images": cfg.synth_images, "seed": cfg.seed, "image_size": cfg.synth_size, "val_fraction": 0.2}
+    return {"n_images": cfg.synth_images, "seed": cfg.seed, "image_size": cfg.synth_size, "val_fraction": 0.2,
+            "preset": cfg.synth_preset}
 
 
 def _generated_here(root: Path) -> dict | None:
@@ -425,13 +428,16 @@ def _student_stage(run_cfg) -> dict[str, Any]:
     return {**_training_result(run_cfg, record), "method": run_cfg.distill.method}
 
 
-def _export_stage(cfg: PipelineConfig, student_ckpt: Path, out: Path) -> dict[str, Any]:
+def _export_stage(cfg: PipelineConfig, student_ckpt: Path, out: Path, rtx_check: bool = True) -> dict[str, Any]:
+    """``gkd export`` of one student. ``rtx_check`` False skips the TensorRT-RTX parse/build check (the baseline's
+    graph is the distilled student's, checked in its own export: building it twice on a CPU costs a minute)."""
     from gkd.export.pipeline import ExportOptions, export_checkpoint
 
     data = Path(cfg.data_root)
     manifest = export_checkpoint(ExportOptions(checkpoint=student_ckpt, out=out, precisions=tuple(cfg.precisions),
                                                calib_data=data / "train.json", val_data=data / "val.json",
-                                               seed=cfg.seed), log=log.info)
+                                               seed=cfg.seed, tensorrt_rtx="auto" if rtx_check else "off"),
+                                 log=log.info)
     files = {p: {"onnx": _artifact(out / f["onnx"]), "verified": f["verified"]} for p, f in manifest["files"].items()}
     return {"dir": str(out), "outputs": {"files": files}, "parity": manifest["parity"]["results"],
             "tensorrt": manifest.get("tensorrt")}
@@ -595,8 +601,8 @@ def _run_stages(cfg: PipelineConfig, stage_cfgs: StageConfigs) -> dict[str, Any]
             folder = "export" if group == "distilled" else "export-baseline"
             export_inputs = {"config": {"precisions": list(cfg.precisions), "seed": cfg.seed},
                              "student": _sha(record, "checkpoint"), "data": data_shas}
-            exported[group] = stage(folder, export_inputs,
-                                    lambda ckpt=ckpt, folder=folder: _export_stage(cfg, ckpt, cfg.run_dir / folder))
+            exported[group] = stage(folder, export_inputs, lambda ckpt=ckpt, folder=folder: _export_stage(
+                cfg, ckpt, cfg.run_dir / folder, rtx_check=folder == "export"))
         if cfg.bench:
             models = _bench_models(Path(teacher["outputs"]["checkpoint"]["path"]),
                                    {g: (Path(trained[g]["outputs"]["checkpoint"]["path"]), exported[g])

@@ -128,6 +128,8 @@ def build_detector(cfg: ModelConfig, num_classes: int | None = None) -> nn.Modul
                            box_score_thresh=cfg.score_thresh, box_detections_per_img=cfg.detections_per_img,
                            box_batch_size_per_image=cfg.rois_per_image,
                            rpn_pre_nms_top_n_test=cfg.proposals_test, rpn_post_nms_top_n_test=cfg.proposals_test,
+                           rpn_pre_nms_top_n_train=cfg.proposals_train,
+                           rpn_post_nms_top_n_train=cfg.proposals_train,
                            **common)
         _fix_roi_pool_scales(model.roi_heads.box_roi_pool, [strides[n] for n in roi_levels])
     model.gkd_meta = {"arch": cfg.arch, "backbone": cfg.backbone, "num_classes": k,
