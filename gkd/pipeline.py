@@ -50,7 +50,7 @@ class PipelineConfig:
     seed: int = 0
     #: dataset folder; the synthetic generator fills it when it holds no train.json
     data_root: str = "data/synth"
-    synth_images: int = 800
+    synth_images: int = 1000
     synth_size: int = 160
     #: the synthetic world (``gkd data synth --preset``): clean (the default) or cluttered
     synth_preset: Literal["clean", "cluttered"] = "clean"
@@ -90,7 +90,7 @@ class PipelineConfig:
 #: the --quick preset: a small dataset and short schedules (the user's keys are applied over it)
 QUICK: dict[str, Any] = {
     "name": "quick", "data_root": "data/synth-quick", "synth_images": 60, "synth_size": 128, "bench_iterations": 5,
-    "teacher": {"train": {"epochs": 2}, "model": {"min_size": 128, "max_size": 128, "backbone": "resnet34"}},
+    "teacher": {"train": {"epochs": 2}, "model": {"min_size": 128, "max_size": 128}},
     "student": {"train": {"epochs": 2, "max_steps_per_epoch": 3}, "model": {"min_size": 128, "max_size": 128},
                 "distill": {"pgm": {"min_box_size": 8}}},
 }
@@ -657,15 +657,18 @@ def run(config: Path | None, overrides: tuple[str, ...], quick: bool) -> None:
 
     \b
     Stages, each recorded in runs/<name>/manifest.json:
-      data      generate the synthetic dataset in data_root (if it has no train.json)
-      teacher   train the teacher (or use teacher_checkpoint=PATH)   -> runs/<name>/teacher/
-      distill   distill the student with global knowledge            -> runs/<name>/distill/
-      baseline  (baseline=true) the student without distillation     -> runs/<name>/baseline/
-      export    ONNX FP32/FP16/INT8 (+ TensorRT where present), parity -> runs/<name>/export/
-      bench     latency and mAP of PyTorch vs each export            -> runs/<name>/bench/
-    A summary goes to runs/<name>/report.md. The accuracy gate (gate_min_ratio, default 0.99: the shipped
-    student's INT8 mAP >= 99% of its FP32 mAP, and FP32 must detect) makes the command exit 1 when it fails,
-    naming the model and the numbers; gate_min_ratio=0 turns it off.
+      data             generate the synthetic dataset in data_root (if it has no train.json)
+      teacher          train the teacher, its own seed (or teacher_checkpoint=PATH) -> runs/<name>/teacher/
+      distill          distill the student with global knowledge            -> runs/<name>/distill/
+      baseline         the same student without distillation (baseline=false: skip) -> runs/<name>/baseline/
+      export           the distilled student: ONNX FP32/FP16/INT8, parity   -> runs/<name>/export/
+      export-baseline  the baseline student, the same way                   -> runs/<name>/export-baseline/
+      bench            latency side by side (teacher, students, exports) and val mAP of every export
+    The report (runs/<name>/report.md, report.json, PNG plots) opens with the deployment table: per precision,
+    the baseline's and the distilled student's mAP on their exported files, the gain, p50/p90 latency. The
+    accuracy gate (gate_min_ratio, default 0.99: the shipped student's INT8 mAP >= 99% of its FP32 mAP, and
+    FP32 must detect) makes the command exit 1 when it fails, naming the model and the numbers;
+    gate_min_ratio=0 turns it off.
 
     \b
     Rerunning is cheap and safe. Each stage is keyed by what it depends on (its config, its inputs' SHA-256, gkd's
@@ -677,7 +680,7 @@ def run(config: Path | None, overrides: tuple[str, ...], quick: bool) -> None:
     Examples:
       gkd run
       gkd run --quick name=smoke
-      gkd run teacher.train.epochs=4 student.model.backbone=resnet34 baseline=true
+      gkd run teacher.train.epochs=4 student.model.backbone=resnet34 baseline=false
       gkd run teacher_checkpoint=my_teacher.pt data_root=data/mine
     """
     from gkd.kd.cli import split_config_and_overrides
