@@ -451,17 +451,17 @@ BENCH_THREADS = 1
 ACCURACY_THREADS = 2
 
 
-def _bench_models(teacher_ckpt: Path, students: dict[str, tuple[Path, dict]]) -> list[tuple[str, Path]]:
-    """``(group, path)`` of every model the bench stage measures: the teacher's checkpoint, then each student's
-    checkpoint and exported files (``students``: group -> (checkpoint, its export stage record))."""
-    models = [("teacher", teacher_ckpt)]
+def _bench_models(teacher_ckpt: Path, students: dict[str, tuple[Path, dict]]) -> list[tuple[str, Path, str]]:
+    """``(group, path, precision)`` of every model the bench stage measures: the teacher's checkpoint, then each
+    student's checkpoint and exported files (``students``: group -> (checkpoint, its export stage record))."""
+    models = [("teacher", teacher_ckpt, "fp32")]
     for group, (ckpt, exported) in students.items():
-        models.append((group, ckpt))
-        models += [(group, Path(f["onnx"]["path"])) for f in exported["outputs"]["files"].values()]
+        models.append((group, ckpt, "fp32"))
+        models += [(group, Path(f["onnx"]["path"]), p) for p, f in exported["outputs"]["files"].items()]
     return models
 
 
-def _bench_stage(cfg: PipelineConfig, models: list[tuple[str, Path]]) -> dict[str, Any]:
+def _bench_stage(cfg: PipelineConfig, models: list[tuple[str, Path, str]]) -> dict[str, Any]:
     """Latency (round-robin, side by side) and val mAP of the teacher, both students and their exports."""
     from gkd.bench.accuracy import evaluate_models
     from gkd.bench.artifacts import ModelSpec, model_kind
@@ -473,9 +473,9 @@ def _bench_stage(cfg: PipelineConfig, models: list[tuple[str, Path]]) -> dict[st
     out = cfg.run_dir / "bench"
     val = Path(cfg.data_root) / "val.json"
     timed, skipped = [], {}
-    for group, path in models:
+    for group, path, precision in models:
         kind = model_kind(path)
-        if kind == "onnx" and path.stem.endswith("fp16"):
+        if kind == "onnx" and precision == "fp16":
             # onnxruntime's CPU provider has no FP16 convolution kernels on x86: it inserts casts and computes in
             # FP32, so an FP16 timing here would measure casts, not FP16 (its accuracy is measured all the same)
             skipped[f"{group}/onnxruntime-fp16"] = ("onnxruntime's CPU provider has no FP16 kernels on x86 (it "
@@ -487,7 +487,7 @@ def _bench_stage(cfg: PipelineConfig, models: list[tuple[str, Path]]) -> dict[st
                            groups=[g for g, _ in timed], log=log.info)
     lat["skipped"].update(skipped)
     subsets = HARD_SUBSETS if _has_attributes(val) else ()
-    exports = [(g, p) for g, p in models if model_kind(p) == "onnx"]
+    exports = [(g, p) for g, p, _ in models if model_kind(p) == "onnx"]
     acc = evaluate_models([p for _, p in exports], val, groups=[g for g, _ in exports], threads=ACCURACY_THREADS,
                           subsets=subsets, log=log.info)
     try:  # the teacher too, when it speaks the data's label space (a given COCO teacher may not)

@@ -54,5 +54,5 @@ def test_run_is_the_pipeline(world, tmp_path):
     manifest = run({"name": "api", "runs_dir": str(tmp_path / "runs"), "data_root": world["data"]["root"],
                     "precisions": [], "teacher": {"model": MODEL, "train": TRAIN},
                     "student": {"model": MODEL, "train": TRAIN, "distill": {"pgm": {"min_box_size": 4}}}})
-    assert [o["stage"] for o in manifest["invocation"]] == ["data", "teacher", "distill"]
+    assert [o["stage"] for o in manifest["invocation"]] == ["data", "teacher", "distill", "baseline"]
     assert (tmp_path / "runs" / "api" / "report.md").is_file()
