@@ -158,8 +158,8 @@ def evaluate_models(models: Sequence[str | Path], data: str | Path, *, image_roo
             ev.process([{"image_id": o["image_id"]} for o in outs], outs)
             metrics = ev.evaluate()
             per_class = {cls: ev.per_class.get(cid, -1.0) for cls, cid in zip(images.classes, ids)}
-            hard = {name_: ev.evaluate(ann_filter=lambda a, n=name_: bool((a.get("attributes") or {}).get(n)))
-                    for name_ in subsets}
+            hard = {attr: ev.evaluate(ann_filter=lambda a, k=attr: bool((a.get("attributes") or {}).get(k)))
+                    for attr in subsets}
             if ref_map is None:
                 ref_map = metrics["bbox_mAP"]
             results[name] = {"path": str(spec.path), "kind": spec.kind, "provider": runner.provider,

@@ -116,17 +116,11 @@ def trtexec_times(engine: Path, policy: TimingPolicy, shape: Sequence[int], *, e
 
 
 def _verified(spec: ModelSpec) -> bool | None:
-    """An ONNX file's parity verdict from the export.json next to it, if that manifest lists this very file
-    (by SHA-256); None when nothing vouches for it. The PyTorch checkpoint is the reference (None)."""
-    from gkd.export.manifest import MANIFEST_NAME, load_export_manifest
+    """An ONNX file's parity verdict (:func:`gkd.export.manifest.parity_verdict`); the PyTorch checkpoint is the
+    reference (None)."""
+    from gkd.export.manifest import parity_verdict
 
-    if spec.kind != "onnx" or not (spec.path.parent / MANIFEST_NAME).is_file():
-        return None
-    try:
-        entry = load_export_manifest(spec.path.parent).entry_for(spec.path)
-    except GkdError:
-        return None
-    return None if entry is None else entry.verified
+    return parity_verdict(spec.path) if spec.kind == "onnx" else None
 
 
 def _summarise(t: Timings, view: str) -> dict[str, Any]:

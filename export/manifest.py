@@ -14,7 +14,7 @@ from typing import Any
 
 from gkd.kd.errors import GkdError
 
-__all__ = ["ExportedFile", "ExportManifest", "load_export_manifest", "MANIFEST_NAME"]
+__all__ = ["ExportedFile", "ExportManifest", "load_export_manifest", "parity_verdict", "MANIFEST_NAME"]
 
 MANIFEST_NAME = "export.json"
 
@@ -91,3 +91,18 @@ def load_export_manifest(export_dir: str | Path) -> ExportManifest:
         files[precision] = ExportedFile(precision, export_dir / info["onnx"], str(info["sha256"]),
                                         bool(info["verified"]), str(info.get("runs_on", "")))
     return ExportManifest(export_dir, str(raw.get("checkpoint", "?")), str(raw["checkpoint_sha256"]), files, raw)
+
+
+def parity_verdict(path: str | Path) -> bool | None:
+    """An ONNX file's parity verdict from the export.json next to it, if that manifest lists this very file (by
+    SHA-256); None when nothing vouches for it (no manifest, an unreadable one, or another file of that name)."""
+    from gkd.kd.errors import GkdError
+
+    path = Path(path)
+    if not (path.parent / MANIFEST_NAME).is_file():
+        return None
+    try:
+        entry = load_export_manifest(path.parent).entry_for(path)
+    except GkdError:
+        return None
+    return None if entry is None else entry.verified

@@ -32,7 +32,7 @@ from typing import Any, Callable, ClassVar, Literal
 
 import click
 from gkd.kd import CONFIG_DIR
-from gkd.report import STUDENTS, accuracy_gate, render_report, summary_text, write_plots
+from gkd.report import STUDENTS, accuracy_gate, render_report, report_json, summary_text, write_plots
 
 __all__ = ["PipelineConfig", "run_pipeline", "resolve_stage_configs", "run", "QUICK"]
 
@@ -301,6 +301,7 @@ def _run_stage(manifest: Manifest, outcomes: list[Outcome], progress: Progress, 
         outcomes.append(Outcome(stage, "reused", "unchanged"))
         return old
     progress.start(stage, reason, work, old)
+    # the last run's seconds stay in the record while it runs: a run killed now still has an ETA next time
     manifest.write(stage, {"status": "running", "key": key, "inputs": inputs, "command": sys.argv,
                            **({"seconds": old["seconds"]} if (old or {}).get("seconds") else {})})
     t0 = time.perf_counter()
@@ -313,15 +314,22 @@ def _run_stage(manifest: Manifest, outcomes: list[Outcome], progress: Progress, 
     return record
 
 
-def _training_work(run_cfg) -> str:
+def _train_images(train_json: Path) -> int | None:
+    """How many images the training split holds (None when it cannot be read: the stage itself says why)."""
+    from gkd.kd.data.coco import load_coco
+    from gkd.kd.errors import GkdError
+
+    try:
+        return len(load_coco(train_json).images)
+    except GkdError:
+        return None
+
+
+def _training_work(run_cfg, n_images: int | None) -> str:
     """``"3 epochs x 80 steps of 8 images"`` (the steps per epoch capped by ``max_steps_per_epoch``)."""
     import math
 
-    from gkd.kd.data.coco import load_coco
-
-    try:
-        n_images = len(load_coco(run_cfg.data.path("train")).images)
-    except Exception:  # noqa: BLE001 - only a progress line; the stage itself reports a bad file
+    if n_images is None:
         return ""
     per_epoch = math.ceil(n_images / run_cfg.train.batch_size)
     if run_cfg.train.max_steps_per_epoch:
@@ -467,6 +475,7 @@ def _bench_stage(cfg: PipelineConfig, models: list[tuple[str, Path, str]]) -> di
     from gkd.bench.artifacts import ModelSpec, model_kind
     from gkd.bench.harness import TimingPolicy
     from gkd.bench.latency import benchmark_models
+    from gkd.export.manifest import parity_verdict
     from gkd.kd.errors import GkdError
     from gkd.kd.io import atomic_write_json
 
@@ -508,7 +517,7 @@ def _bench_stage(cfg: PipelineConfig, models: list[tuple[str, Path, str]]) -> di
         runners.setdefault(name, {"p50_ms": None, "p90_ms": None, "provider": r["provider"], "verified": None})
         runners[name]["bbox_mAP"] = r["metrics"]["bbox_mAP"]
         if r["kind"] == "onnx" and runners[name]["verified"] is None:
-            runners[name]["verified"] = _verified_export(Path(r["path"]))
+            runners[name]["verified"] = parity_verdict(r["path"])
     # the students' PyTorch mAP is their FP32 export's (parity-checked against it); not evaluated twice
     for group in STUDENTS.values():
         pt, onnx = runners.get(f"{group}/pytorch-fp32"), runners.get(f"{group}/onnxruntime-fp32") or {}
@@ -533,13 +542,6 @@ def _has_attributes(val: Path) -> bool:
     from gkd.kd.data.coco import load_coco
 
     return any("attributes" in a for anns in load_coco(val).anns_by_image.values() for a in anns)
-
-
-def _verified_export(path: Path) -> bool | None:
-    from gkd.export.manifest import load_export_manifest
-
-    entry = load_export_manifest(path.parent).entry_for(path)
-    return None if entry is None else entry.verified
 
 
 def _sha(record: dict[str, Any], *path: str) -> str:
@@ -581,18 +583,19 @@ def _run_stages(cfg: PipelineConfig, stage_cfgs: StageConfigs) -> dict[str, Any]
 
     data = stage("data", _data_inputs(cfg), lambda: _data_stage(cfg))
     data_shas = {"train.json": _sha(data, "train"), "val.json": _sha(data, "val")}
+    n_train = _train_images(Path(data["outputs"]["train"]["path"]))  # read once, for the progress lines
     if stage_cfgs.teacher is None:
         path = Path(cfg.teacher_checkpoint)
         teacher = stage("teacher", {"given": _artifact(path)}, lambda: {"outputs": {"checkpoint": _artifact(path)},
                                                                         "metrics": {}})
     else:
         teacher = stage("teacher", _training_inputs(stage_cfgs.teacher, data=data_shas),
-                        lambda: _teacher_stage(stage_cfgs.teacher), "teacher.", _training_work(stage_cfgs.teacher))
+                        lambda: _teacher_stage(stage_cfgs.teacher), "teacher.", _training_work(stage_cfgs.teacher, n_train))
     teacher_sha = _sha(teacher, "checkpoint")
     students = [("distill", stage_cfgs.distill)] + ([("baseline", stage_cfgs.baseline)] if cfg.baseline else [])
     for name, run_cfg in students:
         stage(name, _training_inputs(run_cfg, data=data_shas, teacher=teacher_sha),
-              lambda run_cfg=run_cfg: _student_stage(run_cfg), "student.", _training_work(run_cfg))
+              lambda run_cfg=run_cfg: _student_stage(run_cfg), "student.", _training_work(run_cfg, n_train))
     trained = {STUDENTS[name]: manifest.stages[name] for name, _ in students}
     if cfg.precisions:
         exported = {}
@@ -618,23 +621,8 @@ def _run_stages(cfg: PipelineConfig, stage_cfgs: StageConfigs) -> dict[str, Any]
     manifest.data["plots"] = write_plots(manifest.data, cfg.run_dir) if cfg.plots else {}
     manifest.save()
     atomic_write_text(cfg.run_dir / "report.md", render_report(manifest.data))
-    atomic_write_json(cfg.run_dir / "report.json", _report_json(manifest.data))
+    atomic_write_json(cfg.run_dir / "report.json", report_json(manifest.data))
     return manifest.data
-
-
-def _report_json(m: dict[str, Any]) -> dict[str, Any]:
-    """``report.json``: the report's numbers for scripts (the manifest holds the full records)."""
-    from gkd.report import deployment_rows
-
-    st = m["stages"]
-    bench = st.get("bench") or {}
-    return {"format": "gkd-run-report", "version": 1, "name": m["config"]["name"],
-            "deployment": deployment_rows(bench, m["config"].get("precisions") or ()) if bench else [],
-            "speed": bench.get("speed") or {}, "gate": m.get("gate"),
-            "training": {s: st[s].get("metrics", {}) for s in ("teacher", "baseline", "distill") if s in st},
-            "hard_cases": bench.get("subsets") or {}, "per_class_AP": bench.get("per_class") or {},
-            "runners": bench.get("runners") or {}, "plots": m.get("plots") or {},
-            "invocation": m.get("invocation", [])}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["accuracy_gate", "deployment_rows", "render_report", "summary_table", "summary_text", "write_plots",
-           "STUDENTS"]
+__all__ = ["accuracy_gate", "deployment_rows", "render_report", "report_json", "summary_table", "summary_text",
+           "write_plots", "STUDENTS"]
 
 #: the students gkd run ships and compares: stage name -> the group label its models carry in the bench reports
 STUDENTS = {"distill": "distilled", "baseline": "baseline"}
@@ -187,6 +187,19 @@ def render_report(m: dict[str, Any]) -> str:
         lines += ["", "## Plots", ""] + [f"![{k}]({Path(v).name})" for k, v in plots.items()]
     lines += ["", f"Versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}", ""]
     return "\n".join(lines)
+
+
+def report_json(m: dict[str, Any]) -> dict[str, Any]:
+    """``report.json``: the report's numbers for scripts (the manifest holds the full records)."""
+    st = m["stages"]
+    bench = st.get("bench") or {}
+    return {"format": "gkd-run-report", "version": 1, "name": m["config"]["name"],
+            "deployment": deployment_rows(bench, m["config"].get("precisions") or ()) if bench else [],
+            "speed": bench.get("speed") or {}, "gate": m.get("gate"),
+            "training": {s: st[s].get("metrics", {}) for s in ("teacher", "baseline", "distill") if s in st},
+            "hard_cases": bench.get("subsets") or {}, "per_class_AP": bench.get("per_class") or {},
+            "runners": bench.get("runners") or {}, "plots": m.get("plots") or {},
+            "invocation": m.get("invocation", [])}
 
 
 def write_plots(m: dict[str, Any], run_dir: Path) -> dict[str, str]:

@@ -320,8 +320,7 @@ def _choose_threads(asked: int, device: torch.device, ctx) -> int:
 
     threads, why = auto_threads()
     torch.set_num_threads(threads)
-    if ctx.is_main:
-        log.info("CPU threads: %d (%s; train.threads=N fixes it)", threads, why)
+    log.info("CPU threads: %d (%s; train.threads=N fixes it)", threads, why)
     return threads
 
 

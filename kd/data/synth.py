@@ -251,7 +251,7 @@ def _paste_clipped(canvas: np.ndarray, layer: np.ndarray, alpha: np.ndarray, y0:
     _composite(canvas, layer[ty0:ty1, tx0:tx1], alpha[ty0:ty1, tx0:tx1], y0 + ty0, x0 + tx0)
 
 
-def _object_size(rng: np.random.Generator, s: int, preset: dict[str, Any] = PRESETS["cluttered"]) -> float:
+def _object_size(rng: np.random.Generator, s: int, preset: dict[str, Any]) -> float:
     """Outer diameter: ``small_share`` small (8-16 px at 256 px), else log-uniform from ``min_side_256`` px (at
     256 px) to ``max_side_frac`` of the image side."""
     k = s / 256.0
@@ -514,7 +514,8 @@ def generate_synthetic(out_dir: str | os.PathLike, *, n_images: int = 800, seed:
             train_json = {"info": {**info, "split": split}, "licenses": [], "images": imgs,
                           "annotations": split_anns, "categories": categories}
     meta = {"generator": "gkd.synth", "generator_version": GENERATOR_VERSION, "seed": seed, "n_images": n_images,
-            "image_size": image_size, "preset": preset, "world": PRESETS[preset], "val_fraction": val_fraction, "classes": list(SYNTH_CLASSES),
+            "image_size": image_size, "preset": preset, "world": PRESETS[preset], "val_fraction": val_fraction,
+            "classes": list(SYNTH_CLASSES),
             "thresholds": {"small_area": SMALL_AREA, "occluded_above": OCCLUDED_ABOVE, "min_visible": MIN_VISIBLE},
             "stats": stats, "numpy": np.__version__, "pillow": Image.__version__, "python": platform.python_version()}
     atomic_write_json(out_dir / "meta.json", meta)
