@@ -32,14 +32,11 @@ import click
 import torch
 from gkd.kd import CONFIG_DIR
 
+from .harness import sync
+
 __all__ = ["distill_step", "run_distill_benchmark"]
 
 DEFAULT_CONFIG = CONFIG_DIR / "distill_gkd.yaml"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _clock(device: torch.device) -> float:
@@ -48,10 +45,10 @@ def _clock(device: torch.device) -> float:
 
 
 class _Sections:
-    """Accumulates wall time per named part: module forward hooks and wrapped functions."""
+    """Accumulates time per named part: module forward hooks and timed blocks."""
 
     def __init__(self, device: torch.device):
-        self.device, self.times, self._handles, self._undo = device, {}, [], []
+        self.device, self.times, self._handles = device, {}, []
 
     def add(self, name: str, seconds: float) -> None:
         self.times[name] = self.times.get(name, 0.0) + seconds
@@ -60,34 +57,29 @@ class _Sections:
         start = {}
 
         def pre(*_):
-            _sync(self.device)
+            sync(self.device)
             start["t"] = _clock(self.device)
 
         def post(*_):
-            _sync(self.device)
+            sync(self.device)
             self.add(name, _clock(self.device) - start["t"])
 
         self._handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
 
-    def function(self, name: str, owner: Any, attr: str) -> None:
-        real = getattr(owner, attr)
-
-        def timed(*args, **kwargs):
-            _sync(self.device)
-            t0 = _clock(self.device)
-            out = real(*args, **kwargs)
-            _sync(self.device)
+    @contextmanager
+    def part(self, name: str):
+        """Times a block (``DistillationTask.part_timer``: the task's own distillation parts)."""
+        sync(self.device)
+        t0 = _clock(self.device)
+        try:
+            yield
+        finally:
+            sync(self.device)
             self.add(name, _clock(self.device) - t0)
-            return out
-
-        setattr(owner, attr, timed)
-        self._undo.append((owner, attr, real))
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
-        for owner, attr, real in reversed(self._undo):
-            setattr(owner, attr, real)
 
 
 @contextmanager
@@ -192,10 +184,10 @@ def run_distill_benchmark(cfg, *, teacher_path: Path | None = None, methods: tup
         for method in variants:
             task, step = make(method)
             tasks[method], steppers[method] = task, step
-            _sync(device)
+            sync(device)
             t0 = _clock(device)
             m0 = task.on_epoch_start(0, {"device": device})
-            _sync(device)
+            sync(device)
             task.train()
             if method == "gkd" and refresh:
                 refresh_info["first_s"] = _clock(device) - t0
@@ -207,10 +199,10 @@ def run_distill_benchmark(cfg, *, teacher_path: Path | None = None, methods: tup
         cpu: dict[str, list[float]] = {m: [] for m in variants}
         for i, (ims, tgs) in enumerate(batches):
             for method in variants:
-                _sync(device)
+                sync(device)
                 t0, c0 = time.perf_counter(), time.process_time()
                 out = steppers[method](ims, tgs)
-                _sync(device)
+                sync(device)
                 if i >= warmup:
                     times[method].append(time.perf_counter() - t0)
                     cpu[method].append(time.process_time() - c0)
@@ -234,10 +226,10 @@ def run_distill_benchmark(cfg, *, teacher_path: Path | None = None, methods: tup
             breakdown = _breakdown(tasks["gkd"], batches[-1], device, cfg)
             if refresh:
                 task = tasks["gkd"]
-                _sync(device)
+                sync(device)
                 t0 = _clock(device)
                 task.on_epoch_start(1, {"device": device})
-                _sync(device)
+                sync(device)
                 refresh_info["later_s"] = _clock(device) - t0
                 epoch_s = steps_per_epoch * results["gkd"][key]
                 refresh_info.update({"steps_per_epoch": steps_per_epoch, "epoch_s": epoch_s,
@@ -254,8 +246,6 @@ def run_distill_benchmark(cfg, *, teacher_path: Path | None = None, methods: tup
 
 def _breakdown(task, batch, device, cfg) -> dict[str, float]:
     """One instrumented gkd step: seconds per part (the parts overlap nowhere; 'other' is the rest)."""
-    import gkd.kd.distill.task as task_mod
-
     sec = _Sections(device)
     student, teacher = task.detector, task.teacher
     sec.module("student transform", student.transform)
@@ -271,30 +261,27 @@ def _breakdown(task, batch, device, cfg) -> dict[str, float]:
         sec.module("teacher head (positive levels)", teacher.head.classification_head)
     if task.adapters is not None:
         sec.module("adapters", task.adapters)
-    sec.function("prototype projection (op)", task_mod, "prototype_project")
-    sec.function("fg masks", task_mod, "weighted_box_mask")
-    sec.function("fg/bg imitation", task_mod, "decoupled_imitation")
-    sec.function("soft-label KL", task_mod, "soft_label_kl")
-    sec.function("global loss", task_mod, "global_relation_loss")
+    task.part_timer = sec.part  # the task's distillation parts, timed where it runs them
     params = [p for p in task.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.0)  # lr 0: the step is timed, the weights stay
     try:
-        _sync(device)
+        sync(device)
         t0 = _clock(device)
         out = task(*batch)
-        _sync(device)
+        sync(device)
         t1 = _clock(device)
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
-        _sync(device)
+        sync(device)
         t2 = _clock(device)
         if cfg.train.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
         optimizer.step()
-        _sync(device)
+        sync(device)
         t3 = _clock(device)
     finally:
         sec.remove()
+        task.part_timer = None
     parts = dict(sec.times)
     parts["forward: other (matching, losses glue)"] = (t1 - t0) - sum(parts.values())
     parts["backward (all parts)"] = t2 - t1

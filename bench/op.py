@@ -21,16 +21,12 @@ from typing import Callable
 import click
 import torch
 
+from .harness import sync
 from .stamp import cpu_name
 
 __all__ = ["op", "run_op_benchmark"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _time(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> dict:
@@ -39,10 +35,10 @@ def _time(fn: Callable[[], object], device: torch.device, repeats: int, warmup: 
         fn()
     times = []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return {"median_ms": statistics.median(times), "min_ms": min(times), "repeats": repeats}
 

@@ -127,8 +127,8 @@ def _check_shapes(own: dict, state: dict, source: str, arch: str) -> None:
     for k, v in state.items():
         if own[k].shape != v.shape:
             raise GkdError(f"{source}: '{k}' has shape {tuple(v.shape)}, the {arch} model expects "
-                           f"{tuple(own[k].shape)}; check model.arch / model.backbone / model.fpn_channels / "
-                           f"model.box_head_dim")
+                           f"{tuple(own[k].shape)}; check model.arch / model.backbone / model.backbone_width / "
+                           f"model.fpn_channels / model.box_head_dim")
 
 
 def load_detector(path: str | Path, model_cfg: ModelConfig | None = None,

@@ -26,7 +26,7 @@ __all__ = [
     "DataConfig", "ModelConfig", "TrainConfig", "EvalConfig", "RunConfig",
     "load_config", "from_dict", "to_dict", "config_differences", "merge_dicts", "apply_overrides",
     "parse_override_value", "flatten_overrides", "dump_config",
-    "ARCHS", "BACKBONES", "Arch", "Backbone",
+    "ARCHS", "BACKBONES", "Arch", "Backbone", "SYNTH_PRESETS", "SynthPreset",
 ]
 
 #: the detector architectures and backbones: one definition, the type of the config fields and the tuples alike
@@ -34,6 +34,9 @@ Arch = Literal["faster_rcnn", "retinanet"]
 Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large"]
 ARCHS = typing.get_args(Arch)
 BACKBONES = typing.get_args(Backbone)
+#: the synthetic generator's worlds (``gkd.kd.data.synth.PRESETS`` holds what each draws)
+SynthPreset = Literal["clean", "cluttered", "quick"]
+SYNTH_PRESETS = typing.get_args(SynthPreset)
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -62,7 +65,8 @@ class ModelConfig:
 
     RANGES: ClassVar[dict] = {
         "num_classes": ((">=", 0),), "min_size": ((">=", 16),), "max_size": ((">=", 16),),
-        "anchor_sizes": ((">", 0),), "fpn_channels": ((">=", 1),), "box_head_dim": ((">=", 1),),
+        "anchor_sizes": ((">", 0),), "backbone_width": ((">", 0), ("<=", 4)), "fpn_channels": ((">=", 1),),
+        "box_head_dim": ((">=", 1),),
         "rois_per_image": ((">=", 1),), "proposals_test": ((">=", 1),), "proposals_train": ((">=", 1),),
         "score_thresh": ((">=", 0), ("<", 1)), "detections_per_img": ((">=", 1),)}
 
@@ -76,6 +80,10 @@ class ModelConfig:
     #: here) or "frozen_bn" (torchvision's choice for fine-tuning pretrained weights; from random init it means
     #: no normalisation at all and deep backbones such as ResNet-50 train poorly)
     norm: Literal["bn", "frozen_bn"] = "bn"
+    #: ResNet stage widths x this (torchvision's 64/128/256/512 at 1.0, rounded to multiples of 8). 0.5 gives a
+    #: ResNet with ~1/4 of the backbone's compute: the deployable student. Other values than 1.0 are ResNet-only
+    #: and cannot load torchvision's weights (their shapes differ)
+    backbone_width: float = 1.0
     #: backbone stages that train (0..5 for ResNet, 0..6 for MobileNetV3)
     trainable_layers: int = 5
     #: anchor size per FPN level, finest first (empty = torchvision's 32..512); small inputs want smaller anchors
@@ -317,7 +325,7 @@ def to_dict(obj: Any) -> Any:
 def config_differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
     """``(dotted key, old value, new value)`` for every leaf where two plain config dicts differ, sorted by key.
 
-    Used to refuse resuming or reusing a run made with another config (gkd.kd.engine, gkd.bench.study)."""
+    Used to refuse resuming or reusing a run made with another config (gkd.kd.engine, gkd.stages)."""
     out = []
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)

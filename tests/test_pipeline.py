@@ -23,6 +23,8 @@ TINY_MODEL = {"backbone": "resnet18", "min_size": 64, "max_size": 64, "anchor_si
 TINY_TRAIN = {"batch_size": 2, "warmup_iters": 0, "lr": 0.002, "threads": TEST_THREADS, "max_steps_per_epoch": 2}
 TINY = {
     "synth_images": 12, "synth_size": 64, "precisions": ["fp32"], "bench_iterations": 2, "bench_images": 2,
+    # one process (the kill test patches a step in it); test_students_side_by_side_* runs the default
+    "side_by_side": False,
     "teacher": {"model": TINY_MODEL, "train": {**TINY_TRAIN, "epochs": 1}, "eval": {"batch_size": 4}},
     "student": {"model": TINY_MODEL, "train": {**TINY_TRAIN, "epochs": 2}, "eval": {"batch_size": 4},
                 "distill": {"pgm": {"num_prototypes": 2, "min_box_size": 4, "max_images_per_class": 4,
@@ -112,6 +114,43 @@ def test_rerun_reuses_every_stage_without_running_anything(first_run, world, mon
     assert {s: again["stages"][s]["key"] for s in STAGES} == {s: first_run["stages"][s]["key"] for s in STAGES}
     report = (config(world, "a").run_dir / "report.md").read_text()
     assert "| teacher | reused | unchanged |" in report
+
+
+def test_students_side_by_side_get_the_weights_of_one_after_the_other(first_run, world, monkeypatch, capfd,
+                                                                     caplog):
+    """The default: distill and baseline train at once in two spawned processes; each gets exactly the weights it
+    gets alone with the same threads, and its own tagged log lines."""
+    import gkd.pipeline as pipeline
+
+    # the machine's momentary load is not what is tested: two free cores per tiny-profile thread
+    monkeypatch.setattr(pipeline, "free_cores", lambda: 2 * TEST_THREADS)
+    teacher = first_run["stages"]["teacher"]["outputs"]["checkpoint"]["path"]
+    both = run_pipeline(config(world, "sbs", "side_by_side=true", "precisions=[]", f"teacher_checkpoint={teacher}"))
+    assert actions(both) == {s: ("ran", "not run before") for s in ("data", "teacher", "distill", "baseline")}
+    assert f"distill: running (not run before; side by side, 2 at a time, {TEST_THREADS} thread(s) each)" \
+        in caplog.text
+    err = capfd.readouterr().err  # the spawned processes write to the terminal themselves
+    assert "gkd [baseline]: epoch 2/2" in err and "gkd [distill]: epoch 2/2" in err
+    for stage in ("distill", "baseline"):
+        a = load_checkpoint(first_run["stages"][stage]["outputs"]["checkpoint"]["path"])["model"]
+        b = load_checkpoint(both["stages"][stage]["outputs"]["checkpoint"]["path"])["model"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stage
+        assert both["stages"][stage]["metrics"] == first_run["stages"][stage]["metrics"]
+
+
+def test_quick_preset_resolves_to_the_quick_world():
+    """``gkd run --quick``: its keys are real, its stage configs resolve, and every model trains on the quick world
+    at its size (the students keep the default recipe's architecture)."""
+    from gkd.pipeline import QUICK, resolve_stage_configs
+
+    cfg = load_pipeline_config(None, [], quick=True)
+    assert (cfg.synth_preset, cfg.synth_size, cfg.data_root) == ("quick", 96, QUICK["data_root"])
+    stages = resolve_stage_configs(cfg)
+    for run_cfg in (stages.teacher, stages.distill, stages.baseline):
+        assert (run_cfg.model.min_size, run_cfg.model.max_size) == (96, 96)
+    default = resolve_stage_configs(load_pipeline_config(None, []))
+    assert stages.distill.model.backbone_width == default.distill.model.backbone_width == 0.5
+    assert stages.teacher.model.backbone_width == 1.0 and stages.baseline.distill.method == "none"
 
 
 @pytest.mark.parametrize("override, message", [

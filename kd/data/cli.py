@@ -5,6 +5,8 @@ from pathlib import Path
 
 import click
 
+from ..config import SYNTH_PRESETS
+
 __all__ = ["data"]
 
 _PATH_DIR = click.Path(path_type=Path, file_okay=False)
@@ -39,9 +41,10 @@ def data() -> None:
               help="Side of the square images, in pixels.")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
               show_default=True, help="Share of the images that go to val.json.")
-@click.option("--preset", type=click.Choice(["clean", "cluttered"]), default="clean", show_default=True,
-              help="The world: clean (smooth backgrounds, 12% of draws small; what gkd run trains on) or cluttered "
-                   "(distractor blobs and lines, 25% small; the first world, byte-identical).")
+@click.option("--preset", type=click.Choice(SYNTH_PRESETS), default="clean", show_default=True,
+              help="The world: clean (smooth backgrounds, 12% of draws small; what gkd run trains on), cluttered "
+                   "(distractor blobs and lines, 25% small; the first world, byte-identical) or quick (1-3 large "
+                   "solid shapes of 3 classes, no hard cases; what gkd run --quick trains on).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def synth(out: Path, n_images: int, seed: int, image_size: int, val_fraction: float, preset: str,
           no_progress: bool) -> None:

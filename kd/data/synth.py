@@ -59,8 +59,12 @@ MIN_VISIBLE = 0.4
 #: 40% of the side; the study's first designs ran on it. Both keep every hard case (small, occluded, blurred,
 #: noisy, low contrast) tagged per object.
 PRESETS: dict[str, dict[str, Any]] = {
-    "clean": {"distractors": False, "small_share": 0.12, "min_side_256": 20.0, "max_side_frac": 0.45},
-    "cluttered": {"distractors": True, "small_share": 0.25, "min_side_256": 16.0, "max_side_frac": 0.4},
+    "clean": {"distractors": False, "small_share": 0.12, "min_side_256": 20.0, "max_side_frac": 0.45,
+              "objects": (3, 8), "classes": SYNTH_CLASSES, "hard_cases": True},
+    "cluttered": {"distractors": True, "small_share": 0.25, "min_side_256": 16.0, "max_side_frac": 0.4,
+                  "objects": (3, 8), "classes": SYNTH_CLASSES, "hard_cases": True},
+    "quick": {"distractors": False, "small_share": 0.0, "min_side_256": 80.0, "max_side_frac": 0.55,
+              "objects": (1, 3), "classes": ("circle", "triangle", "cross"), "hard_cases": False},
 }
 DEFAULT_PRESET = "clean"
 _SS = 4  # supersampling of shape masks (anti-aliased edges)
@@ -283,17 +287,18 @@ def render_image(seed: int, index: int, image_size: int = 256, return_owner: boo
     canvas = _background(rng, s, world["distractors"])
     owner = np.full((s, s), -1, dtype=np.int16)  # index of the object that shows at each pixel
     objects: list[dict[str, Any]] = []
-    n_target = int(rng.integers(3, 9))
+    lo, hi = world["objects"]
+    n_target = int(rng.integers(lo, hi + 1))
     for _ in range(4 * n_target):  # a draw that finds no place is replaced by a new one
         if len(objects) == n_target:
             break
         obj = _place_object(rng, s, canvas, owner, objects, world)
         if obj is not None:
             objects.append(obj)
-    img_blur = rng.random() < 0.15
+    img_blur = rng.random() < 0.15 and world["hard_cases"]
     if img_blur:
         canvas = _blur_layer(canvas, np.ones(canvas.shape[:2], np.float32), float(rng.uniform(0.6, 1.3)))[0]
-    img_noise = rng.random() < 0.25
+    img_noise = rng.random() < 0.25 and world["hard_cases"]
     if img_noise:  # sensor noise on a quarter of the images (noise everywhere would double the PNG size)
         sigma = np.float32(rng.uniform(0.03, 0.08))
         canvas = canvas + rng.standard_normal(canvas.shape, dtype=np.float32) * sigma
@@ -310,6 +315,7 @@ def render_image(seed: int, index: int, image_size: int = 256, return_owner: boo
 
 
 def _preset(name: str) -> dict[str, Any]:
+    """The world ``name`` draws (its keys: see :data:`PRESETS`)."""
     if name not in PRESETS:
         raise GkdError(f"synthetic preset {name!r}: expected one of {', '.join(PRESETS)}")
     return PRESETS[name]
@@ -317,13 +323,15 @@ def _preset(name: str) -> dict[str, Any]:
 
 def _place_object(rng: np.random.Generator, s: int, canvas: np.ndarray, owner: np.ndarray,
                   objects: list[dict], world: dict[str, Any]) -> dict[str, Any] | None:
-    label = int(rng.integers(len(SYNTH_CLASSES)))
+    label = int(rng.integers(len(world["classes"])))
     d = _object_size(rng, s, world)
     angle = rng.uniform(0, 2 * math.pi)
     sx, sy = rng.uniform(0.85, 1.15, 2)
-    fill, holes = _shape_polygons(SYNTH_CLASSES[label], d / 2, rng)
+    fill, holes = _shape_polygons(world["classes"][label], d / 2, rng)
     fill, holes = _transform(fill, angle, sx, sy), _transform(holes, angle, sx, sy)
     blur = float(rng.uniform(0.7, 1.8)) * max(1.0, d / 48.0) if rng.random() < 0.2 else 0.0
+    hard = world["hard_cases"]  # False: no blur, noise, low contrast or texture (the quick world)
+    blur = blur if hard else 0.0
     margin = int(math.ceil(3 * blur)) + 2
     xs = [x for x, _ in fill[0]]
     ys = [y for _, y in fill[0]]
@@ -359,7 +367,7 @@ def _place_object(rng: np.random.Generator, s: int, canvas: np.ndarray, owner: n
         return None
     y0, x0 = hidden_ok
 
-    low_contrast = rng.random() < 0.08
+    low_contrast = rng.random() < 0.08 and hard
     py0, px0 = max(0, y0), max(0, x0)
     py1, px1 = min(s, y0 + size), min(s, x0 + size)
     if low_contrast:
@@ -371,8 +379,8 @@ def _place_object(rng: np.random.Generator, s: int, canvas: np.ndarray, owner: n
     else:
         a = _random_colour(rng)
         b = _second_colour(rng, a)
-    layer = _texture(rng, size, size, a, b)
-    noisy = rng.random() < 0.12
+    layer = _texture(rng, size, size, a, b, None if hard else "solid")
+    noisy = rng.random() < 0.12 and hard
     if noisy:
         layer = layer + rng.standard_normal(layer.shape, dtype=np.float32) * np.float32(rng.uniform(0.06, 0.15))
     alpha = cov
@@ -497,7 +505,8 @@ def generate_synthetic(out_dir: str | os.PathLike, *, n_images: int = 800, seed:
                          "attributes": {k: obj[k] for k in ("small", "occluded", "blurred", "noisy", "low_contrast",
                                                             "visible")}})
     seconds = time.perf_counter() - t0
-    categories = [{"id": k + 1, "name": n, "supercategory": "shape"} for k, n in enumerate(SYNTH_CLASSES)]
+    classes = PRESETS[preset]["classes"]
+    categories = [{"id": k + 1, "name": n, "supercategory": "shape"} for k, n in enumerate(classes)]
     info = {"description": "gkd embedded synthetic shapes dataset", "version": str(GENERATOR_VERSION),
             "seed": seed, "image_size": image_size, "preset": preset}
     splits = {"train": images[:n_train], "val": images[n_train:]}
@@ -505,7 +514,7 @@ def generate_synthetic(out_dir: str | os.PathLike, *, n_images: int = 800, seed:
     for split, imgs in splits.items():
         ids = {img["id"] for img in imgs}
         split_anns = [a for a in anns if a["image_id"] in ids]
-        stats[split] = _stats(imgs, split_anns)
+        stats[split] = _stats(imgs, split_anns, classes)
         if split == "val":
             atomic_write_json(out_dir / "val.json", {"info": {**info, "split": split}, "licenses": [],
                                                       "images": imgs, "annotations": split_anns,
@@ -515,7 +524,7 @@ def generate_synthetic(out_dir: str | os.PathLike, *, n_images: int = 800, seed:
                           "annotations": split_anns, "categories": categories}
     meta = {"generator": "gkd.synth", "generator_version": GENERATOR_VERSION, "seed": seed, "n_images": n_images,
             "image_size": image_size, "preset": preset, "world": PRESETS[preset], "val_fraction": val_fraction,
-            "classes": list(SYNTH_CLASSES),
+            "classes": list(classes),
             "thresholds": {"small_area": SMALL_AREA, "occluded_above": OCCLUDED_ABOVE, "min_visible": MIN_VISIBLE},
             "stats": stats, "numpy": np.__version__, "pillow": Image.__version__, "python": platform.python_version()}
     atomic_write_json(out_dir / "meta.json", meta)
@@ -526,10 +535,10 @@ def generate_synthetic(out_dir: str | os.PathLike, *, n_images: int = 800, seed:
     return {**meta, "out_dir": str(out_dir), "seconds": round(seconds, 2)}
 
 
-def _stats(images: list[dict], anns: list[dict]) -> dict[str, Any]:
-    per_class = {n: 0 for n in SYNTH_CLASSES}
+def _stats(images: list[dict], anns: list[dict], classes: tuple[str, ...]) -> dict[str, Any]:
+    per_class = {n: 0 for n in classes}
     for a in anns:
-        per_class[SYNTH_CLASSES[a["category_id"] - 1]] += 1
+        per_class[classes[a["category_id"] - 1]] += 1
     n = max(1, len(anns))
     flags = {k: sum(a["attributes"][k] for a in anns) for k in ("small", "occluded", "blurred", "noisy",
                                                                   "low_contrast")}

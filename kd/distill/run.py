@@ -63,7 +63,8 @@ def load_teacher(tcfg: TeacherConfig, classes: Sequence[str], student_cfg: Model
         if not all(isinstance(v, torch.Tensor) for v in source.values()):
             raise GkdError(f"{path}: not a state dict of tensors (and not a gkd checkpoint)")
         mcfg = dataclasses.replace(student_cfg, arch=tcfg.arch, backbone=tcfg.backbone,
-                                   anchor_sizes=tuple(tcfg.anchor_sizes), weights=None, **_widths_of(source))
+                                   anchor_sizes=tuple(tcfg.anchor_sizes), weights=None,
+                                   **{"backbone_width": 1.0, **_widths_of(source)})
     mcfg = dataclasses.replace(mcfg, num_classes=len(classes), weights=None)
     teacher = build_detector(mcfg, len(classes))
     try:
@@ -78,9 +79,19 @@ def load_teacher(tcfg: TeacherConfig, classes: Sequence[str], student_cfg: Model
     return teacher.eval()
 
 
+def _model_name(meta: dict) -> str:
+    """``faster_rcnn/resnet18`` (``resnet18x0.5`` at a backbone width other than 1)."""
+    width = meta.get("backbone_width", 1.0)
+    return f"{meta['arch']}/{meta['backbone']}" + (f"x{width:g}" if width != 1.0 else "")
+
+
 def _widths_of(state: dict[str, torch.Tensor]) -> dict[str, int]:
-    """FPN and box-head widths read off a plain state dict (torchvision's: 256 and 1024), not the student's."""
+    """Backbone, FPN and box-head widths read off a plain state dict (torchvision's: 1.0, 256 and 1024), not the
+    student's."""
     out = {}
+    stem = state.get("backbone.body.conv1.weight")  # ResNets only (MobileNetV3 has no width option)
+    if stem is not None:
+        out["backbone_width"] = int(stem.shape[0]) / 64
     fpn = state.get("backbone.fpn.layer_blocks.0.0.weight", state.get("backbone.fpn.layer_blocks.0.weight"))
     if fpn is not None:
         out["fpn_channels"] = int(fpn.shape[0])
@@ -140,9 +151,10 @@ def _run_distillation(cfg: DistillRunConfig, resume: bool, progress: bool) -> di
     train_set = CocoDetection(train_index, train=True, min_size=cfg.model.min_size, max_size=cfg.model.max_size,
                               hflip=cfg.train.hflip, seed=cfg.seed, keep_empty=cfg.data.keep_empty)
     val_set = CocoDetection(val_index, train=False, min_size=cfg.model.min_size, max_size=cfg.model.max_size)
-    log.info("distilling %s/%s -> %s/%s on %d images (%d classes), validating on %d -> %s",
-             teacher.gkd_meta["arch"] if teacher is not None else "-",
-             teacher.gkd_meta["backbone"] if teacher is not None else "-", cfg.model.arch, cfg.model.backbone,
-             len(train_set), k, len(val_set), cfg.run_dir)
+    student_name = _model_name(student.gkd_meta)
+    what = (f"distilling {_model_name(teacher.gkd_meta)} -> {student_name}" if teacher is not None
+            else f"training {student_name} without a teacher (distill.method=none)")
+    log.info("%s on %d images (%d classes), validating on %d -> %s", what, len(train_set), k, len(val_set),
+             cfg.run_dir)
     return fit(task, cfg, train_set, val_set, resume=resume, classes=train_index.classes,
                category_ids=train_index.category_ids, gt_json=val_index.gt_json, progress=progress)

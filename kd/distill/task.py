@@ -17,7 +17,8 @@ The loss dict holds every term (``loss_*``, backpropagated) and metrics (``robus
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+from contextlib import nullcontext
+from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 from torch import nn
@@ -41,6 +42,10 @@ log = logging.getLogger("gkd")
 class DistillationTask(nn.Module):
     """Student + adapters (trainable) and a frozen teacher.
 
+    ``part_timer`` (None: untimed): a ``name -> context manager`` that each distillation part of a step runs in
+    (prototype projection, fg masks, fg/bg imitation, soft-label KL, global loss): ``gkd bench distill`` times
+    them with it.
+
     Args:
         student: a torchvision Faster R-CNN or RetinaNet from ``build_detector`` (has ``gkd_meta``).
         teacher: the same kind of detector with the same classes (None only for method ``none``).
@@ -55,6 +60,7 @@ class DistillationTask(nn.Module):
                  classes: Sequence[str], pgm_annotations: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
                  pgm_load: Callable[[int], tuple[torch.Tensor, dict]] | None = None, seed: int = 0):
         super().__init__()
+        self.part_timer: Callable[[str], ContextManager] | None = None
         self.cfg = cfg
         self.parts = method_parts(cfg.method)
         self.epochs = max(1, int(epochs))
@@ -288,6 +294,9 @@ class DistillationTask(nn.Module):
             out = torch.zeros((lvl.numel(), len(self.classes)), device=lvl.device)
         return valid, out
 
+    def _part(self, name: str) -> ContextManager:
+        return self.part_timer(name) if self.part_timer is not None else nullcontext()
+
     def _distill(self, batch: int, feats, tfeats, inst: "_Instances") -> dict[str, torch.Tensor]:
         cfg, parts = self.cfg, self.parts
         att = self.attenuation()
@@ -300,21 +309,26 @@ class DistillationTask(nn.Module):
             use_protos = parts.prototypes and self.bank is not None and self.bank.count(p.key) > 0 and inst.n > 0
             if use_protos:
                 # The global loss needs the student's cosine vectors with gradient; robust weights alone do not.
-                with torch.set_grad_enabled(parts.global_ and torch.is_grad_enabled()):
-                    _, cos_s = prototype_project(s_map, inst.boxes, p.stride, self.bank.student[p.key])
-                with torch.no_grad():
-                    _, cos_t = prototype_project(t_map, inst.boxes, p.stride, self.bank.teacher[p.key])
+                with self._part("prototype projection (op)"):
+                    with torch.set_grad_enabled(parts.global_ and torch.is_grad_enabled()):
+                        _, cos_s = prototype_project(s_map, inst.boxes, p.stride, self.bank.student[p.key])
+                    with torch.no_grad():
+                        _, cos_t = prototype_project(t_map, inst.boxes, p.stride, self.bank.teacher[p.key])
                 w, has = robust_weights(cos_s, cos_t, inst.labels, self.bank.labels[p.key])
                 w = w.float()  # under CUDA autocast the cosines are half; the weights mix with float32 tensors
                 weights_seen.append(w)
                 if parts.global_ and has.any():
-                    glob_terms.append(global_relation_loss(cos_s[has], cos_t[has], w[has]))
+                    with self._part("global loss"):
+                        glob_terms.append(global_relation_loss(cos_s[has], cos_t[has], w[has]))
             if parts.local:
                 on_level = inst.level == li
                 mask_w = w[on_level] if parts.robust else torch.ones(int(on_level.sum()), device=dev)
-                mask = weighted_box_mask(inst.boxes[on_level], mask_w, p.stride,
-                                         (batch, s_map.shape[-2], s_map.shape[-1]))
-                fg, bg = decoupled_imitation(self.adapters(p.key, s_map), t_map, mask)
+                with self._part("fg masks"):
+                    mask = weighted_box_mask(inst.boxes[on_level], mask_w, p.stride,
+                                             (batch, s_map.shape[-2], s_map.shape[-1]))
+                adapted = self.adapters(p.key, s_map)
+                with self._part("fg/bg imitation"):
+                    fg, bg = decoupled_imitation(adapted, t_map, mask)
                 fg_terms.append(fg)
                 bg_terms.append(bg)
                 if parts.robust:
@@ -330,8 +344,9 @@ class DistillationTask(nn.Module):
             valid = inst.soft_valid if inst.soft_valid is not None else torch.ones(inst.n, dtype=torch.bool,
                                                                                       device=dev)
             if inst.n and inst.teacher_logits is not None and valid.any():
-                out["loss_kd_soft"] = soft_label_kl(inst.student_logits[valid], inst.teacher_logits[valid],
-                                                    soft_w[valid], cfg.temperature) * cfg.soft_weight
+                with self._part("soft-label KL"):
+                    out["loss_kd_soft"] = soft_label_kl(inst.student_logits[valid], inst.teacher_logits[valid],
+                                                        soft_w[valid], cfg.temperature) * cfg.soft_weight
             else:
                 out["loss_kd_soft"] = zero
         if parts.global_:

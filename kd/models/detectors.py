@@ -27,7 +27,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import GkdError
 
-__all__ = ["build_detector", "head_parameter_prefixes"]
+__all__ = ["build_detector", "head_parameter_prefixes", "slim_resnet", "stage_widths"]
 
 
 def _backbone(cfg: ModelConfig, retinanet: bool) -> nn.Module:
@@ -40,7 +40,10 @@ def _backbone(cfg: ModelConfig, retinanet: bool) -> nn.Module:
         if not 0 <= cfg.trainable_layers <= 5:
             raise GkdError(f"model.trainable_layers must be in 0..5 for ResNet, got {cfg.trainable_layers}")
         norm = misc_ops.FrozenBatchNorm2d if cfg.norm == "frozen_bn" else nn.BatchNorm2d
-        body = getattr(resnet, cfg.backbone)(weights=None, norm_layer=norm)
+        if cfg.backbone_width == 1.0:  # torchvision's own constructor: a given seed gives the same weights as ever
+            body = getattr(resnet, cfg.backbone)(weights=None, norm_layer=norm)
+        else:
+            body = slim_resnet(cfg.backbone, cfg.backbone_width, norm)
         c = cfg.fpn_channels
         if retinanet:
             fpn = _resnet_fpn_extractor(body, cfg.trainable_layers, returned_layers=[2, 3, 4],
@@ -53,6 +56,9 @@ def _backbone(cfg: ModelConfig, retinanet: bool) -> nn.Module:
             fpn.fpn = FeaturePyramidNetwork(inner, c, extra_blocks=extra)
             fpn.out_channels = c
         return fpn
+    if cfg.backbone_width != 1.0:
+        raise GkdError(f"model.backbone_width: only ResNet backbones have a width option, got {cfg.backbone_width} "
+                       f"for {cfg.backbone}")
     if cfg.fpn_channels != 256:
         raise GkdError(f"model.fpn_channels: MobileNetV3 FPNs are 256 wide in torchvision, got {cfg.fpn_channels}")
     if not 0 <= cfg.trainable_layers <= 6:
@@ -63,6 +69,50 @@ def _backbone(cfg: ModelConfig, retinanet: bool) -> nn.Module:
     if retinanet:
         return _mobilenet_extractor(body, True, cfg.trainable_layers, extra_blocks=LastLevelP6P7(256, 256))
     return _mobilenet_extractor(body, True, cfg.trainable_layers)
+
+
+_RESNET_LAYOUT = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)),
+                  "resnet50": ("bottleneck", (3, 4, 6, 3)), "resnet101": ("bottleneck", (3, 4, 23, 3))}
+
+
+def stage_widths(width: float) -> tuple[int, ...]:
+    """The four ResNet stage widths (planes) at a width multiplier: torchvision's 64/128/256/512 x ``width``, the
+    first rounded to a multiple of 8 (at least 8) and the others doubling from it, so that the stem's width alone
+    tells the multiplier back (a plain state dict records nothing else)."""
+    base = max(8, int(round(64 * width / 8)) * 8)
+    return base, 2 * base, 4 * base, 8 * base
+
+
+def slim_resnet(name: str, width: float, norm_layer) -> nn.Module:
+    """torchvision's ResNet (same blocks, depths, strides and initialisation) with every stage ``width`` x as wide.
+
+    torchvision offers no width multiplier for ResNet-18/34 (``width_per_group`` exists for bottlenecks only), so the
+    stem and the four stages are rebuilt here with torchvision's own ``_make_layer``; the classifier is dropped (the
+    FPN extractor never uses it). The FPN reads the stage widths from the returned model (``inplanes``).
+    """
+    from torchvision.models import resnet
+
+    kind, depths = _RESNET_LAYOUT[name]
+    block = resnet.BasicBlock if kind == "basic" else resnet.Bottleneck
+    planes = stage_widths(width)
+    body = resnet.ResNet.__new__(resnet.ResNet)
+    nn.Module.__init__(body)
+    body._norm_layer, body.dilation, body.groups, body.base_width = norm_layer, 1, 1, 64
+    body.inplanes = planes[0]
+    body.conv1 = nn.Conv2d(3, planes[0], kernel_size=7, stride=2, padding=3, bias=False)
+    body.bn1 = norm_layer(planes[0])
+    body.relu = nn.ReLU(inplace=True)
+    body.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+    for i, (p, n) in enumerate(zip(planes, depths)):
+        setattr(body, f"layer{i + 1}", body._make_layer(block, p, n, stride=1 if i == 0 else 2))
+    body.avgpool, body.fc = nn.AdaptiveAvgPool2d((1, 1)), nn.Identity()
+    for m in body.modules():  # torchvision's ResNet initialisation
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+    return body
 
 
 def _anchor_generator(cfg: ModelConfig, n_levels: int, retinanet: bool):
@@ -132,8 +182,8 @@ def build_detector(cfg: ModelConfig, num_classes: int | None = None) -> nn.Modul
                            rpn_post_nms_top_n_train=cfg.proposals_train,
                            **common)
         _fix_roi_pool_scales(model.roi_heads.box_roi_pool, [strides[n] for n in roi_levels])
-    model.gkd_meta = {"arch": cfg.arch, "backbone": cfg.backbone, "num_classes": k,
-                      "levels": names, "strides": strides, "channels": backbone.out_channels}
+    model.gkd_meta = {"arch": cfg.arch, "backbone": cfg.backbone, "backbone_width": cfg.backbone_width,
+                      "num_classes": k, "levels": names, "strides": strides, "channels": backbone.out_channels}
     return model
 
 

@@ -231,6 +231,20 @@ def test_load_teacher_checks_architecture_and_classes(tmp_path):
         load_teacher(TeacherConfig(), CLASSES, cfg)
 
 
+def test_plain_teacher_state_dict_keeps_its_own_backbone_width(tmp_path):
+    """A plain state dict records no config: its backbone width is read off the weights, never the student's (a
+    half-width student beside a full-width torchvision-style teacher, and the other way round)."""
+    slim_cfg = dataclasses.replace(model_cfg(), backbone_width=0.5)
+    for teacher_cfg, student_cfg in ((model_cfg(), slim_cfg), (slim_cfg, model_cfg())):
+        teacher = build_detector(teacher_cfg, 3)
+        plain = tmp_path / "plain.pt"
+        torch.save(teacher.state_dict(), plain)
+        loaded = load_teacher(TeacherConfig(checkpoint=str(plain), arch="faster_rcnn", backbone="resnet18"),
+                              CLASSES, student_cfg)
+        assert loaded.gkd_meta["backbone_width"] == teacher_cfg.backbone_width
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), teacher.state_dict().values()))
+
+
 def test_narrow_student_fpn_is_adapted_to_the_teacher_width():
     """A 64-wide student FPN against a 128-wide teacher: the adapters map 64 -> 128; PKD (no adapter) refuses."""
     student = build_detector(dataclasses.replace(model_cfg(), fpn_channels=64, box_head_dim=128), 3)

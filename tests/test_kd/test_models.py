@@ -102,3 +102,40 @@ def test_roi_pooling_scales_do_not_depend_on_the_first_image():
         model([torch.rand(3, 427, 1280)])  # resized to 21x64, padded to 32x64: torchvision would infer 1/2 ... 1/16
     assert model.roi_heads.box_roi_pool.scales == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
     assert (model.roi_heads.box_roi_pool.map_levels.k_min, model.roi_heads.box_roi_pool.map_levels.k_max) == (2, 5)
+
+
+def test_backbone_width_scales_every_resnet_stage_and_keeps_torchvision_layout(tmp_path):
+    """backbone_width=0.5 halves every stage (32/64/128/256) and the FPN reads those widths; at 1.0 the rebuilt
+    ResNet has exactly torchvision's parameter names and shapes (so the slim one is torchvision's, only narrower);
+    a checkpoint of a slim model loads back; MobileNetV3 and out-of-range widths are refused by name."""
+    from torchvision.models import resnet18, resnet50
+
+    from gkd.kd.checkpoint import detector_checkpoint, load_detector, save_checkpoint
+    from gkd.kd.config import from_dict
+    from gkd.kd.errors import GkdError
+    from gkd.kd.models.detectors import slim_resnet, stage_widths
+
+    for name, ref in (("resnet18", resnet18), ("resnet50", resnet50)):
+        theirs = {k: v.shape for k, v in ref(weights=None).state_dict().items() if not k.startswith("fc.")}
+        ours = {k: v.shape for k, v in slim_resnet(name, 1.0, torch.nn.BatchNorm2d).state_dict().items()}
+        assert ours == theirs, name
+    assert stage_widths(0.5) == (32, 64, 128, 256) and stage_widths(0.3) == (16, 32, 64, 128)
+    cfg = ModelConfig(backbone="resnet18", backbone_width=0.5, min_size=64, max_size=64, rois_per_image=16,
+                      fpn_channels=64, box_head_dim=128)
+    torch.manual_seed(0)
+    slim = build_detector(cfg, 3)
+    full = build_detector(ModelConfig(backbone="resnet18", min_size=64, max_size=64, fpn_channels=64), 3)
+    assert [b[0].in_channels for b in slim.backbone.fpn.inner_blocks] == [32, 64, 128, 256]
+    assert slim.gkd_meta["strides"] == full.gkd_meta["strides"] and slim.gkd_meta["backbone_width"] == 0.5
+    body = sum(p.numel() for p in slim.backbone.body.parameters())
+    assert body < 0.3 * sum(p.numel() for p in full.backbone.body.parameters())  # ~1/4 of the weights
+    losses = slim([torch.rand(3, 64, 64)], TARGET)
+    sum(losses.values()).backward()
+    path = tmp_path / "slim.pt"
+    save_checkpoint(detector_checkpoint(slim, cfg, ["a", "b", "c"], [1, 2, 3]), path)
+    loaded, _ = load_detector(path)
+    assert loaded.gkd_meta["backbone_width"] == 0.5
+    with pytest.raises(GkdError, match="model.backbone_width: only ResNet backbones"):
+        build_detector(ModelConfig(backbone="mobilenet_v3_large", backbone_width=0.5, min_size=64, max_size=64), 2)
+    with pytest.raises(GkdError, match="backbone_width"):
+        from_dict(ModelConfig, {"backbone_width": 0}, "model")

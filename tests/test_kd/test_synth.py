@@ -164,3 +164,19 @@ def test_clean_preset_has_fewer_small_objects_and_keeps_every_hard_case():
 def test_unknown_preset_is_refused(tmp_path):
     with pytest.raises(GkdError, match="synthetic preset 'noisy': expected one of clean, cluttered"):
         generate_synthetic(tmp_path, n_images=4, preset="noisy")
+
+
+def test_every_config_preset_is_a_world_and_the_quick_world_is_easy(tmp_path):
+    """The config's preset names and the generator's worlds are one list; the quick world (gkd run --quick) has 3
+    classes, 1-3 objects, none small and no hard case."""
+    from gkd.kd.config import SYNTH_PRESETS
+    from gkd.kd.data.synth import PRESETS
+
+    assert tuple(PRESETS) == SYNTH_PRESETS
+    info = generate_synthetic(tmp_path / "q", n_images=30, image_size=96, preset="quick", progress=False)
+    assert info["classes"] == ["circle", "triangle", "cross"]
+    counts = [len(render_image(0, i, 96, preset="quick")[1]) for i in range(30)]
+    assert min(counts) >= 1 and max(counts) <= 3
+    objects = [o for i in range(30) for o in render_image(0, i, 96, preset="quick")[1]]
+    assert not any(o[k] for o in objects for k in ("small", "blurred", "noisy", "low_contrast"))
+    assert {o["label"] for o in objects} == {0, 1, 2}

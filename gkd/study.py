@@ -13,6 +13,7 @@ an interrupted one resumes from its last epoch, so a killed study loses at most 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -20,13 +21,13 @@ import platform
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import click
 from gkd.kd import CONFIG_DIR
+from gkd.kd.config import SynthPreset
 
 __all__ = ["StudyConfig", "run_study", "study", "SUBSETS", "PAPER_TABLES"]
 
@@ -59,7 +60,7 @@ class StudyConfig:
     synth_images: int = 800
     synth_size: int = 160
     #: the study's designs so far ran on the first (cluttered) world; kept so that their numbers reproduce
-    synth_preset: Literal["clean", "cluttered"] = "cluttered"
+    synth_preset: SynthPreset = "cluttered"
     data_seed: int = 0
     teacher_config: str = str(STUDY_CONFIG_DIR / "teacher.yaml")
     student_config: str = str(STUDY_CONFIG_DIR / "distill.yaml")
@@ -96,187 +97,135 @@ QUICK_OVERRIDES = (
 )
 
 
-# ------------------------------------------------------------------------------------------------ evaluation
+# ------------------------------------------------------------------------------------------------ the stages
 
 
-def evaluate_with_subsets(checkpoint: Path, val_json: Path, images: Path, max_dets: int = 100) -> dict[str, Any]:
-    """COCO metrics of a detector checkpoint on the val split, overall and on each hard subset."""
-    import torch
+def evaluate_with_subsets(checkpoint: Path, val_json: Path, threads: int = 1) -> dict[str, Any]:
+    """COCO metrics of a detector checkpoint on the val split, overall (``all``) and on each hard subset: the
+    product's evaluation (``gkd eval``'s protocol, :func:`gkd.bench.accuracy.evaluate_models`)."""
+    from gkd.bench.accuracy import evaluate_models
 
-    from gkd.kd.checkpoint import load_detector
-    from gkd.kd.data import CocoDetection, load_coco
-    from gkd.kd.engine import make_loader
-    from gkd.kd.evaluation import CocoEvaluator, evaluate_detector
-
-    index = load_coco(val_json, image_root=images)
-    model, _ = load_detector(checkpoint)
-    dataset = CocoDetection(index, train=False, min_size=model.transform.min_size[0],
-                            max_size=model.transform.max_size)
-    ev = CocoEvaluator(index.gt_json, index.category_ids, max_dets)
-    with torch.no_grad():
-        out = {"all": evaluate_detector(model, make_loader(dataset, 8, 0), ev, "cpu")}
-    for name in SUBSETS:
-        out[name] = ev.evaluate(ann_filter=lambda a, n=name: bool((a.get("attributes") or {}).get(n)))
-    return out
+    [result] = evaluate_models([checkpoint], val_json, threads=threads, subsets=SUBSETS,
+                               log=log.debug)["models"].values()
+    return {"all": result["metrics"], **result["subsets"]}
 
 
-# ------------------------------------------------------------------------------------------------ one job
+def _trained(train: Any, run_cfg: Any, val_json: Path, meta: dict[str, Any], progress: bool) -> dict[str, Any]:
+    """A study stage: train (``train``: :func:`gkd.stages.train_teacher` or ``train_student``), then evaluate."""
+    import time as _time
+
+    t0 = _time.perf_counter()
+    record = train(run_cfg, progress)
+    train_s = _time.perf_counter() - t0
+    metrics = evaluate_with_subsets(Path(record["outputs"]["checkpoint"]["path"]), val_json,
+                                    threads=run_cfg.train.threads or 1)
+    return {**record, **meta, "run_dir": str(run_cfg.run_dir), "train_s": round(train_s, 1), "metrics": metrics,
+            "epochs": run_cfg.train.epochs, "steps_per_epoch": run_cfg.train.max_steps_per_epoch}
 
 
-def check_reusable(run_dir: Path, expected: dict[str, Any]) -> None:
-    """Refuse to reuse (resume or take the result of) a study run made with another config.
+def study_student(run_cfg: Any, val_json: Path, meta: dict[str, Any], progress: bool = False) -> dict[str, Any]:
+    """One (method, seed) student of the study, trained and evaluated (runs in a worker process)."""
+    from gkd.stages import train_student
 
-    A study caches every stage by folder; rerunning it after changing the schedule, the seeds' configs or a stage
-    config would otherwise silently mix runs of two designs in one table."""
-    import yaml
-
-    from gkd.kd.config import config_differences
-    from gkd.kd.errors import GkdError
-
-    stored_file = run_dir / "config.yaml"
-    if not stored_file.exists():
-        return
-    # model.num_classes 0 means "from the data": the run stores the count it resolved, which any count matches
-    diffs = [f"{key}={there!r} there, {asked!r} asked"
-             for key, there, asked in config_differences(yaml.safe_load(stored_file.read_text()), expected)
-             if not (key == "model.num_classes" and asked == 0)]
-    if diffs:
-        raise GkdError(f"{run_dir} was made with another config ({'; '.join(diffs[:3])}"
-                       f"{'; ...' if len(diffs) > 3 else ''}): give the study a new name=, or delete that folder")
+    return _trained(train_student, run_cfg, val_json, meta, progress)
 
 
-def _job(spec: dict[str, Any]) -> dict[str, Any]:
-    """Train (or resume) one student and evaluate it; runs in a worker process with one torch thread."""
-    import torch
-
-    torch.set_num_threads(1)
-    from gkd.kd.config import load_config, to_dict
+def _student_runs(cfg: StudyConfig, teacher_ckpt: Path, init_ckpt: Path | None) -> list[tuple[str, Any, dict]]:
+    """``(stage name, resolved run config, meta)`` of every student run: the main grid, then the ablations."""
+    from gkd.kd.config import load_config, merge_dicts
     from gkd.kd.distill.config import DistillRunConfig
-    from gkd.kd.distill.run import run_distillation
-    from gkd.kd.io import atomic_write_json
 
-    cfg = load_config(spec["config"], spec["overrides"], cls=DistillRunConfig)
-    check_reusable(cfg.run_dir, to_dict(cfg))
-    done = cfg.run_dir / "study_result.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    t0 = time.perf_counter()
-    resume = (cfg.run_dir / "checkpoints" / "last.pt").exists()
-    run_distillation(cfg, resume=resume, progress=False)
-    train_s = time.perf_counter() - t0
-    metrics = evaluate_with_subsets(cfg.run_dir / "checkpoints" / "model.pt", cfg.data.path("val"),
-                                    cfg.data.path("images"), cfg.eval.max_dets)
-    result = {**spec["meta"], "run_dir": str(cfg.run_dir), "train_s": round(train_s, 1), "metrics": metrics,
-              "epochs": cfg.train.epochs, "steps_per_epoch": cfg.train.max_steps_per_epoch}
-    atomic_write_json(done, result)
-    return result
-
-
-def _specs(cfg: StudyConfig, teacher_ckpt: Path, init_ckpt: Path | None) -> list[dict[str, Any]]:
-    from gkd.kd.config import flatten_overrides
-
-    base = [f"runs_dir={cfg.run_dir / 'students'}", f"data.root={cfg.data_root}", "train.threads=1",
-            # the study made (or was given) the teacher: its checkpoint records its own architecture
-            f"distill.teacher.checkpoint={teacher_ckpt}", "distill.teacher.arch=null", "distill.teacher.backbone=null",
-            *([f"model.weights={init_ckpt}"] if init_ckpt is not None else []), *flatten_overrides(cfg.student)]
-    specs = []
-    for seed in cfg.seeds:
-        for method in cfg.methods:
-            tag = method.replace("+", "_")
-            specs.append({"config": cfg.student_config,
-                          "overrides": base + [f"name={tag}-s{seed}", f"seed={seed}", f"distill.method={method}"],
-                          "meta": {"kind": "main", "method": method, "seed": seed}})
+    base = merge_dicts({
+        "runs_dir": str(cfg.run_dir / "students"), "data": {"root": cfg.data_root}, "train": {"threads": 1},
+        # the study made (or was given) the teacher: its checkpoint records its own architecture
+        "distill": {"teacher": {"checkpoint": str(teacher_ckpt), "arch": None, "backbone": None}},
+        **({"model": {"weights": str(init_ckpt)}} if init_ckpt is not None else {})}, cfg.student)
+    grid = [(f"{m.replace('+', '_')}-s{seed}", seed, {"distill": {"method": m}},
+             {"kind": "main", "method": m, "seed": seed}) for seed in cfg.seeds for m in cfg.methods]
     for seed in cfg.ablation_seeds:
-        for k in cfg.ablation_prototypes:
-            specs.append({"config": cfg.student_config,
-                          "overrides": base + [f"name=gkd-protos{k}-s{seed}", f"seed={seed}", "distill.method=gkd",
-                                               f"distill.pgm.num_prototypes={k}"],
-                          "meta": {"kind": "ablation", "method": "gkd", "seed": seed, "num_prototypes": k}})
-        for w in cfg.ablation_global_weight:
-            specs.append({"config": cfg.student_config,
-                          "overrides": base + [f"name=gkd-gw{w:g}-s{seed}", f"seed={seed}", "distill.method=gkd",
-                                               f"distill.global_weight={w}"],
-                          "meta": {"kind": "ablation", "method": "gkd", "seed": seed, "global_weight": w}})
-    return specs
+        grid += [(f"gkd-protos{k}-s{seed}", seed, {"distill": {"method": "gkd", "pgm": {"num_prototypes": k}}},
+                  {"kind": "ablation", "method": "gkd", "seed": seed, "num_prototypes": k})
+                 for k in cfg.ablation_prototypes]
+        grid += [(f"gkd-gw{w:g}-s{seed}", seed, {"distill": {"method": "gkd", "global_weight": w}},
+                  {"kind": "ablation", "method": "gkd", "seed": seed, "global_weight": w})
+                 for w in cfg.ablation_global_weight]
+    return [(name, load_config(cfg.student_config, cls=DistillRunConfig, key_prefix="student.",
+                               updates=merge_dicts(base, {**extra, "name": name, "seed": seed})), meta)
+            for name, seed, extra, meta in grid]
 
 
 # ------------------------------------------------------------------------------------------------ the study
 
+#: what a refused stage tells the user (a study never mixes runs of two designs in one table)
+REFUSE_HINT = ": give the study a new name=, or delete that folder"
+
 
 def run_study(cfg: StudyConfig, command: str = "") -> dict[str, Any]:
-    """Data -> teacher -> every (method, seed) student + ablations -> report. Resumable; returns study.json."""
-    from gkd.kd.config import flatten_overrides, load_config, to_dict
-    from gkd.kd.data import generate_synthetic
-    from gkd.kd.errors import GkdError
+    """Data -> teacher -> student initialisation -> every (method, seed) student + ablations -> report.
+
+    The stages are gkd run's (:mod:`gkd.stages`), in ``runs/<name>/manifest.json``: a rerun reuses every stage
+    whose key is unchanged and resumes an interrupted one; a stage whose key changed is refused with a one-line
+    error (a new design gets a new name). Returns study.json."""
+    from gkd.kd.config import load_config, merge_dicts, to_dict
     from gkd.kd.io import atomic_write_json, atomic_write_text
-    from gkd.kd.train import train_detector
+    from gkd.stages import (Job, Manifest, StageRunner, artifact, data_stage, output_sha, train_images,
+                            train_teacher, training_inputs, training_work, with_threads)
 
     t_start = time.perf_counter()
+    root = Path(cfg.data_root)
+    val_json = root / "val.json"
+    fixed = {"runs_dir": str(cfg.run_dir), "data": {"root": cfg.data_root}}
+    tcfg = None if cfg.teacher_checkpoint else load_config(
+        cfg.teacher_config, key_prefix="teacher.", updates=merge_dicts(cfg.teacher, {**fixed, "name": "teacher"}))
+    icfg = None if cfg.student_init_epochs <= 0 else load_config(
+        cfg.student_init_config, key_prefix="student_init.", updates=merge_dicts(cfg.student_init, {
+            **fixed, "name": "student-init",
+            "train": {"epochs": cfg.student_init_epochs, "max_steps_per_epoch": None, "steps": []}}))
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    data_root = Path(cfg.data_root)
-    if not (data_root / "train.json").exists():
-        generate_synthetic(data_root, n_images=cfg.synth_images, seed=cfg.data_seed, image_size=cfg.synth_size,
-                           val_fraction=0.2, progress=True, preset=cfg.synth_preset)
-    tcfg = None
-    if not cfg.teacher_checkpoint:
-        tcfg = load_config(cfg.teacher_config, [f"runs_dir={cfg.run_dir}", "name=teacher",
-                                                f"data.root={cfg.data_root}", *flatten_overrides(cfg.teacher)])
-        check_reusable(tcfg.run_dir, to_dict(tcfg))
-    teacher_file = cfg.run_dir / "teacher_result.json"
-    if not teacher_file.exists():
-        t0 = time.perf_counter()
-        if tcfg is None:
-            ckpt, tconfig = Path(cfg.teacher_checkpoint), None
-        else:
-            log.info("study: training the teacher -> %s", tcfg.run_dir)
-            train_detector(tcfg, resume=(tcfg.run_dir / "checkpoints" / "last.pt").exists())
-            ckpt, tconfig = tcfg.run_dir / "checkpoints" / "model.pt", to_dict(tcfg)
-        metrics = evaluate_with_subsets(ckpt, data_root / "val.json", data_root / "images")
-        atomic_write_json(teacher_file, {"kind": "teacher", "checkpoint": str(ckpt), "config": tconfig,
-                                         "train_s": round(time.perf_counter() - t0, 1), "metrics": metrics})
-    teacher = json.loads(teacher_file.read_text())
-    asked = cfg.teacher_checkpoint or "a teacher trained by the study"
-    if (Path(cfg.teacher_checkpoint) != Path(teacher["checkpoint"]) if cfg.teacher_checkpoint
-            else teacher["config"] is None):
-        raise GkdError(f"{teacher_file} records teacher {teacher['checkpoint']}, but this study asks for {asked}: "
-                       f"give the study a new name=, or delete that file")
-    teacher_ckpt = Path(teacher["checkpoint"])
-    init_ckpt = None
-    if cfg.student_init_epochs > 0:
-        icfg = load_config(cfg.student_init_config, [
-            f"runs_dir={cfg.run_dir}", "name=student-init", f"data.root={cfg.data_root}",
-            f"train.epochs={cfg.student_init_epochs}", "train.max_steps_per_epoch=null", "train.steps=[]",
-            *flatten_overrides(cfg.student_init)])
-        init_ckpt = icfg.run_dir / "checkpoints" / "model.pt"
-        check_reusable(icfg.run_dir, to_dict(icfg))
-        if not (icfg.run_dir / "study_result.json").exists():
-            log.info("study: training the common student initialisation -> %s", icfg.run_dir)
-            t0 = time.perf_counter()
-            train_detector(icfg, resume=(icfg.run_dir / "checkpoints" / "last.pt").exists())
-            metrics = evaluate_with_subsets(init_ckpt, data_root / "val.json", data_root / "images")
-            atomic_write_json(icfg.run_dir / "study_result.json", {
-                "kind": "student_init", "checkpoint": str(init_ckpt), "config": to_dict(icfg),
-                "train_s": round(time.perf_counter() - t0, 1), "metrics": metrics})
-        teacher["student_init"] = json.loads((icfg.run_dir / "study_result.json").read_text())
+    manifest = Manifest(cfg.run_dir / "manifest.json", to_dict(cfg))
+    planned = ["data", "teacher", *(["student-init"] if icfg else [])]  # the students are named once known
+    runner = StageRunner(manifest, planned, on_change="refuse", refuse_hint=REFUSE_HINT)
 
-    specs = _specs(cfg, teacher_ckpt, init_ckpt)
-    log.info("study: %d student runs on %d worker(s)", len(specs), cfg.jobs)
-    results: list[dict[str, Any]] = []
-    if cfg.jobs <= 1:
-        for spec in specs:
-            results.append(_job(spec))
-            log.info("study: finished %s", results[-1]["run_dir"])
+    synth = {"n_images": cfg.synth_images, "seed": cfg.data_seed, "image_size": cfg.synth_size,
+             "val_fraction": 0.2, "preset": cfg.synth_preset}
+    data = runner.run("data", {"data_root": str(root), "synthetic": synth}, lambda: data_stage(root, synth))
+    data_shas = {"train.json": output_sha(data, "train"), "val.json": output_sha(data, "val")}
+    n_train = train_images(root / "train.json")
+    if tcfg is None:
+        path = Path(cfg.teacher_checkpoint)
+        teacher = runner.run("teacher", {"given": artifact(path)}, lambda: {
+            "outputs": {"checkpoint": artifact(path)}, "kind": "teacher", "checkpoint": str(path), "config": None,
+            "train_s": 0.0, "metrics": evaluate_with_subsets(path, val_json, threads=2)})
     else:
-        import multiprocessing as mp
+        teacher = runner.run("teacher", training_inputs(tcfg, data=data_shas), lambda: {
+            **_trained(train_teacher, tcfg, val_json, {"kind": "teacher", "config": to_dict(tcfg)}, True),
+            "checkpoint": str(tcfg.run_dir / "checkpoints" / "model.pt")}, "teacher.", training_work(tcfg, n_train))
+    teacher_ckpt = Path(teacher["outputs"]["checkpoint"]["path"])
+    inputs = {"data": data_shas, "teacher": output_sha(teacher, "checkpoint")}
+    init_ckpt = None
+    teacher = {k: v for k, v in teacher.items() if k not in ("inputs", "command")}
+    if icfg is not None:
+        init = runner.run("student-init", training_inputs(icfg, data=data_shas), lambda: {
+            **_trained(train_teacher, icfg, val_json, {"kind": "student_init", "config": to_dict(icfg)}, True),
+            "checkpoint": str(icfg.run_dir / "checkpoints" / "model.pt")}, "student_init.",
+            training_work(icfg, n_train))
+        init_ckpt = Path(init["outputs"]["checkpoint"]["path"])
+        inputs["init"] = output_sha(init, "checkpoint")
+        teacher["student_init"] = {k: v for k, v in init.items() if k not in ("inputs", "command")}
 
-        with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(_job, spec): spec for spec in specs}
-            for fut in as_completed(futures):
-                results.append(fut.result())
-                log.info("study: finished %s (%d/%d)", results[-1]["run_dir"], len(results), len(specs))
+    students = _student_runs(cfg, teacher_ckpt, init_ckpt)
+    runner.progress.stages += [name for name, _, _ in students]
+    log.info("study: %d student runs on %d worker(s)", len(students), cfg.jobs)
+    records = runner.run_parallel(
+        [Job(name, training_inputs(run_cfg, **inputs), study_student, (run_cfg, val_json, meta), "student.",
+             training_work(run_cfg, n_train), threads=lambda n, c=run_cfg, m=meta: (with_threads(c, n), val_json, m))
+         for name, run_cfg, meta in students], cfg.jobs, threads=1)
+    runner.flush()
+    results = [{k: v for k, v in r.items() if k not in ("inputs", "command")} for r in records.values()]
     wall = time.perf_counter() - t_start
-    study = {"format": "gkd-study", "version": 1, "command": command, "config": to_dict(cfg),
-             "machine": _machine(), "wall_s": round(wall, 1), "teacher": teacher, "runs": results}
+    study = {"format": "gkd-study", "version": 2, "command": command, "config": to_dict(cfg),
+             "machine": _machine(), "wall_s": round(wall, 1), "teacher": teacher, "runs": results,
+             "invocation": [dataclasses.asdict(o) for o in runner.outcomes]}
     atomic_write_json(cfg.run_dir / "study.json", study)
     atomic_write_text(cfg.report, render_report(study))
     return study
@@ -285,7 +234,7 @@ def run_study(cfg: StudyConfig, command: str = "") -> dict[str, Any]:
 def _machine() -> dict[str, Any]:
     import torch
 
-    from .stamp import cpu_name
+    from gkd.bench.stamp import cpu_name
 
     return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "cpus": os.cpu_count(), "processor": cpu_name(),

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from gkd.bench.study import render_report, summarize
+from gkd.study import render_report, summarize
 from gkd.cli import main
 
 
@@ -90,7 +90,7 @@ def test_micro_study_end_to_end(tmp_path, capsys):
 def test_quick_preset_and_default_stage_configs_are_valid():
     """The presets name real keys, and the study's stage configs load and agree on the model (teacher, init and
     students share the architecture: the teacher is stronger because it trains longer)."""
-    from gkd.bench.study import QUICK_OVERRIDES, StudyConfig
+    from gkd.study import QUICK_OVERRIDES, StudyConfig
     from gkd.kd.config import load_config
     from gkd.kd.distill.config import DistillRunConfig
 
