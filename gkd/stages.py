@@ -19,6 +19,7 @@ its share of the cores, recording each one as it finishes.
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import hashlib
 import json
@@ -34,11 +35,16 @@ from typing import Any, Callable
 
 __all__ = ["UNKEYED", "Job", "Manifest", "Outcome", "Progress", "StageRunner", "artifact", "content_key",
            "data_stage", "format_seconds", "free_cores", "output_sha", "train_images", "train_student",
-           "train_teacher", "training_inputs", "training_work", "versions", "with_threads"]
+           "train_teacher", "train_teacher_processes", "training_inputs", "training_work", "versions",
+           "with_threads"]
 
 log = logging.getLogger("gkd")
 #: config keys that do not change a training stage's result (they are left out of its key)
 UNKEYED = ("train.threads", "data.num_workers", "train.dist_timeout_s")
+#: the key of the stage running in this process (a training stage resumes only a run of the same key)
+_STAGE_KEY: contextvars.ContextVar[str] = contextvars.ContextVar("gkd_stage_key", default="")
+#: the file in a training stage's run folder that names the stage key it was started for
+KEY_FILE = "stage_key.txt"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -280,7 +286,11 @@ class StageRunner:
             return job.old
         self._started(job, work)
         t0 = time.perf_counter()
-        info = fn()
+        token = _STAGE_KEY.set(job.key)
+        try:
+            info = fn()
+        finally:
+            _STAGE_KEY.reset(token)
         return self._finished(job, info, time.perf_counter() - t0)
 
     def run_parallel(self, jobs: list[Job], workers: int, threads: int = 1) -> dict[str, dict[str, Any]]:
@@ -298,7 +308,12 @@ class StageRunner:
             for pending, job in todo:
                 self._started(pending, job.work)
                 t0 = time.perf_counter()
-                records[pending.stage] = self._finished(pending, job.fn(*job.args), time.perf_counter() - t0)
+                token = _STAGE_KEY.set(pending.key)
+                try:
+                    info = job.fn(*job.args)
+                finally:
+                    _STAGE_KEY.reset(token)
+                records[pending.stage] = self._finished(pending, info, time.perf_counter() - t0)
             return {j.stage: records[j.stage] for j in jobs}
         import multiprocessing
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -312,7 +327,7 @@ class StageRunner:
                     pending, job = queue.pop(0)
                     args = job.threads(threads) if job.threads else job.args
                     self._started(pending, job.work, f"; side by side, {workers} at a time, {threads} thread(s) each")
-                    future = pool.submit(_in_worker, job.fn, args, pending.stage)
+                    future = pool.submit(_in_worker, job.fn, args, pending.stage, pending.key)
                     running[future] = (pending, time.perf_counter())
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in finished:
@@ -345,9 +360,10 @@ def free_cores() -> int:
     return auto_threads(window_s=0.5)[0]
 
 
-def _in_worker(fn: Callable[..., dict[str, Any]], args: tuple, tag: str) -> dict[str, Any]:
+def _in_worker(fn: Callable[..., dict[str, Any]], args: tuple, tag: str, key: str) -> dict[str, Any]:
     for handler in logging.getLogger("gkd").handlers:  # this stage's lines, told apart from the other's
         handler.setFormatter(logging.Formatter(f"gkd [{tag}]: %(message)s"))
+    _STAGE_KEY.set(key)
     return fn(*args)
 
 
@@ -411,14 +427,18 @@ def train_images(train_json: Path) -> int | None:
         return None
 
 
-def training_work(run_cfg, n_images: int | None) -> str:
-    """``"3 epochs x 80 steps of 8 images"`` (the steps per epoch capped by ``max_steps_per_epoch``)."""
+def training_work(run_cfg, n_images: int | None, processes: int = 1) -> str:
+    """``"3 epochs x 80 steps of 8 images"`` (the steps per epoch capped by ``max_steps_per_epoch``; with
+    ``processes``, ``batch_size`` is per process: ``"... of 2 x 4 images, 2 processes x 1 thread"``)."""
     if n_images is None:
         return ""
-    per_epoch = math.ceil(n_images / run_cfg.train.batch_size)
+    batch = run_cfg.train.batch_size * processes
+    per_epoch = math.ceil(n_images / batch)
     if run_cfg.train.max_steps_per_epoch:
         per_epoch = min(per_epoch, run_cfg.train.max_steps_per_epoch)
-    return f"{run_cfg.train.epochs} epochs x {per_epoch} steps of {run_cfg.train.batch_size} images"
+    of = f"{batch} images" if processes == 1 else (f"{processes} x {run_cfg.train.batch_size} images, "
+                                                   f"{processes} processes x 1 thread")
+    return f"{run_cfg.train.epochs} epochs x {per_epoch} steps of {of}"
 
 
 def training_inputs(run_cfg, **inputs: Any) -> dict[str, Any]:
@@ -438,16 +458,24 @@ def with_threads(run_cfg, threads: int):
 
 
 def _prepare_run_dir(run_cfg) -> bool:
-    """Whether the stage's run folder holds an interrupted run of exactly this config (then resume it).
+    """Whether the stage's run folder holds an interrupted run of exactly this stage (then resume it).
 
-    A folder made with another config (or without a finished epoch) belongs to a superseded result of this same
-    stage: it is removed, so that the stage starts clean.
+    Exactly this stage: started for the same stage key (:data:`KEY_FILE`: the same config *and* inputs, e.g. the
+    same teacher file; a run of the same config beside another teacher is another stage) and of the same config.
+    Anything else in the folder (another key, or no finished epoch) belongs to a superseded result of this same
+    stage: it is removed, so that the stage starts clean, and the folder is marked with the key it now runs for.
     """
     from gkd.kd.checkpoint import load_checkpoint
     from gkd.kd.config import config_differences, to_dict
+    from gkd.kd.io import atomic_write_text
 
+    key = _STAGE_KEY.get()
     last = run_cfg.run_dir / "checkpoints" / "last.pt"
-    if last.is_file():
+    marked = run_cfg.run_dir / KEY_FILE
+    started_for = marked.read_text().strip() if marked.is_file() else None
+    if last.is_file() and key and started_for != key:
+        log.info("removing %s: made for another stage key (its inputs changed)", run_cfg.run_dir)
+    elif last.is_file():
         saved = load_checkpoint(last).get("config", {})
         wanted = to_dict(run_cfg)
         if not wanted["model"]["num_classes"]:  # 0 = the dataset's class count, which the run recorded
@@ -459,6 +487,8 @@ def _prepare_run_dir(run_cfg) -> bool:
         log.info("removing %s: made with another config (%s)", run_cfg.run_dir, ", ".join(diffs[:3]))
     if run_cfg.run_dir.exists():
         shutil.rmtree(run_cfg.run_dir)
+    if key:
+        atomic_write_text(marked, key + "\n")
     return False
 
 
@@ -472,6 +502,46 @@ def train_teacher(run_cfg, progress: bool = True) -> dict[str, Any]:
     from gkd.kd.train import train_detector
 
     return _training_result(run_cfg, train_detector(run_cfg, resume=_prepare_run_dir(run_cfg), progress=progress))
+
+
+def train_teacher_processes(run_cfg, processes: int) -> dict[str, Any]:
+    """:func:`train_teacher` in ``processes`` local processes of one thread each (torchrun, Gloo on a CPU), or in
+    this process when ``processes`` is 1. ``run_cfg.train.batch_size`` is per process.
+
+    Why: on a 2-core CPU two 1-thread processes get ~20% more training through than one 2-thread process (measured:
+    40 steps of 8 images in 32.6 s against 40.1 s, the teacher recipe). The resolved config travels as a YAML file
+    (written, never rebuilt from ``key=value`` text); the child job is ended with this process."""
+    if processes <= 1:
+        return train_teacher(run_cfg)
+    import signal
+    import subprocess
+
+    from gkd.kd.config import dump_config
+    from gkd.kd.distributed import torchrun_command
+    from gkd.kd.errors import GkdError
+
+    resume = _prepare_run_dir(run_cfg)
+    run_cfg = with_threads(run_cfg, 1)
+    spec = run_cfg.run_dir.parent / f".{run_cfg.name}.resolved.yaml"
+    dump_config(run_cfg, spec)
+    argv = torchrun_command(processes, ["train", str(spec), *(["--resume"] if resume else [])])
+    log.info("%s: %d processes x 1 thread: %s", run_cfg.name, processes, " ".join(argv))
+
+    def die_with_parent() -> None:  # Linux: torchrun (and so its workers) ends when this process does
+        import ctypes
+
+        try:
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+    rc = subprocess.call(argv, preexec_fn=die_with_parent)
+    if rc != 0:
+        raise GkdError(f"{run_cfg.name}: the {processes}-process training exited with status {rc} (its errors are "
+                       f"above; the log is {run_cfg.run_dir / 'log.txt'})")
+    spec.unlink(missing_ok=True)
+    lines = (run_cfg.run_dir / "metrics.jsonl").read_text().splitlines()
+    return _training_result(run_cfg, json.loads(lines[-1]) if lines else {})  # the last epoch's record
 
 
 def train_student(run_cfg, progress: bool = True) -> dict[str, Any]:

@@ -23,8 +23,9 @@ TINY_MODEL = {"backbone": "resnet18", "min_size": 64, "max_size": 64, "anchor_si
 TINY_TRAIN = {"batch_size": 2, "warmup_iters": 0, "lr": 0.002, "threads": TEST_THREADS, "max_steps_per_epoch": 2}
 TINY = {
     "synth_images": 12, "synth_size": 64, "precisions": ["fp32"], "bench_iterations": 2, "bench_images": 2,
-    # one process (the kill test patches a step in it); test_students_side_by_side_* runs the default
-    "side_by_side": False,
+    # one process (the kill test patches a step in it); test_students_side_by_side_* and
+    # test_teacher_in_two_processes_* run the defaults
+    "side_by_side": False, "teacher_processes": 1,
     "teacher": {"model": TINY_MODEL, "train": {**TINY_TRAIN, "epochs": 1}, "eval": {"batch_size": 4}},
     "student": {"model": TINY_MODEL, "train": {**TINY_TRAIN, "epochs": 2}, "eval": {"batch_size": 4},
                 "distill": {"pgm": {"num_prototypes": 2, "min_box_size": 4, "max_images_per_class": 4,
@@ -136,6 +137,28 @@ def test_students_side_by_side_get_the_weights_of_one_after_the_other(first_run,
         b = load_checkpoint(both["stages"][stage]["outputs"]["checkpoint"]["path"])["model"]
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stage
         assert both["stages"][stage]["metrics"] == first_run["stages"][stage]["metrics"]
+
+
+def test_teacher_in_two_processes_is_recorded_and_reused(world):
+    """teacher_processes=2 (the default): the teacher stage runs under torchrun (2 x 1 thread, the batch split),
+    records its checkpoint and metrics like a one-process stage, and a rerun reuses it; the process count is keyed."""
+    cfg = config(world, "ddp", "teacher_processes=2", "precisions=[]", "baseline=false")
+    first = run_pipeline(cfg)
+    record = first["stages"]["teacher"]
+    assert record["inputs"]["processes"] == 2 and record["inputs"]["config"]["train"]["batch_size"] == 1
+    assert load_checkpoint(record["outputs"]["checkpoint"]["path"])["model"]
+    assert "val/bbox_mAP" in record["metrics"]
+    log = (cfg.run_dir / "teacher" / "log.txt").read_text()
+    assert "2 process(es) x batch 1 = global batch 2" in log
+    again = run_pipeline(cfg)
+    assert actions(again)["teacher"] == ("reused", "unchanged")
+    one = run_pipeline(config(world, "ddp", "teacher_processes=1", "precisions=[]", "baseline=false"))
+    action, reason = actions(one)["teacher"]
+    assert action == "ran" and reason.startswith("changed: teacher.train.batch_size 1 -> 2")
+    # the student's config did not change, its teacher did: it trains again from scratch (its finished run of the
+    # same config beside the old teacher is another stage, never "resumed")
+    assert actions(one)["distill"] == ("ran", "changed: input 'teacher'")
+    assert "resuming" not in (cfg.run_dir / "distill" / "log.txt").read_text()
 
 
 def test_quick_preset_resolves_to_the_quick_world():
