@@ -210,14 +210,41 @@ def _bench_models(teacher_ckpt: Path, students: dict[str, tuple[Path, dict]]) ->
     return models
 
 
-def _bench_stage(cfg: PipelineConfig, models: list[tuple[str, Path, str]]) -> dict[str, Any]:
-    """Latency (round-robin, side by side) and val mAP of the teacher, both students and their exports."""
+def _eval_stage(cfg: PipelineConfig, models: list[tuple[str, Path]], name: str) -> dict[str, Any]:
+    """Val mAP of ``(group, path)`` models (overall, per class, on the hard subsets): ``runs/<name>/bench/
+    accuracy-<name>.json``. A model outside the data's label space (a given COCO teacher) is skipped with why."""
+    from gkd.bench.accuracy import evaluate_models
+    from gkd.kd.errors import GkdError
+    from gkd.kd.io import atomic_write_json
+
+    val = Path(cfg.data_root) / "val.json"
+    subsets = HARD_SUBSETS if _has_attributes(val) else ()
+    import torch
+
+    threads = torch.get_num_threads()  # 1 beside a training student, both cores otherwise
+    try:
+        acc = evaluate_models([p for _, p in models], val, groups=[g for g, _ in models], threads=threads,
+                              subsets=subsets, log=log.info)
+    except GkdError as exc:
+        if name != "teacher":
+            raise
+        acc = {"models": {}, "skipped": {"teacher": str(exc)}}
+        log.info("teacher: not evaluated on %s (%s)", val, exc)
+    for r in acc["models"].values():
+        r.pop("detections", None)  # ~100 boxes per image per model: `gkd eval` writes them when asked
+    out = cfg.run_dir / "bench" / f"accuracy-{name}.json"
+    atomic_write_json(out, acc)
+    return {"outputs": {"accuracy": artifact(out)}, "models": acc["models"], "skipped": acc["skipped"]}
+
+
+def _bench_stage(cfg: PipelineConfig, models: list[tuple[str, Path, str]], evals: list[dict]) -> dict[str, Any]:
+    """Latency (round-robin, side by side) of the teacher, both students and their exports; val mAP of the exports
+    not evaluated yet (``evals``: the eval-* stages' records, run while a student still trained)."""
     from gkd.bench.accuracy import evaluate_models
     from gkd.bench.artifacts import ModelSpec, model_kind
     from gkd.bench.harness import TimingPolicy
     from gkd.bench.latency import benchmark_models
     from gkd.export.manifest import parity_verdict
-    from gkd.kd.errors import GkdError
     from gkd.kd.io import atomic_write_json
 
     out = cfg.run_dir / "bench"
@@ -236,19 +263,19 @@ def _bench_stage(cfg: PipelineConfig, models: list[tuple[str, Path, str]]) -> di
                            policy=TimingPolicy.fixed(5, cfg.bench_iterations), latency_images=cfg.bench_images,
                            groups=[g for g, _ in timed], log=log.info)
     lat["skipped"].update(skipped)
-    subsets = HARD_SUBSETS if _has_attributes(val) else ()
-    exports = [(g, p) for g, p, _ in models if model_kind(p) == "onnx"]
-    acc = evaluate_models([p for _, p in exports], val, groups=[g for g, _ in exports], threads=ACCURACY_THREADS,
-                          subsets=subsets, log=log.info)
-    try:  # the teacher too, when it speaks the data's label space (a given COCO teacher may not)
-        acc["models"].update(evaluate_models([models[0][1]], val, groups=["teacher"], threads=ACCURACY_THREADS,
-                                             subsets=subsets, log=log.info)["models"])
-    except GkdError as exc:
-        acc["skipped"]["teacher"] = str(exc)
-        log.info("teacher: not evaluated on %s (%s)", val, exc)
+    evaluated = {r["path"] for e in evals for r in e["models"].values()}
+    exports = [(g, p) for g, p, _ in models if model_kind(p) == "onnx" and str(p) not in evaluated]
+    acc = {"models": {}, "skipped": {}}
+    if exports:
+        acc = evaluate_models([p for _, p in exports], val, groups=[g for g, _ in exports],
+                              threads=ACCURACY_THREADS, subsets=HARD_SUBSETS if _has_attributes(val) else (),
+                              log=log.info)
+        for r in acc["models"].values():
+            r.pop("detections", None)
+    for e in evals:  # one table of every model's accuracy, whichever stage scored it
+        acc["models"].update(e["models"])
+        acc["skipped"].update(e["skipped"])
     atomic_write_json(out / "latency.json", lat)
-    for r in acc["models"].values():
-        r.pop("detections", None)  # ~100 boxes per image per model: `gkd eval` writes them when asked
     atomic_write_json(out / "accuracy.json", acc)
     runners: dict[str, dict[str, Any]] = {}
     for name, r in lat["runners"].items():
@@ -308,7 +335,8 @@ def _run_stages(cfg: PipelineConfig, stage_cfgs: StageConfigs) -> dict[str, Any]
     manifest = Manifest(cfg.run_dir / "manifest.json", to_dict(cfg))
     planned = ["data", "teacher", "distill"] + (["baseline"] if cfg.baseline else [])
     if cfg.precisions:
-        planned += ["export"] + (["export-baseline"] if cfg.baseline else []) + (["bench"] if cfg.bench else [])
+        planned += ["export"] + (["export-baseline"] if cfg.baseline else [])
+        planned += (["eval-teacher"] + (["eval-baseline"] if cfg.baseline else []) + ["bench"]) if cfg.bench else []
     runner = StageRunner(manifest, planned)
     stage = runner.run
 
@@ -329,31 +357,63 @@ def _run_stages(cfg: PipelineConfig, stage_cfgs: StageConfigs) -> dict[str, Any]
     students = [("distill", stage_cfgs.distill)] + ([("baseline", stage_cfgs.baseline)] if cfg.baseline else [])
     # side by side: two processes of one thread each when two cores are free (progress bars only when sequential)
     workers = len(students) if cfg.side_by_side and len(students) > 1 and free_cores() >= len(students) else 1
+    teacher_ckpt = Path(teacher["outputs"]["checkpoint"]["path"])
+    followed: dict[str, dict[str, Any]] = {}  # this invocation's export / eval stage records
+
+    def follow_up(name: str, record: dict[str, Any]) -> None:
+        """What a trained student's result lets run: its export, then the accuracy of its exports (the baseline's)
+        and of the teacher. Run while the other student still trains (one thread: that core is free)."""
+        if not cfg.precisions:
+            return
+        group = STUDENTS[name]
+        folder = "export" if group == "distilled" else "export-baseline"
+        ckpt = Path(record["outputs"]["checkpoint"]["path"])
+        export_inputs = {"config": {"precisions": list(cfg.precisions), "seed": cfg.seed},
+                         "student": output_sha(record, "checkpoint"), "data": data_shas}
+        followed[folder] = stage(folder, export_inputs, lambda: _export_stage(
+            cfg, ckpt, cfg.run_dir / folder, rtx_check=folder == "export"))
+        if not cfg.bench:
+            return
+        if "eval-teacher" not in followed:
+            followed["eval-teacher"] = stage("eval-teacher", {"teacher": teacher_sha, "data": data_shas},
+                                             lambda: _eval_stage(cfg, [("teacher", teacher_ckpt)], "teacher"))
+        if group == "baseline":
+            files = followed[folder]["outputs"]["files"]
+            followed["eval-baseline"] = stage(
+                "eval-baseline", {"exports": {p: f["onnx"]["sha256"] for p, f in files.items()}, "data": data_shas},
+                lambda: _eval_stage(cfg, [(group, Path(f["onnx"]["path"])) for f in files.values()], group))
+
+    def beside_training(name: str, record: dict[str, Any]) -> None:
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            follow_up(name, record)
+        finally:
+            torch.set_num_threads(before)
+
     runner.run_parallel([Job(name, training_inputs(run_cfg, data=data_shas, teacher=teacher_sha), train_student,
                              (run_cfg,), "student.", training_work(run_cfg, n_train),
                              threads=lambda n, run_cfg=run_cfg: (with_threads(run_cfg, n), False))
-                         for name, run_cfg in students], workers)
+                         for name, run_cfg in students], workers, then=beside_training)
     trained = {STUDENTS[name]: manifest.stages[name] for name, _ in students}
-    if cfg.precisions:
-        exported = {}
-        for group, record in trained.items():
-            ckpt = Path(record["outputs"]["checkpoint"]["path"])
-            folder = "export" if group == "distilled" else "export-baseline"
-            export_inputs = {"config": {"precisions": list(cfg.precisions), "seed": cfg.seed},
-                             "student": output_sha(record, "checkpoint"), "data": data_shas}
-            exported[group] = stage(folder, export_inputs, lambda ckpt=ckpt, folder=folder: _export_stage(
-                cfg, ckpt, cfg.run_dir / folder, rtx_check=folder == "export"))
-        if cfg.bench:
-            models = _bench_models(Path(teacher["outputs"]["checkpoint"]["path"]),
-                                   {g: (Path(trained[g]["outputs"]["checkpoint"]["path"]), exported[g])
-                                    for g in trained})
-            bench_inputs = {"config": {"bench_iterations": cfg.bench_iterations, "bench_images": cfg.bench_images},
-                                            "teacher": teacher_sha,
-                            "student": {g: output_sha(r, "checkpoint") for g, r in trained.items()},
-                            "exports": {f"{g}/{p}": f["onnx"]["sha256"] for g, e in exported.items()
-                                        for p, f in e["outputs"]["files"].items()}, "data": data_shas}
-            stage("bench", bench_inputs, lambda: _bench_stage(cfg, models))
-    manifest.data["invocation"] = [dataclasses.asdict(o) for o in runner.outcomes]
+    for name, _ in students:  # what did not run beside the other student's training
+        if ("export" if name == "distill" else "export-baseline") not in followed:
+            follow_up(name, manifest.stages[name])
+    if cfg.precisions and cfg.bench:
+        exported = {g: followed["export" if g == "distilled" else "export-baseline"] for g in trained}
+        models = _bench_models(teacher_ckpt, {g: (Path(trained[g]["outputs"]["checkpoint"]["path"]), exported[g])
+                                              for g in trained})
+        evals = [followed[s] for s in ("eval-teacher", "eval-baseline") if s in followed]
+        bench_inputs = {"config": {"bench_iterations": cfg.bench_iterations, "bench_images": cfg.bench_images},
+                        "teacher": teacher_sha,
+                        "student": {g: output_sha(r, "checkpoint") for g, r in trained.items()},
+                        "exports": {f"{g}/{p}": f["onnx"]["sha256"] for g, e in exported.items()
+                                    for p, f in e["outputs"]["files"].items()},
+                        "evals": [output_sha(e, "accuracy") for e in evals], "data": data_shas}
+        stage("bench", bench_inputs, lambda: _bench_stage(cfg, models, evals))
+    manifest.data["invocation"] = runner.invocation()
     manifest.data["gate"] = accuracy_gate(manifest.stages.get("bench") if cfg.precisions and cfg.bench else None,
                                           cfg.gate_min_ratio)
     manifest.data["plots"] = write_plots(manifest.data, cfg.run_dir) if cfg.plots else {}

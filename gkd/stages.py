@@ -250,6 +250,11 @@ class StageRunner:
         self.refuse_hint = refuse_hint
         self._held: list[str] = []
 
+    def invocation(self) -> list[dict[str, Any]]:
+        """What each stage did in this invocation, in the planned order (side-by-side stages end in any order)."""
+        order = {name: i for i, name in enumerate(self.progress.stages)}
+        return [dataclasses.asdict(o) for o in sorted(self.outcomes, key=lambda o: order.get(o.stage, len(order)))]
+
     def flush(self) -> None:
         """Print the held "reused" lines (a refusing runner prints them when a stage starts, or at the end)."""
         for line in self._held:
@@ -293,10 +298,14 @@ class StageRunner:
             _STAGE_KEY.reset(token)
         return self._finished(job, info, time.perf_counter() - t0)
 
-    def run_parallel(self, jobs: list[Job], workers: int, threads: int = 1) -> dict[str, dict[str, Any]]:
+    def run_parallel(self, jobs: list[Job], workers: int, threads: int = 1,
+                     then: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, dict[str, Any]]:
         """Reuse or run independent stages, ``workers`` at a time in spawned processes of ``threads`` threads each
         (one after the other in this process, with ``args`` as given, when ``workers`` < 2 or only one must run). Every key is checked before any stage starts; each
         stage is recorded as it finishes, so a run killed meanwhile keeps the finished ones.
+
+        ``then(stage, record)`` runs in this process when a stage finishes while others still run (work that
+        needs its result and a free core, e.g. exporting a student while the other one trains).
 
         Returns:
             ``{stage: record}`` for every job, in the order given.
@@ -333,6 +342,8 @@ class StageRunner:
                 for future in finished:
                     pending, t0 = running.pop(future)
                     records[pending.stage] = self._finished(pending, future.result(), time.perf_counter() - t0)
+                    if then is not None and (running or queue):
+                        then(pending.stage, records[pending.stage])
         return {j.stage: records[j.stage] for j in jobs}
 
     def _started(self, job: _Pending, work: str, note: str = "") -> None:

@@ -13,7 +13,6 @@ an interrupted one resumes from its last epoch, so a killed study loses at most 
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -225,7 +224,7 @@ def run_study(cfg: StudyConfig, command: str = "") -> dict[str, Any]:
     wall = time.perf_counter() - t_start
     study = {"format": "gkd-study", "version": 2, "command": command, "config": to_dict(cfg),
              "machine": _machine(), "wall_s": round(wall, 1), "teacher": teacher, "runs": results,
-             "invocation": [dataclasses.asdict(o) for o in runner.outcomes]}
+             "invocation": runner.invocation()}
     atomic_write_json(cfg.run_dir / "study.json", study)
     atomic_write_text(cfg.report, render_report(study))
     return study

@@ -31,7 +31,7 @@ TINY = {
                 "distill": {"pgm": {"num_prototypes": 2, "min_box_size": 4, "max_images_per_class": 4,
                                     "batch_size": 4}}},
 }
-STAGES = ["data", "teacher", "distill", "baseline", "export", "export-baseline", "bench"]
+STAGES = ["data", "teacher", "distill", "baseline", "export", "export-baseline", "eval-teacher", "eval-baseline", "bench"]
 
 
 class Killed(KeyboardInterrupt):
