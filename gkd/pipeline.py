@@ -444,12 +444,16 @@ def run(config: Path | None, overrides: tuple[str, ...], quick: bool) -> None:
     \b
     Stages, each recorded in runs/<name>/manifest.json:
       data             generate the synthetic dataset in data_root (if it has no train.json)
-      teacher          train the teacher, its own seed (or teacher_checkpoint=PATH) -> runs/<name>/teacher/
+      teacher          train the teacher, its own seed, in teacher_processes=2 processes (or
+                       teacher_checkpoint=PATH)                             -> runs/<name>/teacher/
       distill          distill the student with global knowledge            -> runs/<name>/distill/
-      baseline         the same student without distillation (baseline=false: skip) -> runs/<name>/baseline/
+      baseline         the same student without distillation (baseline=false: skip), trained at the same time
+                       in a second process (side_by_side=false: after it)   -> runs/<name>/baseline/
       export           the distilled student: ONNX FP32/FP16/INT8, parity   -> runs/<name>/export/
       export-baseline  the baseline student, the same way                   -> runs/<name>/export-baseline/
-      bench            latency side by side (teacher, students, exports) and val mAP of every export
+      eval-teacher, eval-baseline   val mAP of the teacher and of the baseline's exports (on the free core
+                       while the distilled student trains)                  -> runs/<name>/bench/
+      bench            latency side by side (teacher, students, exports) and val mAP of the distilled exports
     The report (runs/<name>/report.md, report.json, PNG plots) opens with the deployment table: per precision,
     the baseline's and the distilled student's mAP on their exported files, the gain, p50/p90 latency. The
     accuracy gate (gate_min_ratio, default 0.99: the shipped student's INT8 mAP >= 99% of its FP32 mAP, and
