@@ -54,8 +54,9 @@ class PipelineConfig:
     teacher_seed: int = 1
     #: the teacher trains in this many local processes of one thread each (torchrun, Gloo on a CPU; its
     #: ``train.batch_size`` is split between them, the global batch stays): measured 20% faster than one 2-thread
-    #: process on a 2-core CPU. 1: one process (its threads chosen by ``train.threads``)
-    teacher_processes: int = 2
+    #: process over 40 steps on a 2-core CPU, within the noise over a whole run. 1: one process (its threads chosen
+    #: by ``train.threads``). 0 (the default): 2 on a machine with at least 2 cores, else 1
+    teacher_processes: int = 0
     #: also train the student without distillation (same schedule, data order and seed) and export it, so that the
     #: report says what distillation bought at each deployed precision
     baseline: bool = True
@@ -76,7 +77,7 @@ class PipelineConfig:
     gate_min_ratio: float = 0.99
 
     RANGES: ClassVar[dict] = {"gate_min_ratio": ((">=", 0), ("<=", 10)), "synth_images": ((">=", 2),),
-                              "teacher_processes": ((">=", 1),),
+                              "teacher_processes": ((">=", 0),),
                               "bench_iterations": ((">=", 1),), "bench_images": ((">=", 1),)}
 
     @property
@@ -120,6 +121,14 @@ def _stage_updates(cfg: PipelineConfig, stage: str, section: dict, prefix: str) 
     return merge_dicts(fixed, section)
 
 
+def teacher_processes(cfg: PipelineConfig) -> int:
+    """``teacher_processes``, with 0 (auto) resolved from this machine's cores (not their momentary load: the count
+    is part of the teacher's key, and a resumed run needs the same one)."""
+    from gkd.kd.cpu_share import available_cores
+
+    return cfg.teacher_processes or min(2, available_cores())
+
+
 def _split_batch(run_cfg, processes: int):
     """The teacher's config per process: ``train.batch_size`` split between ``processes`` (the global batch, and so
     the lr's meaning, stay the config's), one thread each."""
@@ -144,7 +153,7 @@ def resolve_stage_configs(cfg: PipelineConfig) -> StageConfigs:
     if not cfg.teacher_checkpoint:
         teacher = _split_batch(load_config(cfg.teacher_config, cls=RunConfig, key_prefix="teacher.",
                                            updates=_stage_updates(cfg, "teacher", cfg.teacher, "teacher.")),
-                               cfg.teacher_processes)
+                               teacher_processes(cfg))
     teacher_ckpt = cfg.teacher_checkpoint or str(cfg.run_dir / "teacher" / "checkpoints" / "model.pt")
     # a teacher trained here is a gkd checkpoint that names its own architecture
     declared = {} if cfg.teacher_checkpoint else {"arch": None, "backbone": None}
@@ -349,7 +358,7 @@ def _run_stages(cfg: PipelineConfig, stage_cfgs: StageConfigs) -> dict[str, Any]
         teacher = stage("teacher", {"given": artifact(path)}, lambda: {"outputs": {"checkpoint": artifact(path)},
                                                                        "metrics": {}})
     else:
-        procs = cfg.teacher_processes
+        procs = teacher_processes(cfg)
         work = training_work(stage_cfgs.teacher, n_train, processes=procs)
         teacher = stage("teacher", {**training_inputs(stage_cfgs.teacher, data=data_shas), "processes": procs},
                         lambda: train_teacher_processes(stage_cfgs.teacher, procs), "teacher.", work)
@@ -444,7 +453,7 @@ def run(config: Path | None, overrides: tuple[str, ...], quick: bool) -> None:
     \b
     Stages, each recorded in runs/<name>/manifest.json:
       data             generate the synthetic dataset in data_root (if it has no train.json)
-      teacher          train the teacher, its own seed, in teacher_processes=2 processes (or
+      teacher          train the teacher, its own seed, in 2 processes where 2 cores exist (or
                        teacher_checkpoint=PATH)                             -> runs/<name>/teacher/
       distill          distill the student with global knowledge            -> runs/<name>/distill/
       baseline         the same student without distillation (baseline=false: skip), trained at the same time

@@ -161,6 +161,20 @@ def test_teacher_in_two_processes_is_recorded_and_reused(world):
     assert "resuming" not in (cfg.run_dir / "distill" / "log.txt").read_text()
 
 
+def test_teacher_processes_auto_follows_the_cores(monkeypatch):
+    """teacher_processes=0 (the default): 2 processes where the machine has 2 or more cores, 1 on one core (the
+    batch is split only then); an explicit count is kept."""
+    import gkd.kd.cpu_share as cpu_share
+    from gkd.pipeline import resolve_stage_configs, teacher_processes
+
+    for cores, want in ((1, 1), (2, 2), (16, 2)):
+        monkeypatch.setattr(cpu_share, "available_cores", lambda cores=cores: cores)
+        cfg = load_pipeline_config(None, [])
+        assert teacher_processes(cfg) == want
+        assert resolve_stage_configs(cfg).teacher.train.batch_size == 8 // want
+    assert teacher_processes(load_pipeline_config(None, ["teacher_processes=3"])) == 3
+
+
 def test_quick_preset_resolves_to_the_quick_world():
     """``gkd run --quick``: its keys are real, its stage configs resolve, and every model trains on the quick world
     at its size (the students keep the default recipe's architecture)."""
