@@ -55,7 +55,9 @@ class StudyConfig:
 
     name: str = "study"
     runs_dir: str = "runs"
-    data_root: str = "data/synth"
+    #: its own folder: gkd run's data/synth holds another world (clean, 1000 images), and a folder that holds a
+    #: dataset is used as it is
+    data_root: str = "data/study"
     synth_images: int = 800
     synth_size: int = 160
     #: the study's designs so far ran on the first (cluttered) world; kept so that their numbers reproduce
