@@ -56,8 +56,14 @@ def test_ort_matches_pytorch_at_three_sizes(exported, trained, rect_data, arch):
     with OrtRunner(exported[arch]["fp32"]) as runner:
         out = collect_outputs(runner, sized)
     assert sum(len(o["scores"]) for o in ref) > 0, "the tiny model must detect something for parity to mean anything"
-    rep = compare_outputs(ref, out, DEFAULT_TOLERANCES["fp32"].replace(score_floor=0.05))
-    assert rep["detection"]["recall"] == 1.0 and rep["detection"]["extra"] == 0, rep["detection"]
+    # Detection level down to score 0.05: every detection has its twin (same label, IoU >= 0.5), none extra.
+    low = compare_outputs(ref, out, DEFAULT_TOLERANCES["fp32"].replace(score_floor=0.05))
+    assert low["detection"]["recall"] == 1.0 and low["detection"]["extra"] == 0, low["detection"]
+    # Tensor level at the product's FP32 floor (0.3). Below it a box can come from another RPN proposal: 1e-6
+    # differences in the convolutions flip near-tied proposals in the RPN's top-k / NMS. Seen on an Intel Xeon with
+    # ATEN_CPU_CAPABILITY=default: one score-0.27 box 0.55 px off (its score 0.002), every box above 0.3 within 0.001.
+    rep = compare_outputs(ref, out, DEFAULT_TOLERANCES["fp32"])
+    assert rep["tensor"]["compared_images"] == len(sized), rep["tensor"]
     assert rep["tensor"]["boxes"]["max_abs"] < 0.05, rep["tensor"]
     for o, (_, im) in zip(out, sized):  # boxes are in the input image's pixels
         if len(o["boxes"]):
