@@ -1,10 +1,13 @@
-"""gkd study: the report's arithmetic on a hand-made study, and a micro end-to-end run (machinery only)."""
+"""gkd study: the report's arithmetic on a hand-made study, its stages' helpers, and a micro end-to-end run
+(machinery only)."""
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
-from gkd.study import render_report, summarize
 from gkd.cli import main
+from gkd.study_report import detectable_effect, paired_ci, render_report, summarize, t_quantile
 
 
 def _run(method, seed, ap, small=0.1):
@@ -26,7 +29,8 @@ def test_summary_mean_std_and_delta():
     assert rows["gkd"]["vs_none"] == pytest.approx((0.06, 0.0141421356, 2)) and rows["none"]["vs_none"] is None
     assert rows["gkd"]["vs_local"] is None  # no `local` runs in this study
     text = render_report(study)
-    assert "| gkd | 37.0 +- 2.8 | 57.0 +- 2.8 | 32.0 +- 2.8 | +6.0 +- 1.4 | - |" in text
+    # paired delta +6.0 +- 1.4 over 2 seeds: 95% CI = 6.0 -+ 12.706 x 1.414 / sqrt(2) = [-6.7, +18.7]
+    assert "| gkd | 37.0 +- 2.8 | 57.0 +- 2.8 | 32.0 +- 2.8 | +6.0 +- 1.4 [-6.7, +18.7] | - |" in text
     assert "Teacher: 50.0 mAP" in text and "theirs, not ours" in text and "40.6" in text
     assert "Stage times" not in text  # a study without per-stage times says nothing about them
 
@@ -49,7 +53,9 @@ def test_paired_delta_removes_the_shared_seed_variation():
 
 def _micro_args(tmp_path):
     args = ["study", f"runs_dir={tmp_path}", f"data_root={tmp_path / 'data'}", "synth_images=12", "synth_size=64",
-            "methods=[none,gkd]", "seeds=[0]", "ablation_prototypes=[]", "ablation_global_weight=[]", "jobs=1",
+            "synth_val_images=4", "methods=[none,gkd]", "seeds=[0]", "ablation_prototypes=[]",
+            "ablation_global_weight=[]", "ablation_bn_modes=[]", "ablation_refresh_steps=[]", "jobs=1",
+            "control_methods=[gkd]", "control_seeds=[0]",
             f"report={tmp_path / 'study.md'}", "teacher.train.epochs=1", "teacher.model.backbone=resnet18",
             "teacher.train.max_steps_per_epoch=1", "student.train.max_steps_per_epoch=1", "student.train.epochs=1",
             "teacher.train.threads=1", "student_init_epochs=1", "student_init.train.threads=1"]
@@ -63,15 +69,22 @@ def test_micro_study_end_to_end(tmp_path, capsys):
     args = _micro_args(tmp_path)
     assert main(args) == 0
     study = json.loads((tmp_path / "study" / "study.json").read_text())
-    assert sorted(r["method"] for r in study["runs"]) == ["gkd", "none"]
+    assert sorted((r["kind"], r["method"]) for r in study["runs"]) == [("control", "gkd"), ("main", "gkd"),
+                                                                       ("main", "none")]
     for r in study["runs"]:
-        assert set(r["metrics"]) == {"all", "small", "occluded", "blurred"}
+        assert set(r["metrics"]) == {"all", "small", "occluded", "blurred", "per_class"}
     init = tmp_path / "study" / "student-init" / "checkpoints" / "model.pt"
     run_cfg = (tmp_path / "study" / "students" / "gkd-s0" / "config.yaml").read_text()
     assert f"weights: {init}" in run_cfg  # every student starts from the common initialisation
+    control = (tmp_path / "study" / "students" / "control-gkd-s0" / "config.yaml").read_text()
+    assert "teacher-control" in control and "runs_dir" in control
+    gkd = next(r for r in study["runs"] if r["kind"] == "main" and r["method"] == "gkd")
+    assert {"instances_s4", "rw_s4", "rw_c1", "global_discrepancy"} <= set(gkd["diagnostics"])
+    assert study["teacher"]["control"]["corruption"]["relabelled"] >= 1
+    assert sum(study["levels"]["gt"]) == sum(study["levels"]["gt_at_56"]) > 0
     report = (tmp_path / "study.md").read_text()
-    assert "Every student starts from the same student trained without distillation for 1 epochs" in report
-    assert "| none |" in report and "| gkd |" in report
+    assert "Student initialisation (every student starts here): resnet18 x0.5" in report
+    assert "| none |" in report and "| gkd |" in report and "## Positive control" in report
     # rerun: everything is cached, nothing retrains
     before = (tmp_path / "study" / "students" / "gkd-s0" / "checkpoints" / "model.pt").stat().st_mtime
     assert main(args) == 0
@@ -88,8 +101,8 @@ def test_micro_study_end_to_end(tmp_path, capsys):
 
 
 def test_quick_preset_and_default_stage_configs_are_valid():
-    """The presets name real keys, and the study's stage configs load and agree on the model (teacher, init and
-    students share the architecture: the teacher is stronger because it trains longer)."""
+    """The presets name real keys, and the study's stage configs load: the teacher is independent of the students
+    (its own seed and width), the initialisation has its own seed, the students share its architecture."""
     from gkd.study import QUICK_OVERRIDES, StudyConfig
     from gkd.kd.config import load_config
     from gkd.kd.distill.config import DistillRunConfig
@@ -101,5 +114,90 @@ def test_quick_preset_and_default_stage_configs_are_valid():
     teacher = load_config(default.teacher_config, [])
     init = load_config(default.student_init_config, [])
     student = load_config(default.student_config, [], cls=DistillRunConfig)
-    assert teacher.model == init.model == student.model
-    assert teacher.train.epochs > 4 * student.train.epochs and student.distill.method == "gkd"
+    assert init.model == student.model and init.model.backbone_width == 0.5
+    assert dataclasses.replace(teacher.model, backbone_width=0.5) == init.model  # only the width differs
+    assert len({teacher.seed, init.seed, *default.seeds}) == 2 + len(default.seeds)
+    assert student.distill.method == "gkd" and student.distill.level_canonical_size is None
+    assert student.distill.pgm.min_box_size is None and student.distill.monitor_global
+    assert len(default.seeds) >= 5 and default.synth_val_images >= 500
+
+
+def test_student_runs_cover_the_grid_ablations_and_control():
+    from gkd.study import StudyConfig, _student_runs
+
+    cfg = StudyConfig()
+    runs = {name: (run, meta) for name, run, meta in _student_runs(cfg, Path("t.pt"), Path("i.pt"), Path("c.pt"))}
+    n_ablations = len(cfg.ablation_prototypes) + len(cfg.ablation_global_weight) + len(cfg.ablation_bn_modes) + \
+        len(cfg.ablation_refresh_steps)
+    assert len(runs) == len(cfg.methods) * len(cfg.seeds) + n_ablations * len(cfg.ablation_seeds) + \
+        len(cfg.control_methods) * len(cfg.control_seeds)
+    glob, meta = runs["global-s3"]
+    assert glob.distill.method == "gkd" and meta["method"] == "global" and glob.seed == 3
+    assert (glob.distill.fg_weight, glob.distill.bg_weight, glob.distill.soft_weight) == (0, 0, 0)
+    assert runs["gkd-s0"][0].distill.fg_weight > 0 and runs["pkd_global-s0"][0].distill.method == "pkd+global"
+    assert runs["gkd-bnbatch-s1"][0].distill.pgm.bn_mode == "batch"
+    assert runs["gkd-every25-s0"][0].distill.pgm.interval_steps == 25
+    ctrl, meta = runs["control-robust-s2"]
+    assert ctrl.distill.teacher.checkpoint == "c.pt" and meta["kind"] == "control"
+    assert runs["local-s0"][0].distill.teacher.checkpoint == "t.pt"
+    assert all(r.model.weights == "i.pt" for r, _ in runs.values())
+
+
+def test_corrupted_labels_are_seeded_and_touch_one_class(tmp_path):
+    from gkd.kd.errors import GkdError
+    from gkd.study import corrupt_labels
+
+    anns = [{"id": i, "image_id": 1, "category_id": 1 + i % 3, "bbox": [0, 0, 5, 5]} for i in range(30)]
+    src = tmp_path / "train.json"
+    src.write_text(json.dumps({"images": [{"id": 1}], "annotations": anns, "categories": [
+        {"id": 1, "name": "a"}, {"id": 2, "name": "b"}, {"id": 3, "name": "c"}]}))
+    info = corrupt_labels(src, tmp_path / "x.json", "b", 0.5, seed=0)
+    assert info == {"class": "b", "category_id": 2, "annotations": 10, "relabelled": 5}
+    out = json.loads((tmp_path / "x.json").read_text())["annotations"]
+    changed = [(a["category_id"], b["category_id"]) for a, b in zip(anns, out) if a != b]
+    assert len(changed) == 5 and all(old == 2 and new in (1, 3) for old, new in changed)
+    corrupt_labels(src, tmp_path / "y.json", "b", 0.5, seed=0)
+    assert (tmp_path / "x.json").read_text() == (tmp_path / "y.json").read_text()
+    assert corrupt_labels(src, tmp_path / "z.json", "", 0.2, seed=1)["class"] == "a"  # "": the first class
+    with pytest.raises(GkdError, match="control_class: 'q' is not a class"):
+        corrupt_labels(src, tmp_path / "z.json", "q", 0.5, seed=0)
+
+
+def test_training_diagnostics_divide_sums_by_counts(tmp_path):
+    from gkd.study import training_diagnostics
+
+    epochs = [{"train/kd_instances_s4": 10.0, "train/kd_rw_sum_s4": 8.0, "train/kd_rw_n_s4": 10.0,
+               "train/kd_rw_sum_c2": 0.0, "train/kd_rw_n_c2": 0.0, "train/kd_global_discrepancy": 0.2},
+              {"train/kd_instances_s4": 20.0, "train/kd_rw_sum_s4": 12.0, "train/kd_rw_n_s4": 20.0,
+               "train/kd_rw_sum_c2": 1.8, "train/kd_rw_n_c2": 2.0, "train/kd_global_discrepancy": 0.4}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in epochs))
+    d = training_diagnostics(tmp_path)
+    assert d["instances_s4"] == 15.0 and d["rw_s4"] == pytest.approx(20 / 30)
+    assert d["rw_c2"] == pytest.approx(0.9) and d["global_discrepancy"] == pytest.approx(0.3)
+    assert training_diagnostics(tmp_path / "nothing") == {}
+
+
+def test_level_histogram_uses_the_resize_and_the_canonical_size(tmp_path):
+    from gkd.kd.config import load_config
+    from gkd.kd.distill.config import DistillRunConfig
+    from gkd.study import StudyConfig, level_histogram
+
+    # 320 px images resized to 160: boxes of 40 / 80 / 200 px become 20 / 40 / 100 px, levels floor(log2(
+    # (side + 1) / 11.2)) = 0, 1, 3 (and all three on level 0 at 56 px)
+    data = {"images": [{"id": 1, "height": 320, "width": 320}],
+            "annotations": [{"image_id": 1, "bbox": [0, 0, s, s]} for s in (40, 80, 200)]}
+    (tmp_path / "train.json").write_text(json.dumps(data))
+    run_cfg = load_config(StudyConfig().student_config, [], cls=DistillRunConfig)
+    runs = [{"kind": "main", "method": "gkd", "diagnostics": {f"instances_s{s}": 1.0 for s in (4, 8, 16, 32, 64)}}]
+    lv = level_histogram(tmp_path / "train.json", runs, run_cfg)
+    assert lv["canonical"] == pytest.approx(11.2) and lv["levels"] == ["s4", "s8", "s16", "s32", "s64"]
+    assert lv["gt"] == [1, 1, 0, 1, 0] and lv["gt_at_56"] == [3, 0, 0, 0, 0]
+
+
+def test_confidence_intervals_and_detectable_effect():
+    assert t_quantile(0.975, 4) == 2.776 and t_quantile(0.975, 100) == 1.96
+    lo, hi = paired_ci(1.0, 1.0, 5)
+    assert (lo, hi) == pytest.approx((1 - 2.776 / 5 ** 0.5, 1 + 2.776 / 5 ** 0.5))
+    assert paired_ci(1.0, 0.0, 1) is None
+    assert detectable_effect(0.4, 5) == pytest.approx((2.776 + 0.941) * 0.4 / 5 ** 0.5)
+    assert detectable_effect(0.4, 10) < detectable_effect(0.4, 5)

@@ -12,7 +12,8 @@ from typing import ClassVar, Literal, Optional
 
 from ..config import Arch, Backbone, RunConfig
 
-__all__ = ["METHODS", "TeacherConfig", "PGMConfig", "DistillConfig", "DistillRunConfig", "method_parts"]
+__all__ = ["METHODS", "TeacherConfig", "PGMConfig", "DistillConfig", "DistillRunConfig", "method_parts",
+           "resolve_scale", "uses_prototypes"]
 
 #: the method menu (``distill.method``): one definition for the field's type and the tuple
 Method = Literal["none", "local", "robust", "gkd", "pkd", "pkd+global"]
@@ -42,12 +43,14 @@ class PGMConfig:
     RANGES: ClassVar[dict] = {
         "num_prototypes": ((">=", 1),), "min_box_size": ((">=", 0),), "max_images_per_class": ((">=", 1),),
         "alpha": ((">=", 0),), "density_bandwidth": ((">", 0),), "density_percentile": ((">=", 0), ("<=", 1)),
-        "interval": ((">=", 1),), "batch_size": ((">=", 1),), "seed": ((">=", 0),)}
+        "interval": ((">=", 1),), "interval_steps": ((">=", 1),), "batch_size": ((">=", 1),), "seed": ((">=", 0),)}
 
     #: prototypes per class per level (fewer for classes with fewer density-filtered instances)
     num_prototypes: int = 10
-    #: a GT box is a candidate only if its width and height (original image pixels) are strictly above this
-    min_box_size: float = 30.0
+    #: a GT box is a candidate only if its width and height (original image pixels) are strictly above this;
+    #: null = the reference's 30 px scaled to the input size: ``30 * model.min_size / 800`` (30 at COCO's 800 px,
+    #: 6 at 160 px), see :func:`resolve_scale`
+    min_box_size: Optional[float] = None
     #: at most this many images per class, sampled once (seeded) and kept for every refresh
     max_images_per_class: int = 800
     #: joint matching pursuit: weight of the coefficient-agreement term
@@ -55,8 +58,13 @@ class PGMConfig:
     #: density filter: bandwidth of exp(-(d / bw)^2) on cosine distances, and the percentile of the lower bound
     density_bandwidth: float = 0.1
     density_percentile: float = 0.4
-    #: refresh the prototypes every N epochs (from the live student, eval mode, no_grad)
+    #: refresh the prototypes every N epochs (from the live student, no_grad)
     interval: int = 1
+    #: refresh every N training steps instead (the first refresh is still before step 0); null = by epochs
+    interval_steps: Optional[int] = None
+    #: the student's BatchNorm during a refresh: "eval" (running statistics, the reference) or "batch" (each
+    #: refresh batch's own statistics, as the training step's features have; running statistics left untouched)
+    bn_mode: Literal["eval", "batch"] = "eval"
     #: images per forward pass during a refresh
     batch_size: int = 8
     #: seed of the per-class image sampling (null = the run's seed)
@@ -68,7 +76,7 @@ class DistillConfig:
     """Which distillation and its weights (defaults: the released config + the project's decisions)."""
 
     RANGES: ClassVar[dict] = {
-        "strides": ((">", 0),), "fg_weight": ((">=", 0),), "bg_weight": ((">=", 0),), "soft_weight": ((">=", 0),),
+        "strides": ((">", 0),), "level_canonical_size": ((">", 0),), "fg_weight": ((">=", 0),), "bg_weight": ((">=", 0),), "soft_weight": ((">=", 0),),
         "temperature": ((">", 0),), "global_weight": ((">=", 0),), "pkd_weight": ((">=", 0),)}
 
     method: Method = "gkd"
@@ -76,6 +84,11 @@ class DistillConfig:
     pgm: PGMConfig = field(default_factory=PGMConfig)
     #: FPN strides to distill (empty = every stride both detectors have)
     strides: tuple[int, ...] = ()
+    #: the level rule's canonical box size (model-input pixels): a box of side s goes to distilled level
+    #: floor(log2(s / canonical)), clamped; null = mmdet's 56 px at 800 px scaled to the input size:
+    #: ``56 * model.min_size / 800`` (56 on COCO, 11.2 at 160 px, where 56 would put every box under 112 px on the
+    #: finest level)
+    level_canonical_size: Optional[float] = None
     #: adapter kernel: 3 (the method: 3x3 conv, padding 1) or 1 (a 1x1 conv: ~9x cheaper, not the method)
     adapter_kernel: Literal[1, 3] = 3
     #: decoupled feature imitation: foreground (robust-weighted) and background weights
@@ -90,6 +103,9 @@ class DistillConfig:
     pkd_weight: Optional[float] = None
     #: multiply the feature and global losses by 1 - epoch / epochs (not the soft-label loss)
     attenuation: bool = True
+    #: log the global discrepancy (the unweighted global loss, no gradient) as ``kd_global_discrepancy`` in methods
+    #: without the global term too (``local``, ``robust``, ``pkd``): their runs then build prototypes as well
+    monitor_global: bool = False
 
 
 @dataclass(frozen=True)
@@ -126,3 +142,25 @@ def method_parts(method: str) -> MethodParts:
         "pkd+global": MethodParts(True, False, False, True, True),
     }
     return table[method]
+
+
+#: the reference's input scale (COCO: short side 800) at which its pixel constants (56, 30) hold
+REFERENCE_MIN_SIZE = 800
+
+
+def resolve_scale(cfg: DistillConfig, min_size: int) -> DistillConfig:
+    """``cfg`` with the scale-dependent defaults filled in for inputs of short side ``min_size`` (``model.min_size``):
+    ``level_canonical_size`` = 56 x min_size / 800, ``pgm.min_box_size`` = 30 x min_size / 800. Set values stay."""
+    import dataclasses
+
+    scale = float(min_size) / REFERENCE_MIN_SIZE
+    canonical = cfg.level_canonical_size if cfg.level_canonical_size is not None else 56.0 * scale
+    min_box = cfg.pgm.min_box_size if cfg.pgm.min_box_size is not None else 30.0 * scale
+    return dataclasses.replace(cfg, level_canonical_size=canonical,
+                               pgm=dataclasses.replace(cfg.pgm, min_box_size=min_box))
+
+
+def uses_prototypes(cfg: DistillConfig) -> bool:
+    """The run builds prototypes: its method needs them, or the global discrepancy is monitored."""
+    parts = method_parts(cfg.method)
+    return parts.prototypes or (cfg.monitor_global and parts.teacher)

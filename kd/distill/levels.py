@@ -74,14 +74,16 @@ def pair_levels(student_strides: dict[str, int], teacher_strides: dict[str, int]
     return [LevelPair(s, s_by[s], t_by[s]) for s in common], notes
 
 
-def assign_levels(boxes: torch.Tensor, num_levels: int) -> torch.Tensor:
+def assign_levels(boxes: torch.Tensor, num_levels: int, canonical: float = 56.0) -> torch.Tensor:
     """The reference's level of each box among ``num_levels`` levels, finest first (mmdet ``_map_roi_levels``).
 
-    ``lvl = floor(log2(sqrt((w + 1)(h + 1)) / 56 + 1e-6))`` clamped to ``[0, num_levels - 1]``: boxes under 112 px go
-    to the finest distilled level, each doubling of scale one level coarser.
+    ``lvl = floor(log2(sqrt((w + 1)(h + 1)) / canonical + 1e-6))`` clamped to ``[0, num_levels - 1]``: boxes under
+    ``2 * canonical`` px go to the finest distilled level, each doubling of scale one level coarser. mmdet's
+    ``canonical`` is 56 px at COCO's ~1333x800; ``distill.level_canonical_size`` scales it to the input size.
 
     Args:
-        boxes: ``[N, 4]`` xyxy pixels.
+        boxes: ``[N, 4]`` xyxy pixels (model-input coordinates).
+        canonical: the canonical size in the same pixels.
 
     Returns:
         ``[N]`` int64 level indices.
@@ -89,6 +91,5 @@ def assign_levels(boxes: torch.Tensor, num_levels: int) -> torch.Tensor:
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
     scale = torch.sqrt((boxes[:, 2] - boxes[:, 0] + 1).clamp_min(0) * (boxes[:, 3] - boxes[:, 1] + 1).clamp_min(0))
-    lvl = torch.floor(torch.log2(scale / 56 + 1e-6))
+    lvl = torch.floor(torch.log2(scale / canonical + 1e-6))
     return lvl.clamp(0, num_levels - 1).long()
-

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -35,7 +36,8 @@ from .config import PGMConfig
 from .levels import LevelPair
 from .ops import prototype_project
 
-__all__ = ["PrototypeBank", "PrototypeGenerator", "sample_images", "density_candidates", "joint_matching_pursuit"]
+__all__ = ["PrototypeBank", "PrototypeGenerator", "sample_images", "density_candidates", "joint_matching_pursuit",
+           "batch_statistics"]
 
 log = logging.getLogger("gkd")
 
@@ -276,7 +278,8 @@ class PrototypeGenerator:
 
     def refresh(self, student: torch.nn.Module, teacher: torch.nn.Module,
                 device: torch.device) -> tuple[PrototypeBank, dict[str, float]]:
-        """Build prototypes from the current student (put in eval mode here; the caller restores train mode).
+        """Build prototypes from the current student (put in eval mode here, its BatchNorm layers in train mode
+        with ``bn_mode: batch``; the caller restores train mode).
 
         In a process group every rank must call it (it is collective); every rank returns the same bank.
 
@@ -291,10 +294,11 @@ class PrototypeGenerator:
         student.eval()
         teacher.eval()
         first = not self._teacher_done
-        if ctx.enabled:
-            fs, ft, labels = self._extract_sharded(student, teacher, device, first, ctx)
-        else:
-            fs, ft, labels = self._extract(student, teacher, device, with_teacher=first)
+        with (batch_statistics(student) if self.cfg.bn_mode == "batch" else nullcontext()):
+            if ctx.enabled:
+                fs, ft, labels = self._extract_sharded(student, teacher, device, first, ctx)
+            else:
+                fs, ft, labels = self._extract(student, teacher, device, with_teacher=first)
         self._teacher_done = True
         if not ctx.is_main:  # rank 0 selects; this rank takes its bank
             state, metrics = broadcast_object(None)
@@ -333,6 +337,23 @@ class PrototypeGenerator:
             bank.teacher[p.key] = ft[p.key][sel]
             bank.labels[p.key] = torch.cat(lab_all) if lab_all else torch.zeros(0, dtype=torch.long)
         return bank
+
+
+@contextmanager
+def batch_statistics(model: torch.nn.Module):
+    """Inside: ``model``'s BatchNorm layers normalise with each batch's own statistics (train mode), as in a
+    training step; on exit their running statistics are restored, bit for bit, and they are back in eval mode."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [{k: v.clone() for k, v in m.named_buffers(recurse=False)} for m in bns]
+    try:
+        for m in bns:
+            m.train()
+        yield
+    finally:
+        for m, buffers in zip(bns, saved):
+            for k, v in buffers.items():
+                getattr(m, k).copy_(v)
+            m.eval()
 
 
 def _pool(fmap: torch.Tensor, boxes5: torch.Tensor, stride: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import GkdError
-from .config import DistillRunConfig, TeacherConfig, method_parts
+from .config import DistillRunConfig, TeacherConfig, method_parts, uses_prototypes
 
 __all__ = ["run_distillation", "load_teacher", "build_task"]
 
@@ -107,7 +107,7 @@ def build_task(cfg: DistillRunConfig, student: nn.Module, teacher: nn.Module | N
     from .task import DistillationTask
 
     annotations, load = None, None
-    if method_parts(cfg.distill.method).prototypes:
+    if uses_prototypes(cfg.distill):
         pgm_set = CocoDetection(train_index, train=False, min_size=cfg.model.min_size, max_size=cfg.model.max_size)
         annotations = [tuple(torch.from_numpy(a) for a in pgm_set.target_boxes(i)) for i in range(len(pgm_set))]
         load = pgm_set.__getitem__

@@ -26,7 +26,7 @@ from torch import nn
 from ..errors import GkdError
 from ..task import loss_terms, with_total
 from .adapters import Adapters
-from .config import DistillConfig, method_parts
+from .config import DistillConfig, method_parts, resolve_scale, uses_prototypes
 from .levels import LevelPair, assign_levels, pair_levels
 from .losses import decoupled_imitation, global_relation_loss, pkd_loss, soft_label_kl, weighted_box_mask
 from .ops import prototype_project
@@ -61,8 +61,14 @@ class DistillationTask(nn.Module):
                  pgm_load: Callable[[int], tuple[torch.Tensor, dict]] | None = None, seed: int = 0):
         super().__init__()
         self.part_timer: Callable[[str], ContextManager] | None = None
+        # the scale-dependent defaults (level rule, PGM's minimum box) from the student's input size
+        cfg = resolve_scale(cfg, min(student.transform.min_size))
         self.cfg = cfg
         self.parts = method_parts(cfg.method)
+        #: prototypes are built: the method needs them, or the global discrepancy is monitored
+        self.uses_bank = uses_prototypes(cfg)
+        #: training steps taken (forward calls in train mode): the step-interval refresh counts them
+        self.steps_done = 0
         self.epochs = max(1, int(epochs))
         self.epoch = 0
         self._announced = False
@@ -94,7 +100,7 @@ class DistillationTask(nn.Module):
         self.teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        if self.parts.prototypes:
+        if self.uses_bank:
             if pgm_annotations is None or pgm_load is None:
                 raise ValueError(f"method '{cfg.method}' needs the training split for prototype generation")
             pgm_seed = cfg.pgm.seed if cfg.pgm.seed is not None else seed
@@ -122,21 +128,35 @@ class DistillationTask(nn.Module):
             self._log_setup()
         metrics: dict[str, float] = {"kd_attenuation": self.attenuation()}
         if self.pgm is not None:
-            due = epoch % max(1, self.cfg.pgm.interval) == 0 or self.bank is None
+            by_steps = self.cfg.pgm.interval_steps is not None
+            due = self.bank is None or (not by_steps and epoch % max(1, self.cfg.pgm.interval) == 0)
             if due:
                 device = context.get("device") or next(self.detector.parameters()).device
-                self.bank, pgm_metrics = self.pgm.refresh(self.detector, self.teacher, torch.device(device))
-                metrics.update(pgm_metrics)
-                if context.get("dist") is not None and context["dist"].enabled:
-                    from ..distributed import verify_identical
-
-                    # every rank must distil against the same bank: logged per rank, compared, stopped if not
-                    verify_identical(f"prototype bank of epoch {epoch + 1}", self.bank.sha256())
-                log.info("prototypes refreshed in %.2fs: %d per level from %d instances in %d images",
-                         pgm_metrics["pgm_time_s"], pgm_metrics["pgm_prototypes"] // max(1, len(self.pairs)),
-                         pgm_metrics["pgm_instances"], pgm_metrics["pgm_images"])
+                metrics.update(self._refresh(torch.device(device), f"epoch {epoch + 1}"))
             metrics["pgm_refreshed"] = float(due)
         return metrics
+
+    def _refresh(self, device: torch.device, when: str) -> dict[str, float]:
+        """Rebuild the prototype bank from the live student (collective in a process group). Returns its metrics."""
+        from ..distributed import current_context, verify_identical
+
+        self.bank, pgm_metrics = self.pgm.refresh(self.detector, self.teacher, device)
+        if current_context().enabled:
+            # every rank must distil against the same bank: logged per rank, compared, stopped if not
+            verify_identical(f"prototype bank of {when}", self.bank.sha256())
+        log.info("prototypes refreshed (%s) in %.2fs: %d per level from %d instances in %d images", when,
+                 pgm_metrics["pgm_time_s"], pgm_metrics["pgm_prototypes"] // max(1, len(self.pairs)),
+                 pgm_metrics["pgm_instances"], pgm_metrics["pgm_images"])
+        return pgm_metrics
+
+    def _step_refresh(self, device: torch.device) -> bool:
+        """Refresh before this step when ``pgm.interval_steps`` says so; the student goes back to train mode."""
+        n = self.cfg.pgm.interval_steps
+        if self.pgm is None or n is None or self.steps_done == 0 or self.steps_done % n:
+            return False
+        self._refresh(device, f"step {self.steps_done}")
+        self.detector.train()
+        return True
 
     def _log_setup(self) -> None:
         if self.pairs:
@@ -144,7 +164,14 @@ class DistillationTask(nn.Module):
                      [p.stride for p in self.pairs], [p.student for p in self.pairs], [p.teacher for p in self.pairs])
         for note in self.level_notes:
             log.info("%s", note)
+        if self.pairs:
+            log.info("level rule: canonical size %.4g px (distill.level_canonical_size), boxes under %.4g px on the "
+                     "finest level", self.cfg.level_canonical_size, 2 * self.cfg.level_canonical_size)
         if self.pgm is not None:
+            log.info("prototypes from boxes above %.4g px (distill.pgm.min_box_size), refreshed every %s, BatchNorm "
+                     "in %s mode", self.cfg.pgm.min_box_size,
+                     f"{self.cfg.pgm.interval_steps} steps" if self.cfg.pgm.interval_steps else
+                     f"{self.cfg.pgm.interval} epoch(s)", self.cfg.pgm.bn_mode)
             for c in self.pgm.empty_classes:
                 log.warning("class '%s' has no box larger than %g px (distill.pgm.min_box_size): no prototypes; "
                             "its instances get robust weight 1 and no global-knowledge term", self.classes[c - 1],
@@ -153,6 +180,8 @@ class DistillationTask(nn.Module):
     def extra_state(self) -> dict[str, Any]:
         """Adapters' weights and the prototypes in use (tensors and plain values only)."""
         state: dict[str, Any] = {"method": self.cfg.method}
+        if self.pgm is not None:  # the step-interval refresh resumes on the same schedule
+            state["steps_done"] = self.steps_done
         if getattr(self, "teacher_sha256", None):
             state["teacher_sha256"] = self.teacher_sha256
         if self.adapters is not None:
@@ -170,6 +199,7 @@ class DistillationTask(nn.Module):
             raise GkdError(f"distill.teacher.checkpoint: {self.cfg.teacher.checkpoint} is not the file this run "
                            f"started with (sha256 {mine[:12]}, was {saved[:12]}); resuming would mix two teachers: "
                            f"restore that file or start a new run (name=...)")
+        self.steps_done = int(state.get("steps_done", 0))
         if self.adapters is not None:
             if "adapters" not in state:
                 raise GkdError("checkpoint holds no adapter weights for this distillation method")
@@ -194,6 +224,9 @@ class DistillationTask(nn.Module):
         if self.teacher is None:  # "none": exactly the detector's own training forward
             return with_total(loss_terms(self.detector(images, targets)))
         student = self.detector
+        refreshed = self.training and self._step_refresh(images[0].device)
+        if self.training:
+            self.steps_done += 1
         x, tgts = student.transform(images, targets)
         feats = student.backbone(x.tensors)
         with torch.no_grad():
@@ -207,6 +240,8 @@ class DistillationTask(nn.Module):
         out.update({k: v for k, v in kd.items() if k.startswith("loss")})
         out["loss"] = sum(out.values())
         out.update({k: v for k, v in kd.items() if not k.startswith("loss")})
+        if self.cfg.pgm.interval_steps is not None and self.pgm is not None:
+            out["pgm_refreshed"] = torch.tensor(float(refreshed), device=x.tensors.device)
         return out
 
     def _faster_rcnn_step(self, x, tgts, feats, tfeats):
@@ -228,7 +263,7 @@ class DistillationTask(nn.Module):
                 th = self.teacher.roi_heads
                 inst.teacher_logits = th.box_predictor(th.box_head(th.box_roi_pool(tfeats, pos_boxes,
                                                                                    x.image_sizes)))[0]
-        inst.level = assign_levels(inst.boxes[:, 1:], len(self.pairs))
+        inst.level = assign_levels(inst.boxes[:, 1:], len(self.pairs), self.cfg.level_canonical_size)
         inst.soft_level = inst.level
         return det, inst
 
@@ -257,7 +292,7 @@ class DistillationTask(nn.Module):
         lvl, idx_img, idx_anchor = torch.cat(lvl), torch.cat(idx_img), torch.cat(idx_anchor)
         # K dataset classes: torchvision's RetinaNet column 0 (background) is never positive, so it is left out.
         inst.student_logits = head_out["cls_logits"][idx_img, idx_anchor][:, 1:]
-        inst.level = assign_levels(inst.boxes[:, 1:], len(self.pairs))
+        inst.level = assign_levels(inst.boxes[:, 1:], len(self.pairs), self.cfg.level_canonical_size)
         stride_pair = {p.stride: j for j, p in enumerate(self.pairs)}
         s_strides = self.detector.gkd_meta["strides"]
         inst.soft_level = torch.tensor([stride_pair.get(s_strides[n], -1) for n in names],
@@ -301,12 +336,14 @@ class DistillationTask(nn.Module):
         cfg, parts = self.cfg, self.parts
         att = self.attenuation()
         dev = inst.boxes.device
-        fg_terms, bg_terms, glob_terms, pkd_terms, weights_seen = [], [], [], [], []
+        fg_terms, bg_terms, glob_terms, pkd_terms, weights_seen, discrepancy = [], [], [], [], [], []
         soft_w = torch.ones(inst.n, device=dev)
+        #: each instance's robust weight at its own level (the one its fg mask and soft label use)
+        own_w = torch.ones(inst.n, device=dev)
         for li, p in enumerate(self.pairs):
             s_map, t_map = feats[p.student], tfeats[p.teacher]
             w = torch.ones(inst.n, device=dev)
-            use_protos = parts.prototypes and self.bank is not None and self.bank.count(p.key) > 0 and inst.n > 0
+            use_protos = self.uses_bank and self.bank is not None and self.bank.count(p.key) > 0 and inst.n > 0
             if use_protos:
                 # The global loss needs the student's cosine vectors with gradient; robust weights alone do not.
                 with self._part("prototype projection (op)"):
@@ -317,9 +354,15 @@ class DistillationTask(nn.Module):
                 w, has = robust_weights(cos_s, cos_t, inst.labels, self.bank.labels[p.key])
                 w = w.float()  # under CUDA autocast the cosines are half; the weights mix with float32 tensors
                 weights_seen.append(w)
-                if parts.global_ and has.any():
-                    with self._part("global loss"):
-                        glob_terms.append(global_relation_loss(cos_s[has], cos_t[has], w[has]))
+                own_w[inst.level == li] = w[inst.level == li]
+                if has.any():
+                    if parts.global_:
+                        with self._part("global loss"):
+                            glob_terms.append(global_relation_loss(cos_s[has], cos_t[has], w[has]))
+                        discrepancy.append(glob_terms[-1].detach())
+                    else:  # monitored only: the same quantity, no gradient
+                        with torch.no_grad():
+                            discrepancy.append(global_relation_loss(cos_s[has], cos_t[has], w[has]))
             if parts.local:
                 on_level = inst.level == li
                 mask_w = w[on_level] if parts.robust else torch.ones(int(on_level.sum()), device=dev)
@@ -353,10 +396,28 @@ class DistillationTask(nn.Module):
             out["loss_kd_global"] = (torch.stack(glob_terms).sum() if glob_terms else zero) * (cfg.global_weight * att)
         if parts.pkd:
             out["loss_kd_pkd"] = torch.stack(pkd_terms).sum() * self.pkd_weight
-        if parts.robust or parts.global_:
+        if self.uses_bank:
             allw = torch.cat(weights_seen) if weights_seen else torch.ones(0, device=dev)
             out["robust_weight_mean"] = allw.mean() if allw.numel() else torch.ones((), device=dev)
+            out["kd_global_discrepancy"] = (torch.stack(discrepancy).sum() if discrepancy
+                                            else torch.zeros((), device=dev))
+            out.update(self._weight_sums(inst, own_w))
         out["kd_instances"] = torch.tensor(float(inst.n), device=dev)
+        for li, p in enumerate(self.pairs):  # how the level rule spreads the step's instances over the pyramid
+            out[f"kd_instances_{p.key}"] = (inst.level == li).sum().float() if inst.n else torch.zeros((), device=dev)
+        return out
+
+    def _weight_sums(self, inst: "_Instances", own_w: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Sums of the robust weights (each instance's at its own level) and their counts, per level
+        (``kd_rw_sum_s8`` / ``kd_rw_n_s8``) and per class (``kd_rw_sum_c<label>`` / ``kd_rw_n_c<label>``): the
+        logged epoch averages of a sum and of its count divide into the epoch's mean weight. Every key is present
+        at every step (ranks of a process group reduce the same keys)."""
+        out = {}
+        groups = [(p.key, inst.level == li) for li, p in enumerate(self.pairs)]
+        groups += [(f"c{c}", inst.labels == c) for c in range(1, len(self.classes) + 1)]
+        for name, sel in groups:
+            out[f"kd_rw_sum_{name}"] = own_w[sel].sum() if inst.n else own_w.new_zeros(())
+            out[f"kd_rw_n_{name}"] = sel.sum().float() if inst.n else own_w.new_zeros(())
         return out
 
 

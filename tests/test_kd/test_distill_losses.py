@@ -124,6 +124,9 @@ def test_assign_levels_reference_rule():
     assert assign_levels(boxes, 5).tolist() == [0, 1, 1, 4]
     assert assign_levels(boxes, 2).tolist() == [0, 1, 1, 1]
     assert math.floor(math.log2(112 / 56 + 1e-6)) == 1
+    # a canonical size scaled to 160 px inputs (56 x 160 / 800): the same boxes spread over the pyramid
+    assert assign_levels(boxes, 5, canonical=11.2).tolist() == [0, 3, 3, 4]
+    assert assign_levels(torch.tensor([[0, 0, 21, 21.0], [0, 0, 30, 30], [0, 0, 60, 60]]), 5, 11.2).tolist() == [0, 1, 2]
 
 
 def test_adapters_keep_the_map_size_for_both_kernels():

@@ -169,7 +169,7 @@ def test_none_is_the_detectors_own_training_step():
 def test_extra_state_round_trip_gives_the_same_losses():
     task, data = make_task(method="gkd")
     state = task.extra_state()
-    assert set(state) == {"method", "adapters", "prototypes"}
+    assert set(state) == {"method", "adapters", "prototypes", "steps_done"}
     other, _ = make_task(method="gkd", seed=1)  # different adapters and prototypes
     other.detector.load_state_dict(task.detector.state_dict())
     other.teacher.load_state_dict(task.teacher.state_dict())
@@ -191,6 +191,84 @@ def test_attenuation_and_refresh_interval():
     assert m["kd_attenuation"] == pytest.approx(0.75) and m["pgm_refreshed"] == 1.0
     task.cfg = dataclasses.replace(task.cfg, pgm=dataclasses.replace(task.cfg.pgm, interval=2))
     assert task.on_epoch_start(3, {"device": torch.device("cpu")})["pgm_refreshed"] == 0.0
+
+
+def test_scale_dependent_defaults_follow_the_input_size():
+    from gkd.kd.distill.config import resolve_scale
+
+    coco = resolve_scale(DistillConfig(), 800)
+    assert coco.level_canonical_size == 56.0 and coco.pgm.min_box_size == 30.0  # the reference's constants
+    small = resolve_scale(DistillConfig(), 160)
+    assert small.level_canonical_size == pytest.approx(11.2) and small.pgm.min_box_size == pytest.approx(6.0)
+    kept = resolve_scale(DistillConfig(level_canonical_size=40.0, pgm=PGMConfig(min_box_size=16)), 160)
+    assert kept.level_canonical_size == 40.0 and kept.pgm.min_box_size == 16
+    task, _ = make_task()  # the task resolves them from its student's transform (64 px)
+    assert task.cfg.level_canonical_size == pytest.approx(56 * 64 / 800)
+
+
+def test_per_level_and_per_class_weight_sums_add_up():
+    task, data = make_task()
+    out = task(*batch(data))
+    keys = [p.key for p in task.pairs]
+    assert sum(out[f"kd_instances_{k}"].item() for k in keys) == out["kd_instances"].item() > 0
+    by_level = sum(out[f"kd_rw_sum_{k}"].item() for k in keys)
+    by_class = sum(out[f"kd_rw_sum_c{c}"].item() for c in (1, 2, 3))
+    assert by_level == pytest.approx(by_class) and 0 < by_level <= out["kd_instances"].item()
+    assert sum(out[f"kd_rw_n_c{c}"].item() for c in (1, 2, 3)) == out["kd_instances"].item()
+    # a coarser canonical size moves instances to finer levels
+    task.cfg = dataclasses.replace(task.cfg, level_canonical_size=1000.0)
+    fine = task(*batch(data))
+    assert fine[f"kd_instances_{keys[0]}"].item() == fine["kd_instances"].item()
+
+
+def test_global_discrepancy_is_monitored_without_changing_local():
+    task, data = make_task(method="local")
+    plain = copy.deepcopy(task)
+    task.cfg = dataclasses.replace(task.cfg, monitor_global=True)
+    task.uses_bank = True
+    task.pgm = task_mod.PrototypeGenerator(task.cfg.pgm, task.pairs, CLASSES, [(t["boxes"], t["labels"])
+                                           for _, t in data], lambda i: data[i], 0)
+    task.on_epoch_start(0, {"device": torch.device("cpu")})
+    task.train()
+    torch.manual_seed(2)
+    a = task(*batch(data))
+    torch.manual_seed(2)
+    b = plain(*batch(data))
+    assert "loss_kd_global" not in a and a["kd_global_discrepancy"].item() > 0
+    assert not a["kd_global_discrepancy"].requires_grad
+    for k in ("loss_kd_fg", "loss_kd_bg", "loss_kd_soft", "loss"):  # the weights are measured, not applied
+        assert a[k].item() == pytest.approx(b[k].item(), rel=1e-6), k
+    g, _ = make_task(method="gkd")
+    out = g(*batch(data))
+    assert out["kd_global_discrepancy"].item() > 0
+
+
+def test_refresh_every_n_steps_and_resume_on_the_same_schedule():
+    task, data = make_task()
+    task.cfg = dataclasses.replace(task.cfg, pgm=dataclasses.replace(task.cfg.pgm, interval_steps=2))
+    refreshed = [task(*batch(data))["pgm_refreshed"].item() for _ in range(5)]
+    assert refreshed == [0.0, 0.0, 1.0, 0.0, 1.0] and task.steps_done == 5 and task.detector.training
+    assert task.on_epoch_start(1, {"device": torch.device("cpu")})["pgm_refreshed"] == 0.0  # steps decide now
+    state = task.extra_state()
+    other, _ = make_task(seed=1)
+    other.cfg = task.cfg
+    other.load_extra_state(state)
+    assert other.steps_done == 5
+    assert [other(*batch(data))["pgm_refreshed"].item() for _ in range(2)] == [0.0, 1.0]
+
+
+def test_batch_statistics_leave_running_statistics_untouched():
+    from gkd.kd.distill.pgm import batch_statistics
+
+    model = build_detector(model_cfg(), 3).backbone.eval()
+    x = torch.rand(2, 3, 64, 64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    eval_out = model(x)["0"]
+    with batch_statistics(model):
+        batch_out = model(x)["0"]
+    assert not torch.allclose(eval_out, batch_out)  # a fresh model's running statistics are not the batch's
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(m.training for m in model.modules())
 
 
 def test_incompatible_teacher_is_a_clear_error():
