@@ -122,8 +122,9 @@ def _recipe(record: dict[str, Any] | None) -> str:
     m, t = cfg["model"], cfg["train"]
     width = m.get("backbone_width", 1.0)
     return (f"{m['backbone']}{f' x{width:g}' if width != 1.0 else ''}, FPN {m.get('fpn_channels')}, box head "
-            f"{m.get('box_head_dim')}, seed {cfg['seed']}, {t['epochs']} x {t.get('max_steps_per_epoch') or 'all'} "
-            f"steps of {t['batch_size']}, {t['optimizer']} lr {t['lr']:g} ({t['schedule']})")
+            f"{m.get('box_head_dim')}, seed {cfg['seed']}, {t['epochs']} epoch(s) of "
+            f"{t.get('max_steps_per_epoch') or 'all the'} steps of {t['batch_size']} images, {t['optimizer']} lr "
+            f"{t['lr']:g} ({t['schedule']})")
 
 
 def _model_line(name: str, record: dict[str, Any] | None) -> str:
@@ -147,10 +148,12 @@ def _design(study: dict[str, Any]) -> list[str]:
              _model_line("Teacher", t), _model_line("Student initialisation (every student starts here)",
                                                     t.get("student_init")),
              _model_line("Control teacher (positive control, below)", t.get("control")), "",
-             f"Power: {n} paired seeds on {val or 'the'} val images. Assumed std of a paired mAP difference: "
-             f"{sd:g} mAP points (design 3 measured 0.68 on 160 val images). A two-sided 5% test over {n} seeds "
-             f"then detects a true difference of **{mde:.2f} mAP** with 80% power "
-             f"((t_0.975 + t_0.80) x sd / sqrt(n)); the paper's margin over DeFeat is 0.3-0.5 mAP on COCO.",
+             (f"Power: {n} paired seeds on {val or 'the'} val images. Assumed std of a paired mAP difference: "
+              f"{sd:g} mAP points (design 3 measured 0.68 on 160 val images). A two-sided 5% test over {n} seeds "
+              f"then detects a true difference of **{mde:.2f} mAP** with 80% power "
+              f"((t_0.975 + t_0.80) x sd / sqrt(n)); the paper's margin over DeFeat is 0.3-0.5 mAP on COCO."
+              if n >= 2 else f"Power: one seed on {val or 'the'} val images: no test and no interval; a one-seed "
+              f"study shows the machinery and the direction of effects, not whether they are real."),
              "Targets: `gkd` - `none` >= +2 mAP; `gkd` - `local` > 0 with a 95% confidence interval that excludes "
              "0; the positive control's robust weights lower on the defective class.", ""]
     return lines
