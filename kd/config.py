@@ -117,7 +117,7 @@ class TrainConfig:
         "epochs": ((">=", 1),), "batch_size": ((">=", 1),), "lr": ((">", 0),), "momentum": ((">=", 0), ("<", 1)),
         "weight_decay": ((">=", 0),), "warmup_iters": ((">=", 0),), "warmup_ratio": ((">", 0), ("<=", 1)),
         "steps": ((">=", 0),), "gamma": ((">", 0),), "grad_clip": ((">", 0),), "hflip": ((">=", 0), ("<=", 1)),
-        "eval_interval": ((">=", 1),), "max_steps_per_epoch": ((">=", 1),), "threads": ((">=", 0),),
+        "eval_interval": ((">=", 0),), "max_steps_per_epoch": ((">=", 1),), "threads": ((">=", 0),),
         "base_batch_size": ((">=", 1),), "dist_timeout_s": ((">=", 1),)}
 
     epochs: int = 12
@@ -138,7 +138,8 @@ class TrainConfig:
     amp: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     hflip: float = 0.5
-    #: evaluate on the val split every N epochs (and always after the last)
+    #: evaluate on the val split every N epochs (and always after the last); 0 = never in the loop: the caller
+    #: evaluates the checkpoint itself (``gkd study`` does, with its subsets, so each run is evaluated once)
     eval_interval: int = 1
     #: cap on steps per epoch (null = whole split); useful for smoke runs
     max_steps_per_epoch: Optional[int] = None

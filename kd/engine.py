@@ -441,7 +441,8 @@ def _fit(task: nn.Module, cfg: RunConfig, train_set, val_set, *, resume: bool, c
             D.verify_identical(f"trainable parameters and buffers after epoch {epoch + 1}",
                                D.state_sha256(view.state_dict()))
             record["world_size"] = ctx.world_size
-        if evaluator is not None and ((epoch + 1) % tcfg.eval_interval == 0 or epoch + 1 == tcfg.epochs):
+        if evaluator is not None and tcfg.eval_interval > 0 and (
+                (epoch + 1) % tcfg.eval_interval == 0 or epoch + 1 == tcfg.epochs):
             t_eval = time.perf_counter()
             if ctx.enabled:
                 metrics = D.evaluate_sharded(task.detector, val_loader, evaluator, device)

@@ -51,6 +51,26 @@ def test_train_then_eval_cli(tmp_path, data_dir, capsys):
     assert all({"image_id", "category_id", "bbox", "score"} <= set(d) for d in dets)
 
 
+def test_eval_interval_zero_leaves_the_evaluation_to_the_caller(tmp_path, data_dir, monkeypatch):
+    """``train.eval_interval=0`` (what gkd study sets: it evaluates each checkpoint once itself, with subsets):
+    no epoch evaluates, not even the last; the checkpoint is still written."""
+    import gkd.kd.evaluation as evaluation
+
+    calls = []
+    real = evaluation.evaluate_detector
+    monkeypatch.setattr(evaluation, "evaluate_detector", lambda *a, **k: calls.append(1) or real(*a, **k))
+    record = train_detector(cfg_for(tmp_path, data_dir, "noeval", "train.epochs=2", "train.max_steps_per_epoch=1",
+                                    "train.eval_interval=0"), progress=False)
+    assert calls == [] and not any(k.startswith("val/") for k in record)
+    lines = (tmp_path / "noeval" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and all("val/bbox_mAP" not in json.loads(line) for line in lines)
+    assert (tmp_path / "noeval" / "checkpoints" / "model.pt").is_file()
+    # the same run with the default interval does evaluate (the patch above would have seen it)
+    train_detector(cfg_for(tmp_path, data_dir, "witheval", "train.epochs=1", "train.max_steps_per_epoch=1"),
+                   progress=False)
+    assert calls == [1]
+
+
 class Killed(Exception):
     pass
 
