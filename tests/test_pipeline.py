@@ -188,6 +188,8 @@ def test_quick_preset_resolves_to_the_quick_world():
     default = resolve_stage_configs(load_pipeline_config(None, []))
     assert stages.distill.model.backbone_width == default.distill.model.backbone_width == 0.5
     assert stages.teacher.model.backbone_width == 1.0 and stages.baseline.distill.method == "none"
+    # the quick students' own schedule (300 steps of 4 images) is the baseline's too: same recipe, other method
+    assert stages.distill.train == stages.baseline.train and stages.distill.train.batch_size == 4
 
 
 @pytest.mark.parametrize("override, message", [
