@@ -390,8 +390,9 @@ def _fit(task: nn.Module, cfg: RunConfig, train_set, val_set, *, resume: bool, c
         if start_epoch >= tcfg.epochs:
             log.info("run already finished %d epochs; nothing to do (raise train.epochs to continue)", tcfg.epochs)
 
-    val_loader = _val_loader(val_set, cfg, ctx) if gt_json is not None else None
-    evaluator = CocoEvaluator(gt_json, category_ids, cfg.eval.max_dets) if gt_json is not None else None
+    evaluates = gt_json is not None and tcfg.eval_interval > 0  # 0: the caller evaluates the checkpoint itself
+    val_loader = _val_loader(val_set, cfg, ctx) if evaluates else None
+    evaluator = CocoEvaluator(gt_json, category_ids, cfg.eval.max_dets) if evaluates else None
     bar = _Progress((tcfg.epochs - start_epoch) * iters_per_epoch, progress and ctx.is_main)
     # a resumed run with no epoch left returns the metrics of its last epoch, as an uninterrupted run did
     record: dict[str, Any] = dict(state.get("metrics", {})) if resume else {}
@@ -441,8 +442,7 @@ def _fit(task: nn.Module, cfg: RunConfig, train_set, val_set, *, resume: bool, c
             D.verify_identical(f"trainable parameters and buffers after epoch {epoch + 1}",
                                D.state_sha256(view.state_dict()))
             record["world_size"] = ctx.world_size
-        if evaluator is not None and tcfg.eval_interval > 0 and (
-                (epoch + 1) % tcfg.eval_interval == 0 or epoch + 1 == tcfg.epochs):
+        if evaluator is not None and ((epoch + 1) % tcfg.eval_interval == 0 or epoch + 1 == tcfg.epochs):
             t_eval = time.perf_counter()
             if ctx.enabled:
                 metrics = D.evaluate_sharded(task.detector, val_loader, evaluator, device)
