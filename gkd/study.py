@@ -68,8 +68,9 @@ class StudyConfig:
     student_init: Any = field(default_factory=dict)
     #: overrides for every student run (the distillation phase), e.g. its schedule
     student: Any = field(default_factory=dict)
-    #: the menu's methods, plus "global": `gkd` with the local terms off (fg, bg and soft weights 0)
-    methods: tuple[str, ...] = ("none", "local", "robust", "gkd", "global", "pkd", "pkd+global")
+    #: the menu's methods, plus "global": `gkd` with the local terms off (fg, bg and soft weights 0), and
+    #: "local-soft0.8": `local` with the soft-label weight 0.8 (what uniform robust weights of ~0.8 amount to)
+    methods: tuple[str, ...] = ("none", "local", "robust", "gkd", "global", "pkd", "pkd+global", "local-soft0.8")
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     #: ablations on the `gkd` method (the default values are the main runs'), on ablation_seeds
     ablation_prototypes: tuple[int, ...] = (1, 5)
@@ -85,6 +86,9 @@ class StudyConfig:
     control_class: str = ""
     control_methods: tuple[str, ...] = ("local", "robust", "gkd")
     control_seeds: tuple[int, ...] = (0, 1, 2)
+    #: the robust-weight audit (gkd.kd.distill.audit) of each teacher at the students' start: the first N training
+    #: images (0 = all)
+    audit_images: int = 0
     #: the power statement's assumption: the std over seeds of a paired mAP difference, in mAP points (design 3
     #: measured 0.68 on 160 val images; 0.4 assumes it shrinks with the val split)
     design_sd: float = 0.4
@@ -92,7 +96,8 @@ class StudyConfig:
     report: str = "docs/study.md"
 
     RANGES: ClassVar[dict] = {"synth_val_images": ((">=", 1),), "control_fraction": ((">=", 0), ("<=", 1)),
-                              "design_sd": ((">", 0),), "jobs": ((">=", 1),), "student_init_epochs": ((">=", 0),)}
+                              "design_sd": ((">", 0),), "jobs": ((">=", 1),), "student_init_epochs": ((">=", 0),),
+                              "audit_images": ((">=", 0),)}
 
     @property
     def run_dir(self) -> Path:
@@ -105,11 +110,14 @@ QUICK_OVERRIDES = (
     "name=study-quick", "teacher.train.epochs=3", "teacher.train.steps=[2]", "student_init_epochs=1",
     "student.train.epochs=1", "methods=[none,local,gkd]", "seeds=[0]", "ablation_prototypes=[]",
     "ablation_global_weight=[]", "ablation_bn_modes=[]", "ablation_refresh_steps=[]", "control_methods=[local,gkd]",
-    "control_seeds=[0]", "report=runs/study-quick/study.md",
+    "control_seeds=[0]", "audit_images=300", "report=runs/study-quick/study.md",
 )
 
-#: the study's method names that are not menu entries: name -> (menu method, distill overrides)
-STUDY_METHODS = {"global": ("gkd", {"fg_weight": 0.0, "bg_weight": 0.0, "soft_weight": 0.0})}
+#: the study's method names that are not menu entries: name -> (menu method, distill overrides). "local-soft0.8"
+#: asks whether `robust` is only a smaller soft-label weight: the foreground loss is normalised by the sum of the
+#: weights (uniform weights cancel there), while the soft-label loss is scaled by their mean (~0.8 in `robust`).
+STUDY_METHODS = {"global": ("gkd", {"fg_weight": 0.0, "bg_weight": 0.0, "soft_weight": 0.0}),
+                 "local-soft0.8": ("local", {"soft_weight": 0.8})}
 
 
 # ------------------------------------------------------------------------------------------------ the stages
@@ -178,6 +186,16 @@ def study_teacher(run_cfg: Any, val_json: Path, meta: dict[str, Any], progress: 
 
     return {**_trained(train_teacher, run_cfg, val_json, {**meta, "config": to_dict(run_cfg)}, progress),
             "checkpoint": str(run_cfg.run_dir / "checkpoints" / "model.pt")}
+
+
+def study_audit(run_cfg: Any, max_images: int, threads: int = 1) -> dict[str, Any]:
+    """The robust-weight audit (:func:`gkd.kd.distill.audit.audit_robust_weights`) of ``run_cfg``'s teacher at its
+    students' start (runs in a worker process, or in this one)."""
+    from gkd.kd.distill.audit import audit_robust_weights
+
+    t0 = time.perf_counter()
+    result = audit_robust_weights(run_cfg, max_images=max_images or None, threads=threads)
+    return {"audit": result, "audit_s": round(time.perf_counter() - t0, 1), "outputs": {}}
 
 
 def corrupt_labels(train_json: Path, out_json: Path, class_name: str, fraction: float, seed: int) -> dict[str, Any]:
@@ -352,16 +370,43 @@ def run_study(cfg: StudyConfig, command: str = "") -> dict[str, Any]:
              study_student, (run_cfg, val_json, meta), "student.", training_work(run_cfg, n_train),
              threads=lambda n, c=run_cfg, m=meta: (with_threads(c, n), val_json, m))
          for name, run_cfg, meta in students], cfg.jobs, threads=1)
+    audits = _audits(cfg, runner, students, inputs, control_sha)
     runner.flush()
     results = [_strip(r) for r in records.values()]
     wall = time.perf_counter() - t_start
     study = {"format": "gkd-study", "version": 3, "command": command, "config": to_dict(cfg),
              "machine": _machine(), "wall_s": round(wall, 1), "teacher": teacher, "runs": results,
+             "audits": audits,
              "levels": level_histogram(root / "train.json", results, students[0][1]) if students else {},
              "invocation": runner.invocation()}
     atomic_write_json(cfg.run_dir / "study.json", study)
     atomic_write_text(cfg.report, render_report(study))
     return study
+
+
+def _audits(cfg: StudyConfig, runner: Any, students: list[tuple[str, Any, dict]], inputs: dict[str, Any],
+            control_sha: str | None) -> dict[str, Any]:
+    """The robust-weight audit of the teacher and of the control teacher, each with the config of its first
+    `robust` (else `gkd`) run: ``{"main": ..., "control": ...}`` (a teacher without such a run is not audited)."""
+    from gkd.stages import Job, training_inputs
+
+    jobs = {}
+    for kind in ("main", "control"):
+        runs = [(name, c, m) for name, c, m in students if m["kind"] == kind and m["method"] in ("robust", "gkd")]
+        runs.sort(key=lambda r: (r[2]["method"] != "robust", r[2]["seed"]))
+        if not runs:
+            continue
+        name, run_cfg, meta = runs[0]
+        stage = "audit" if kind == "main" else "audit-control"
+        keyed = {**inputs, **({"teacher": control_sha} if kind == "control" else {}), "images": cfg.audit_images}
+        jobs[kind] = Job(stage, training_inputs(run_cfg, **keyed), study_audit, (run_cfg, cfg.audit_images, 2),
+                         "student.", f"robust weights of {name}'s start",
+                         threads=lambda n, c=run_cfg: (c, cfg.audit_images, n))
+    if not jobs:
+        return {}
+    runner.progress.stages += [j.stage for j in jobs.values()]
+    done = runner.run_parallel(list(jobs.values()), cfg.jobs, threads=1)
+    return {kind: {**done[job.stage]["audit"], "audit_s": done[job.stage].get("audit_s")} for kind, job in jobs.items()}
 
 
 def level_histogram(train_json: Path, runs: list[dict[str, Any]], run_cfg: Any) -> dict[str, Any]:

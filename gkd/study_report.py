@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
+from pathlib import Path
 from typing import Any
 
 __all__ = ["SUBSETS", "PAPER_TABLES", "summarize", "render_report", "t_quantile", "paired_ci",
@@ -294,6 +296,63 @@ def _control(study: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def portable_paths(value: Any) -> Any:
+    """``value`` with every absolute path inside the gkd package (the shipped configs) written relative to it, e.g.
+    ``kd/configs/study/teacher.yaml``: a report does not record where one machine keeps its checkout."""
+    from gkd.kd import CONFIG_DIR
+
+    root = CONFIG_DIR.parent.parent  # the repository (or the installed package) holding kd/configs
+    if isinstance(value, dict):
+        return {k: portable_paths(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable_paths(v) for v in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        try:
+            return Path(value).resolve().relative_to(root.resolve()).as_posix()
+        except ValueError:
+            return value
+    return value
+
+
+def _audit(study: dict[str, Any]) -> list[str]:
+    """The robust-weight audit: do the weights follow what each teacher gets wrong?"""
+    audits = study.get("audits") or {}
+    if not audits:
+        return []
+
+    def w(a: dict[str, Any], group: str) -> str:
+        g = a["groups"].get(group)
+        return f"{g['mean']:.3f} ({g['n']})" if g and g["n"] else "-"
+
+    def d(v: float | None) -> str:
+        return f"{v:+.3f}" if v is not None else "-"
+
+    bad = (study["teacher"].get("control") or {}).get("corruption", {}).get("class")
+    lines = ["## Do the robust weights follow the teacher's errors? (an audit)", "",
+             "Each training instance's robust weight at its own level, at the students' start (the initialisation, "
+             "and the prototypes of a run's first refresh), grouped by what the teacher does with the instance: its "
+             "most confident detection that overlaps the box (IoU >= 0.5, score >= 0.05) has the right class, "
+             "another class (confused), or there is none (missed). Mean weight (instances). The weights fall with "
+             "the level (small boxes on the finest level), so the answer is the comparison within a level: the "
+             "count-weighted mean over levels of the difference (`python -m gkd.kd.distill.audit`).", "",
+             "| teacher | instances | right | confused | missed | within a level: right - confused | right - missed |",
+             "|---|---|---|---|---|---|---|"]
+    names = {"main": "teacher", "control": f"control teacher (`{bad}` corrupted)" if bad else "control teacher"}
+    for kind, a in audits.items():
+        lines.append(f"| {names.get(kind, kind)} | {a['instances']} | {w(a, 'teacher right')} | "
+                     f"{w(a, 'teacher confused')} | {w(a, 'teacher missed')} | "
+                     f"{d(a['within_level'].get('right - confused'))} | {d(a['within_level'].get('right - missed'))} |")
+        if kind == "control" and bad:
+            lines.append(f"| ... its `{bad}` boxes | {a['groups'].get(f'class {bad}', {}).get('n', 0)} | "
+                         f"{w(a, f'class {bad} / teacher right')} | {w(a, f'class {bad} / teacher confused')} | "
+                         f"{w(a, f'class {bad} / teacher missed')} | | |")
+    first = next(iter(audits.values()))
+    levels = sorted(k for k in first["groups"] if k.startswith("level ") and "/" not in k)
+    lines += ["", "By level (the first audit): " + ", ".join(f"{k} {w(first, k)}" for k in levels) +
+              f"; boxes tagged small {w(first, 'tag small')}, untagged {w(first, 'tag clean')}.", ""]
+    return lines
+
+
 def _stage_times_line(study: dict[str, Any]) -> list[str]:
     """Each stage's own time, also for stages a rerun reused: the wall time above is one invocation's only."""
     runs = [r for r in study["runs"] if "train_s" in r]
@@ -341,7 +400,7 @@ def render_report(study: dict[str, Any]) -> str:
                      f"{_delta_cell(r['vs_local'], r['ci_vs_local'])} | {' | '.join(subs)} |")
     verdicts = _verdicts(rows, cfg.get("design_sd", 0.4))
     lines += ["", *verdicts, *([""] if verdicts else []),
-              *_levels(study), *_discrepancy(study), *_ablations(study), *_control(study),
+              *_levels(study), *_discrepancy(study), *_ablations(study), *_control(study), *_audit(study),
               "What these numbers mean, why `gkd` does or does not beat `local` here, and what was tried: "
               "docs/study_notes.md.", "",
               "## The paper's COCO numbers, for orientation (theirs, not ours)", "",
@@ -352,6 +411,7 @@ def render_report(study: dict[str, Any]) -> str:
         lines += [f"| {n} | {a} | {b if b is not None else '-'} | {c if c is not None else '-'} |"
                   for n, a, b, c in table]
         lines.append("")
-    lines += ["## Provenance", "", "```json", json.dumps({"config": cfg, "machine": study["machine"]}, indent=1),
+    lines += ["## Provenance", "", "```json", json.dumps({"config": portable_paths(cfg), "machine": study["machine"]},
+                                                        indent=1),
               "```", ""]
     return "\n".join(lines)

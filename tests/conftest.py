@@ -4,11 +4,22 @@
 * Exit status 5 ("no tests collected") is turned into 0, only as a guard: the suite always has CPU tests.
 * Tests use one torch thread by default: on two shared cores, two OpenMP threads make small ops up to 100x slower
   (measured). ``GKD_TEST_THREADS=N`` sets another count (scripts/test_matrix.sh runs the suite with 1 and 2).
+* torch.compile's inductor cache gets a folder per ATen CPU capability (unless ``TORCHINDUCTOR_CACHE_DIR`` is set):
+  a precompiled header built under the native AVX2 / AVX-512 kernels does not compile in an
+  ``ATEN_CPU_CAPABILITY=default`` run (``at::vec`` not declared), so the two must not share one cache.
 """
-import pytest
-import torch
+import os
+import tempfile
 
-from tests.helpers import TEST_THREADS
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # before torch is imported (inductor reads it lazily, but be sure)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_gkd_tests_{os.getuid() if hasattr(os, 'getuid') else 0}",
+        os.environ.get("ATEN_CPU_CAPABILITY") or "native")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tests.helpers import TEST_THREADS  # noqa: E402
 
 torch.set_num_threads(TEST_THREADS)
 

@@ -85,6 +85,14 @@ def test_micro_study_end_to_end(tmp_path, capsys):
     report = (tmp_path / "study.md").read_text()
     assert "Student initialisation (every student starts here): resnet18 x0.5" in report
     assert "| none |" in report and "| gkd |" in report and "## Positive control" in report
+    # the robust-weight audit of both teachers, each at the students' start, with the runs' own settings
+    assert set(study["audits"]) == {"main", "control"}
+    for audit in study["audits"].values():
+        assert audit["instances"] > 0 and audit["groups"]["all"]["n"] == audit["instances"]
+        assert audit["student"] == str(init)
+    assert study["audits"]["control"]["teacher"].endswith("teacher-control/checkpoints/model.pt")
+    assert "## Do the robust weights follow the teacher's errors?" in report
+    assert '"teacher_config": "kd/configs/study/teacher.yaml"' in report  # no machine's checkout path
     # rerun: everything is cached, nothing retrains
     before = (tmp_path / "study" / "students" / "gkd-s0" / "checkpoints" / "model.pt").stat().st_mtime
     assert main(args) == 0
@@ -137,6 +145,9 @@ def test_student_runs_cover_the_grid_ablations_and_control():
     assert runs["gkd-s0"][0].distill.fg_weight > 0 and runs["pkd_global-s0"][0].distill.method == "pkd+global"
     assert runs["gkd-bnbatch-s1"][0].distill.pgm.bn_mode == "batch"
     assert runs["gkd-every25-s0"][0].distill.pgm.interval_steps == 25
+    soft, meta = runs["local-soft0.8-s4"]  # is `robust` only a smaller soft-label weight?
+    assert soft.distill.method == "local" and soft.distill.soft_weight == 0.8 and meta["method"] == "local-soft0.8"
+    assert soft.distill.fg_weight == runs["local-s4"][0].distill.fg_weight
     ctrl, meta = runs["control-robust-s2"]
     assert ctrl.distill.teacher.checkpoint == "c.pt" and meta["kind"] == "control"
     assert runs["local-s0"][0].distill.teacher.checkpoint == "t.pt"

@@ -1,0 +1,207 @@
+"""Do the robust weights single out what the teacher gets wrong? An audit of the Robust Distillation Module.
+
+The paper's claim for the robust weights (method.md 2.3) is that they filter noisy knowledge: an instance the
+teacher represents badly gets a lower weight. This audit measures it on a distillation run's own data: it builds the
+prototype bank as the run's first refresh does (same student start, teacher, PGM settings and seed), computes each
+training instance's robust weight at its own level (the one its foreground mask and soft label use), and groups the
+weights by what the teacher does with the instance, by class, by level and by difficulty tag.
+
+What the teacher does with a ground-truth box (:func:`teacher_outcome`): its most confident detection overlapping
+the box (IoU >= 0.5, score >= 0.05) has the box's class ("right") or another class ("confused"), or no detection
+overlaps it ("missed"). Because the weights depend strongly on the level (small boxes on the finest level get lower
+weights whatever the teacher does), the comparison that answers the question is within a level:
+``within_level``, the count-weighted mean over levels of (mean weight of "right" - mean weight of "confused" /
+"missed").
+
+    python -m gkd.kd.distill.audit runs/<run>/config.yaml [--student CKPT] [--images N] [--out F.json]
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["teacher_outcome", "audit_robust_weights", "summarize_weights", "OUTCOMES"]
+
+log = logging.getLogger(__name__)
+
+#: what the teacher does with a ground-truth box
+OUTCOMES = ("right", "confused", "missed")
+
+
+def teacher_outcome(det: dict[str, torch.Tensor], gt_boxes: torch.Tensor, gt_labels: torch.Tensor,
+                    score: float = 0.05, iou: float = 0.5) -> list[str]:
+    """What the teacher says of each ground-truth box.
+
+    Args:
+        det: the teacher's detections of the image (``boxes [D, 4]`` xyxy, ``labels [D]``, ``scores [D]``).
+        gt_boxes: ``[G, 4]`` xyxy in the same pixels; gt_labels: ``[G]``.
+        score / iou: the detections considered, and the overlap that counts as covering the box.
+
+    Returns:
+        Per box, ``"right"`` (the most confident detection with IoU >= ``iou`` is of the box's class),
+        ``"confused"`` (it is of another class) or ``"missed"`` (no detection overlaps it that much).
+    """
+    from torchvision.ops import box_iou
+
+    keep = det["scores"] >= score
+    boxes, labels, scores = det["boxes"][keep], det["labels"][keep], det["scores"][keep]
+    if boxes.numel() == 0 or gt_boxes.numel() == 0:
+        return ["missed"] * len(gt_boxes)
+    ious = box_iou(gt_boxes.float(), boxes.float())  # [G, D]
+    out = []
+    for g in range(len(gt_boxes)):
+        hit = ious[g] >= iou
+        if not hit.any():
+            out.append("missed")
+            continue
+        best = torch.where(hit, scores, torch.full_like(scores, -1.0)).argmax()
+        out.append("right" if int(labels[best]) == int(gt_labels[g]) else "confused")
+    return out
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    return {"n": len(values), "mean": round(float(t.mean()), 4) if values else None,
+            "std": round(float(t.std()), 4) if len(values) > 1 else 0.0}
+
+
+def summarize_weights(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Group per-instance rows (``w``, ``outcome``, ``class``, ``level``, ``tags``) into the audit's summary:
+    ``groups`` (name -> n / mean / std) and ``within_level`` (for "confused" and "missed": the count-weighted mean
+    over levels of mean(right) - mean(outcome), over levels where both occur; None where none does)."""
+    groups: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        w = r["w"]
+        groups["all"].append(w)
+        groups[f"teacher {r['outcome']}"].append(w)
+        groups[f"class {r['class']}"].append(w)
+        groups[f"class {r['class']} / teacher {r['outcome']}"].append(w)
+        groups[f"level {r['level']}"].append(w)
+        groups[f"level {r['level']} / teacher {r['outcome']}"].append(w)
+        for t in r["tags"] or ["clean"]:
+            groups[f"tag {t}"].append(w)
+    within: dict[str, float | None] = {}
+    levels = sorted({r["level"] for r in rows})
+    for other in ("confused", "missed"):
+        num = den = 0.0
+        for lv in levels:
+            right, wrong = groups.get(f"level {lv} / teacher right"), groups.get(f"level {lv} / teacher {other}")
+            if right and wrong:
+                n = len(right) + len(wrong)
+                num += n * (sum(right) / len(right) - sum(wrong) / len(wrong))
+                den += n
+        within[f"right - {other}"] = round(num / den, 4) if den else None
+    return {"groups": {name: _stats(v) for name, v in sorted(groups.items())}, "within_level": within}
+
+
+def audit_robust_weights(cfg: Any, student_checkpoint: str | Path | None = None, max_images: int | None = None,
+                         threads: int | None = None) -> dict[str, Any]:
+    """The robust weights of a distillation run's training instances, against what its teacher does with them.
+
+    Args:
+        cfg: a resolved :class:`~gkd.kd.distill.config.DistillRunConfig` whose method uses prototypes.
+        student_checkpoint: the student to audit (default: the run's start, ``model.weights`` or its seeded init).
+        max_images: audit only the first N training images (None: all); the prototypes always come from the
+            whole PGM sample, as in training.
+        threads: torch threads (None: unchanged).
+
+    Returns:
+        ``{"images", "instances", "groups", "within_level", "student", "teacher"}`` (see :func:`summarize_weights`).
+    """
+    from ..data import CocoDetection
+    from ..engine import seed_everything
+    from ..errors import GkdError
+    from ..train import build_model, load_splits
+    from .levels import assign_levels
+    from .config import uses_prototypes
+    from .ops import prototype_project
+    from .robust import robust_weights
+    from .run import build_task, load_teacher
+
+    if not uses_prototypes(cfg.distill):
+        raise GkdError(f"distill.method={cfg.distill.method}: has no robust weights to audit; expected a method "
+                       f"with prototypes (robust, gkd)")
+    if threads:
+        torch.set_num_threads(int(threads))
+    if student_checkpoint is not None:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=str(student_checkpoint)))
+    train_index, _ = load_splits(cfg)
+    k = len(train_index.classes)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=k))
+    teacher = load_teacher(cfg.distill.teacher, train_index.classes, cfg.model)
+    seed_everything(cfg.seed)
+    student = build_model(cfg, k, train_index.classes)
+    task = build_task(cfg, student, teacher, train_index)
+    device = torch.device("cpu")
+    task._refresh(device, "audit")  # the run's first refresh: same sample, same models
+    student.eval()
+    teacher.eval()
+    bank = task.bank
+    data = CocoDetection(train_index, train=False, min_size=cfg.model.min_size, max_size=cfg.model.max_size)
+    n_images = len(data) if max_images is None else min(len(data), int(max_images))
+    rows: list[dict[str, Any]] = []
+    with torch.no_grad():
+        for i in range(n_images):
+            anns = [a for a in train_index.anns_by_image[data.images[i]["id"]] if not a["iscrowd"]]
+            if not anns:
+                continue
+            img, tgt = data[i]
+            outcome = teacher_outcome(teacher([img])[0], tgt["boxes"], tgt["labels"])
+            # the training step's view: the detector's own resize, boxes in model-input pixels
+            x, tt = student.transform([img], [{"boxes": tgt["boxes"], "labels": tgt["labels"]}])
+            boxes5 = torch.cat([torch.zeros(len(tt[0]["boxes"]), 1), tt[0]["boxes"]], 1)
+            labels = tt[0]["labels"]
+            fs, ft = student.backbone(x.tensors), teacher.backbone(x.tensors)
+            level = assign_levels(boxes5[:, 1:], len(task.pairs), task.cfg.level_canonical_size)
+            own = torch.ones(len(labels))
+            for li, p in enumerate(task.pairs):
+                if bank.count(p.key) == 0:
+                    continue
+                _, cos_s = prototype_project(fs[p.student], boxes5, p.stride, bank.student[p.key])
+                _, cos_t = prototype_project(ft[p.teacher], boxes5, p.stride, bank.teacher[p.key])
+                w, _ = robust_weights(cos_s, cos_t, labels, bank.labels[p.key])
+                own[level == li] = w[level == li]
+            for j, a in enumerate(anns):
+                rows.append({"w": float(own[j]), "outcome": outcome[j], "class": train_index.classes[a["label"] - 1],
+                             "level": int(level[j]),
+                             "tags": [t for t, v in (a.get("attributes") or {}).items() if v is True]})
+    return {"images": n_images, "instances": len(rows), **summarize_weights(rows),
+            "student": str(cfg.model.weights or f"seeded init (seed {cfg.seed})"),
+            "teacher": str(cfg.distill.teacher.checkpoint)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from ..config import load_config
+    from ..errors import GkdError
+    from ..io import atomic_write_json
+    from .config import DistillRunConfig
+
+    ap = argparse.ArgumentParser(prog="python -m gkd.kd.distill.audit", description=__doc__.splitlines()[0])
+    ap.add_argument("config", type=Path, help="a distillation run's config.yaml (method robust or gkd)")
+    ap.add_argument("--student", type=Path, default=None, help="the student to audit (default: the run's start)")
+    ap.add_argument("--images", type=int, default=None, help="audit the first N training images (default: all)")
+    ap.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
+    args = ap.parse_args(argv)
+    try:
+        result = audit_robust_weights(load_config(args.config, cls=DistillRunConfig), args.student, args.images)
+    except GkdError as e:
+        print(f"error: {e}")
+        return 2
+    for name, s in result["groups"].items():
+        print(f"{name:42s} n={s['n']:6d}  w={s['mean']:.3f} +- {s['std']:.3f}")
+    print("within a level: " + ", ".join(f"{k} = {v:+.3f}" if v is not None else f"{k}: n/a"
+                                         for k, v in result["within_level"].items()))
+    if args.out:
+        atomic_write_json(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
