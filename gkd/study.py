@@ -396,7 +396,7 @@ def _audits(cfg: StudyConfig, runner: Any, students: list[tuple[str, Any, dict]]
         runs.sort(key=lambda r: (r[2]["method"] != "robust", r[2]["seed"]))
         if not runs:
             continue
-        name, run_cfg, meta = runs[0]
+        name, run_cfg, _ = runs[0]
         stage = "audit" if kind == "main" else "audit-control"
         keyed = {**inputs, **({"teacher": control_sha} if kind == "control" else {}), "images": cfg.audit_images}
         jobs[kind] = Job(stage, training_inputs(run_cfg, **keyed), study_audit, (run_cfg, cfg.audit_images, 2),

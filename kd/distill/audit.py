@@ -18,7 +18,7 @@ weights whatever the teacher does), the comparison that answers the question is 
 from __future__ import annotations
 
 import dataclasses
-import logging
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,6 @@ from typing import Any
 import torch
 
 __all__ = ["teacher_outcome", "audit_robust_weights", "summarize_weights", "OUTCOMES"]
-
-log = logging.getLogger(__name__)
 
 #: what the teacher does with a ground-truth box
 OUTCOMES = ("right", "confused", "missed")
@@ -87,7 +85,7 @@ def summarize_weights(rows: list[dict[str, Any]]) -> dict[str, Any]:
             groups[f"tag {t}"].append(w)
     within: dict[str, float | None] = {}
     levels = sorted({r["level"] for r in rows})
-    for other in ("confused", "missed"):
+    for other in OUTCOMES[1:]:
         num = den = 0.0
         for lv in levels:
             right, wrong = groups.get(f"level {lv} / teacher right"), groups.get(f"level {lv} / teacher {other}")
@@ -192,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = audit_robust_weights(load_config(args.config, cls=DistillRunConfig), args.student, args.images)
     except GkdError as e:
-        print(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 2
     for name, s in result["groups"].items():
         print(f"{name:42s} n={s['n']:6d}  w={s['mean']:.3f} +- {s['std']:.3f}")
