@@ -5,8 +5,8 @@ student with each method of the menu on an identical schedule (same number of up
 initialisation per seed: only the distillation differs), for several seeds; each student is evaluated on the same
 val split, overall, per class and on the hard subsets the synthetic generator tags (small, occluded, blurred
 objects). Ablations (prototypes per class, global weight, BatchNorm mode and refresh interval of the prototypes),
-and a positive control: a second teacher trained with one class's labels partly corrupted, which the robust module
-should notice. Everything lands in ``runs/<name>/study.json`` and a Markdown report (``docs/study.md`` by default,
+and a positive control: a second teacher trained on a defective copy of the training split (one class's labels
+partly swapped, or every box of one difficulty tag deleted), which the robust module should notice. Everything lands in ``runs/<name>/study.json`` and a Markdown report (``docs/study.md`` by default,
 :mod:`gkd.study_report`) with the power stated in advance, paired deltas with 95% confidence intervals, the exact
 command, the config, the machine and the wall time.
 
@@ -25,18 +25,21 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import click
 from gkd.kd import CONFIG_DIR
 from gkd.kd.config import SynthPreset
 from gkd.study_report import PAPER_TABLES, SUBSETS, render_report
 
-__all__ = ["StudyConfig", "run_study", "study", "SUBSETS", "PAPER_TABLES", "corrupt_labels", "level_histogram",
-           "training_diagnostics"]
+__all__ = ["StudyConfig", "run_study", "study", "SUBSETS", "PAPER_TABLES", "corrupt_labels", "blind_labels",
+           "level_histogram", "training_diagnostics"]
 
 log = logging.getLogger("gkd")
 STUDY_CONFIG_DIR = CONFIG_DIR / "study"
+
+#: the positive control's defect (see StudyConfig.control)
+ControlKind = Literal["labels", "blind"]
 
 @dataclass(frozen=True)
 class StudyConfig:
@@ -80,10 +83,15 @@ class StudyConfig:
     #: prototypes refreshed every N steps (the main runs: every epoch of 100 steps)
     ablation_refresh_steps: tuple[int, ...] = (25,)
     ablation_seeds: tuple[int, ...] = (0, 1)
-    #: positive control: a second teacher trained with this share of one class's training labels swapped to other
-    #: classes (0 = no control); control_class: that class's name ("" = the dataset's first class)
+    #: positive control: a second teacher (same recipe and seed) trained on a defective copy of the training split,
+    #: which the robust module should notice. "labels": control_fraction of class control_class's boxes get another
+    #: class's label (a defect of the teacher's classifier); "blind": control_fraction of the boxes tagged
+    #: control_tag (small, occluded, blurred) are deleted, so the teacher learns those objects as background (a defect
+    #: of its features). control_fraction 0 = no control; control_class "" = the dataset's first class
+    control: ControlKind = "labels"
     control_fraction: float = 0.5
     control_class: str = ""
+    control_tag: str = "blurred"
     control_methods: tuple[str, ...] = ("local", "robust", "gkd")
     control_seeds: tuple[int, ...] = (0, 1, 2)
     #: the robust-weight audit (gkd.kd.distill.audit) of each teacher at the students' start: the first N training
@@ -224,6 +232,34 @@ def corrupt_labels(train_json: Path, out_json: Path, class_name: str, fraction: 
     return {"class": name, "category_id": target, "annotations": len(mine), "relabelled": len(flipped)}
 
 
+def blind_labels(train_json: Path, out_json: Path, tag: str, fraction: float, seed: int) -> dict[str, Any]:
+    """The blind positive control's training split: ``fraction`` of the annotations whose ``attributes[tag]`` is
+    true (written by ``gkd data synth``: small, occluded, blurred, ...) are deleted, drawn at random (seeded). The
+    images stay, so a teacher trained on it learns those objects as background. Writes ``out_json`` atomically;
+    returns what was changed (``images_left_empty``: images that lost every box and now teach background only)."""
+    import random
+
+    from gkd.kd.errors import GkdError
+    from gkd.kd.io import atomic_write_json
+
+    data = json.loads(train_json.read_text())
+    anns = data["annotations"]
+    known = sorted({k for a in anns for k, v in (a.get("attributes") or {}).items() if isinstance(v, bool)})
+    if tag not in known:
+        raise GkdError(f"control_tag: '{tag}' is not a tag of {train_json}'s annotations; expected one of "
+                       f"{', '.join(known)}" if known else
+                       f"control_tag: {train_json}'s annotations carry no 'attributes' tags; the blind control needs "
+                       f"a split made by `gkd data synth` (or annotations with boolean 'attributes')")
+    tagged = [i for i, a in enumerate(anns) if (a.get("attributes") or {}).get(tag) is True]
+    deleted = set(random.Random(seed).sample(tagged, round(fraction * len(tagged))))
+    before = {a["image_id"] for a in anns}
+    data["annotations"] = [a for i, a in enumerate(anns) if i not in deleted]
+    after = {a["image_id"] for a in data["annotations"]}
+    atomic_write_json(out_json, data)
+    return {"kind": "blind", "tag": tag, "annotations": len(tagged), "deleted": len(deleted),
+            "images_left_empty": len(before - after)}
+
+
 def _run_name(method: str) -> str:
     return method.replace("+", "_")
 
@@ -320,10 +356,16 @@ def run_study(cfg: StudyConfig, command: str = "") -> dict[str, Any]:
     n_train = train_images(root / "train.json")
     control = None
     if ccfg is not None:
-        spec = {"class": cfg.control_class, "fraction": cfg.control_fraction, "seed": cfg.data_seed}
-        control = runner.run("control-data", {"data": data_shas["train.json"], **spec}, lambda: {
-            **corrupt_labels(root / "train.json", control_json, cfg.control_class, cfg.control_fraction,
-                             cfg.data_seed), "outputs": {"train": artifact(control_json)}})
+        if cfg.control == "blind":
+            spec = {"control": "blind", "tag": cfg.control_tag, "fraction": cfg.control_fraction, "seed": cfg.data_seed}
+            make = lambda: blind_labels(root / "train.json", control_json, cfg.control_tag,  # noqa: E731
+                                        cfg.control_fraction, cfg.data_seed)
+        else:  # the key of the first control ("labels"), unchanged so that its finished studies stay reusable
+            spec = {"class": cfg.control_class, "fraction": cfg.control_fraction, "seed": cfg.data_seed}
+            make = lambda: corrupt_labels(root / "train.json", control_json, cfg.control_class,  # noqa: E731
+                                          cfg.control_fraction, cfg.data_seed)
+        control = runner.run("control-data", {"data": data_shas["train.json"], **spec},
+                             lambda: {**make(), "outputs": {"train": artifact(control_json)}})
 
     # the teachers and the student initialisation are independent of each other: side by side
     jobs = []
@@ -462,6 +504,7 @@ def study(config: Path | None, overrides: tuple[str, ...], quick: bool) -> None:
       gkd study --quick
       gkd study seeds=[0,1,2] jobs=2
       gkd study methods=[none,gkd] seeds=[0] teacher_checkpoint=runs/teacher/checkpoints/best.pt
+      gkd study name=study-blind control=blind control_fraction=1   # a control teacher blind to blurred objects
     """
     from gkd.kd.cli import split_config_and_overrides
     from gkd.kd.config import load_config

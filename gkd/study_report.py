@@ -157,7 +157,7 @@ def _design(study: dict[str, Any]) -> list[str]:
               if n >= 2 else f"Power: one seed on {val or 'the'} val images: no test and no interval; a one-seed "
               f"study shows the machinery and the direction of effects, not whether they are real."),
              "Targets: `gkd` - `none` >= +2 mAP; `gkd` - `local` > 0 with a 95% confidence interval that excludes "
-             "0; the positive control's robust weights lower on the defective class.", ""]
+             "0; the positive control's robust weights lower on the defective part.", ""]
     return lines
 
 
@@ -244,55 +244,85 @@ def _ablations(study: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def control_part(study: dict[str, Any]) -> dict[str, Any] | None:
+    """What the positive control made defective, from study.json: ``{"kind", "name", "title", "ap", "audit_key"}``
+    (``ap``: a run's AP on that part; ``audit_key``: its within-level contrast in the audit), None without a control.
+    "labels": one class's boxes, partly relabelled; "blind": the boxes of one tag, partly deleted."""
+    bad = ((study["teacher"].get("control") or {}).get("corruption")) or {}
+    if not bad:
+        return None
+    if bad.get("kind", "labels") == "blind":
+        tag = bad["tag"]
+        return {"kind": "blind", "name": tag, "title": f"`{tag}` objects", "audit_key": f"others - tag {tag}",
+                "ap": lambda r: r["metrics"][tag]["bbox_mAP"],
+                "defect": f"{bad['deleted']} of the {bad['annotations']} training boxes tagged `{tag}` deleted (the "
+                          f"objects stay in the images, as background: {bad['images_left_empty']} images lost every "
+                          f"box)"}
+    name = bad["class"]
+    return {"kind": "labels", "name": name, "title": f"class `{name}`", "audit_key": f"others - class {name}",
+            "ap": lambda r: r["metrics"]["per_class"][name],
+            "defect": f"{bad['relabelled']} of the {bad['annotations']} training boxes of class `{name}` relabelled to "
+                      f"other classes"}
+
+
 def _control(study: dict[str, Any]) -> list[str]:
     ctrl = study["teacher"].get("control")
     runs = [r for r in study["runs"] if r.get("kind") == "control"]
-    if not ctrl or not runs:
+    part = control_part(study)
+    if not ctrl or not runs or part is None:
         return []
-    bad = ctrl["corruption"]
-    name = bad["class"]
+    name, ap = part["name"], part["ap"]
     classes = list(runs[0]["metrics"]["per_class"])
-    label = classes.index(name) + 1
-    healthy = study["teacher"]["metrics"].get("per_class", {})
+    healthy = study["teacher"]
 
     def ap_other(r: dict[str, Any]) -> float:
         return _mean_std([v for k, v in r["metrics"]["per_class"].items() if k != name])[0]
 
     def rw(r: dict[str, Any], mine: bool) -> float | None:
         d = r.get("diagnostics", {})
+        label = classes.index(name) + 1
         vals = [d.get(f"rw_c{c}") for c in range(1, len(classes) + 1) if (c == label) == mine]
         vals = [v for v in vals if v is not None]
         return statistics.fmean(vals) if vals else None
 
+    def mean_of(values: list[float | None]) -> str:
+        values = [v for v in values if v is not None]
+        return f"{statistics.fmean(values):.3f}" if values else "-"
+
+    labels = part["kind"] == "labels"
     lines = ["## Positive control: a teacher with a known defect", "",
-             f"A second teacher, same recipe and seed, trained with {bad['relabelled']} of the {bad['annotations']} "
-             f"training boxes of class `{name}` relabelled to other classes: {_pct(ctrl['metrics']['all']['bbox_mAP'])} "
-             f"mAP, AP on `{name}` {_pct(ctrl['metrics']['per_class'].get(name))} (the healthy teacher: "
-             f"{_pct(study['teacher']['metrics']['all']['bbox_mAP'])} and {_pct(healthy.get(name))}). Students from "
-             f"the same initialisation distil from it. The robust module should give `{name}` lower weights, and "
-             f"`robust` / `gkd` should beat `local` on `{name}`.", "",
-             f"| method | seeds | mAP | AP {name} | AP other classes | robust weight {name} | robust weight others |",
-             "|---|---|---|---|---|---|---|"]
+             f"A second teacher, same recipe and seed, trained with {part['defect']}: "
+             f"{_pct(ctrl['metrics']['all']['bbox_mAP'])} mAP, AP on {part['title']} {_pct(ap(ctrl))} (the healthy "
+             f"teacher: {_pct(healthy['metrics']['all']['bbox_mAP'])} and {_pct(ap(healthy))}). Students from the same "
+             f"initialisation distil from it. The robust module should give {part['title']} lower weights, and "
+             f"`robust` / `gkd` should beat `local` on {part['title']}.", ""]
+    if labels:  # training logs the robust weights per class, not per tag: a tag's weights are in the audit below
+        lines += [f"| method | seeds | mAP | AP {name} | AP other classes | robust weight {name} | robust weight others |",
+                  "|---|---|---|---|---|---|---|"]
+    else:
+        lines += [f"| method | seeds | mAP | AP {name} | robust weight (all instances) |", "|---|---|---|---|---|"]
     methods = list(dict.fromkeys(r["method"] for r in runs))
     for m in methods:
         mine = [r for r in runs if r["method"] == m]
-        wa = [rw(r, True) for r in mine]
-        wo = [rw(r, False) for r in mine]
-        wa = [v for v in wa if v is not None]
-        wo = [v for v in wo if v is not None]
-        lines.append(f"| {m} | {', '.join(str(r['seed']) for r in mine)} | "
-                     f"{_pct(_mean_std([_map(r) for r in mine])[0])} | "
-                     f"{_pct(_mean_std([r['metrics']['per_class'][name] for r in mine])[0])} | "
-                     f"{_pct(_mean_std([ap_other(r) for r in mine])[0])} | "
-                     f"{f'{statistics.fmean(wa):.3f}' if wa else '-'} | {f'{statistics.fmean(wo):.3f}' if wo else '-'} |")
-    local = [r for r in runs if r["method"] == "local"]
-    for m in methods:
-        if m == "local" or not local:
-            continue
-        d = _paired_delta([r for r in runs if r["method"] == m], local,
-                          value=lambda r: r["metrics"]["per_class"][name])
-        if d:
-            lines.append(f"\n`{m}` - `local` on `{name}` (paired): {_delta_cell(d, paired_ci(*d))} AP.")
+        cells = [m, ", ".join(str(r["seed"]) for r in mine), _pct(_mean_std([_map(r) for r in mine])[0]),
+                 _pct(_mean_std([ap(r) for r in mine])[0])]
+        if labels:
+            cells += [_pct(_mean_std([ap_other(r) for r in mine])[0]), mean_of([rw(r, True) for r in mine]),
+                      mean_of([rw(r, False) for r in mine])]
+        else:
+            cells.append(mean_of([r.get("diagnostics", {}).get("robust_weight_mean") for r in mine]))
+        lines.append("| " + " | ".join(cells) + " |")
+    # the same paired comparison on the healthy teacher's runs (the main grid), where it ran the same methods and
+    # seeds: the control's effect is the difference between the two
+    main = [r for r in study["runs"] if r.get("kind") == "main"]
+    for label, group in (("control teacher", runs), ("healthy teacher", main)):
+        local = [r for r in group if r["method"] == "local"]
+        for m in methods:
+            d = None if m == "local" or not local else _paired_delta([r for r in group if r["method"] == m], local,
+                                                                      value=ap)
+            if d:
+                lines.append(f"\n`{m}` - `local` on {part['title']} (paired, {label}): "
+                             f"{_delta_cell(d, paired_ci(*d))} AP.")
     return lines + [""]
 
 
@@ -327,7 +357,8 @@ def _audit(study: dict[str, Any]) -> list[str]:
     def d(v: float | None) -> str:
         return f"{v:+.3f}" if v is not None else "-"
 
-    bad = (study["teacher"].get("control") or {}).get("corruption", {}).get("class")
+    part = control_part(study)
+    bad = part["name"] if part and part["kind"] == "labels" else None
     lines = ["## Do the robust weights follow the teacher's errors? (an audit)", "",
              "Each training instance's robust weight at its own level, at the students' start (the initialisation, "
              "and the prototypes of a run's first refresh), grouped by what the teacher does with the instance: its "
@@ -337,7 +368,8 @@ def _audit(study: dict[str, Any]) -> list[str]:
              "count-weighted mean over levels of the difference (`python -m gkd.kd.distill.audit`).", "",
              "| teacher | instances | right | confused | missed | within a level: right - confused | right - missed |",
              "|---|---|---|---|---|---|---|"]
-    names = {"main": "teacher", "control": f"control teacher (`{bad}` corrupted)" if bad else "control teacher"}
+    names = {"main": "teacher", "control": "control teacher" + (
+        f" ({part['title']} {'corrupted' if bad else 'deleted'})" if part else "")}
     for kind, a in audits.items():
         lines.append(f"| {names.get(kind, kind)} | {a['instances']} | {w(a, 'teacher right')} | "
                      f"{w(a, 'teacher confused')} | {w(a, 'teacher missed')} | "
@@ -350,6 +382,18 @@ def _audit(study: dict[str, Any]) -> list[str]:
     levels = sorted(k for k in first["groups"] if k.startswith("level ") and "/" not in k)
     lines += ["", "By level (the first audit): " + ", ".join(f"{k} {w(first, k)}" for k in levels) +
               f"; boxes tagged small {w(first, 'tag small')}, untagged {w(first, 'tag clean')}.", ""]
+    key = part["audit_key"] if part else None
+    if key and all(key in a["within_level"] for a in audits.values()):
+        group = f"class {part['name']}" if part["kind"] == "labels" else f"tag {part['name']}"
+        contrast = {kind: a["within_level"][key] for kind, a in audits.items()}
+        lines += [f"The control's defective part, {part['title']}, against the other boxes on the same level (others - "
+                  f"part: positive where the part weighs less): " + "; ".join(
+                      f"{names.get(kind, kind)} {d(v)} ({part['title']} {w(audits[kind], group)})"
+                      for kind, v in contrast.items()) + "."]
+        if contrast.get("main") is not None and contrast.get("control") is not None:
+            lines.append(f"The defect's own effect (control - healthy teacher): "
+                         f"{d(contrast['control'] - contrast['main'])}.")
+        lines.append("")
     return lines
 
 

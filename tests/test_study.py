@@ -51,6 +51,52 @@ def test_paired_delta_removes_the_shared_seed_variation():
     assert rows["gkd"]["vs_local"] == pytest.approx((0.01, 0.0, 2))
 
 
+def _blind_control_study():
+    """A hand-made study whose control teacher was blind to blurred objects: 2 seeds of local / robust on each
+    teacher, and both audits."""
+    def metrics(ap, blurred):
+        m = {s: {"bbox_mAP": ap, "bbox_mAP_50": ap, "bbox_mAP_75": ap} for s in ("all", "small", "occluded")}
+        return {**m, "blurred": {"bbox_mAP": blurred}, "per_class": {"a": ap, "b": ap}}
+
+    def run(kind, method, seed, blurred):
+        return {"kind": kind, "method": method, "seed": seed, "metrics": metrics(0.3, blurred),
+                "diagnostics": {"robust_weight_mean": 0.8}}
+
+    def audit(blurred_w, others_minus_blurred):
+        return {"instances": 10, "groups": {"all": {"n": 10, "mean": 0.9, "std": 0.1},
+                                            "tag blurred": {"n": 4, "mean": blurred_w, "std": 0.1}},
+                "within_level": {"right - confused": 0.0, "right - missed": 0.0,
+                                 "others - tag blurred": others_minus_blurred}}
+
+    runs = [run("main", "local", 0, 0.20), run("main", "local", 1, 0.22), run("main", "robust", 0, 0.20),
+            run("main", "robust", 1, 0.22), run("control", "local", 0, 0.05), run("control", "local", 1, 0.07),
+            run("control", "robust", 0, 0.10), run("control", "robust", 1, 0.14)]
+    return {"config": {"methods": ["local", "robust"], "seeds": [0, 1], "control_methods": ["local", "robust"]},
+            "runs": runs, "machine": {"processor": "x86_64", "cpus": 2, "torch": "2.x"}, "wall_s": 60,
+            "command": "gkd study control=blind",
+            "teacher": {"metrics": metrics(0.4, 0.3), "control": {
+                "metrics": metrics(0.35, 0.01),
+                "corruption": {"kind": "blind", "tag": "blurred", "annotations": 40, "deleted": 40,
+                               "images_left_empty": 3}}},
+            "audits": {"main": audit(0.90, 0.02), "control": audit(0.80, 0.12)}}
+
+
+def test_report_of_a_blind_control_compares_the_tag_on_both_teachers():
+    text = render_report(_blind_control_study())
+    assert ("trained with 40 of the 40 training boxes tagged `blurred` deleted (the objects stay in the images, as "
+            "background: 3 images lost every box): 35.0 mAP, AP on `blurred` objects 1.0 (the healthy teacher: 40.0 "
+            "and 30.0)") in text
+    assert "| robust | 0, 1 | 30.0 | 12.0 | 0.800 |" in text  # AP on the tag, the mean robust weight
+    # robust - local on blurred objects: +5 and +7 with the control teacher, 0 with the healthy one
+    assert "`robust` - `local` on `blurred` objects (paired, control teacher): +6.0 +- 1.4 [-6.7, +18.7] AP." in text
+    assert "`robust` - `local` on `blurred` objects (paired, healthy teacher): +0.0 +- 0.0 [+0.0, +0.0] AP." in text
+    assert "| control teacher (`blurred` objects deleted) |" in text
+    assert ("against the other boxes on the same level (others - part: positive where the part weighs less): "
+            "teacher +0.020 (`blurred` objects 0.900 (4)); control teacher (`blurred` objects deleted) +0.120 "
+            "(`blurred` objects 0.800 (4)).") in text
+    assert "The defect's own effect (control - healthy teacher): +0.100." in text
+
+
 def _micro_args(tmp_path):
     args = ["study", f"runs_dir={tmp_path}", f"data_root={tmp_path / 'data'}", "synth_images=12", "synth_size=64",
             "synth_val_images=4", "methods=[none,gkd]", "seeds=[0]", "ablation_prototypes=[]",
@@ -106,6 +152,26 @@ def test_micro_study_end_to_end(tmp_path, capsys):
     assert len(err.splitlines()) == 1
     assert main([*args, "student.distill.global_weight=7"]) == 2
     assert "distill.global_weight=5.0 there, 7.0 asked" in capsys.readouterr().err
+
+
+def test_micro_study_blind_control(tmp_path):
+    """control=blind: the control teacher trains on a split without the tagged boxes (the images kept), and the
+    report and the audit compare that tag with the other boxes (machinery only)."""
+    args = [a for a in _micro_args(tmp_path) if not a.startswith("methods=")]
+    assert main([*args, "methods=[gkd]", "control=blind", "control_fraction=1"]) == 0
+    study = json.loads((tmp_path / "study" / "study.json").read_text())
+    bad = study["teacher"]["control"]["corruption"]
+    full = json.loads((tmp_path / "data" / "train.json").read_text())
+    split = json.loads((tmp_path / "study" / "control" / "train.json").read_text())
+    blurred = [a for a in full["annotations"] if a["attributes"]["blurred"]]
+    assert bad["kind"] == "blind" and bad["deleted"] == bad["annotations"] == len(blurred) > 0
+    assert len(split["annotations"]) == len(full["annotations"]) - len(blurred) and split["images"] == full["images"]
+    assert not any(a["attributes"]["blurred"] for a in split["annotations"])
+    assert "teacher-control" in (tmp_path / "study" / "students" / "control-gkd-s0" / "config.yaml").read_text()
+    assert all("others - tag blurred" in a["within_level"] for a in study["audits"].values())
+    report = (tmp_path / "study.md").read_text()
+    assert "training boxes tagged `blurred` deleted" in report and "on `blurred` objects (paired" not in report
+    assert "| control teacher (`blurred` objects deleted) |" in report
 
 
 def test_quick_preset_and_default_stage_configs_are_valid():
@@ -212,3 +278,34 @@ def test_confidence_intervals_and_detectable_effect():
     assert paired_ci(1.0, 0.0, 1) is None
     assert detectable_effect(0.4, 5) == pytest.approx((2.776 + 0.941) * 0.4 / 5 ** 0.5)
     assert detectable_effect(0.4, 10) < detectable_effect(0.4, 5)
+
+
+def test_blind_labels_delete_a_seeded_share_of_one_tag_and_keep_every_image(tmp_path):
+    from gkd.kd.errors import GkdError
+    from gkd.study import blind_labels
+
+    # image 1: boxes 0-3, of which 1 and 3 are blurred; image 2: box 4 only, blurred; box 5 has no attributes
+    tags = [False, True, False, True, True]
+    anns = [{"id": i, "image_id": 1 if i < 4 else 2, "category_id": 1, "bbox": [0, 0, 5, 5],
+             "attributes": {"blurred": b, "small": i == 0, "visible": 0.5}} for i, b in enumerate(tags)]
+    anns.append({"id": 5, "image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5]})
+    src = tmp_path / "train.json"
+    src.write_text(json.dumps({"images": [{"id": 1}, {"id": 2}], "annotations": anns,
+                               "categories": [{"id": 1, "name": "a"}]}))
+    info = blind_labels(src, tmp_path / "all.json", "blurred", 1.0, seed=0)
+    assert info == {"kind": "blind", "tag": "blurred", "annotations": 3, "deleted": 3, "images_left_empty": 1}
+    out = json.loads((tmp_path / "all.json").read_text())
+    assert [a["id"] for a in out["annotations"]] == [0, 2, 5] and len(out["images"]) == 2
+    half = blind_labels(src, tmp_path / "half.json", "blurred", 0.5, seed=3)
+    kept = {a["id"] for a in json.loads((tmp_path / "half.json").read_text())["annotations"]}
+    assert half["deleted"] == 2 and {0, 2, 5} <= kept and len(kept & {1, 3, 4}) == 1
+    blind_labels(src, tmp_path / "again.json", "blurred", 0.5, seed=3)
+    assert (tmp_path / "again.json").read_text() == (tmp_path / "half.json").read_text()
+    with pytest.raises(GkdError, match="control_tag: 'occluded' is not a tag .* expected one of blurred, small"):
+        blind_labels(src, tmp_path / "x.json", "occluded", 1.0, seed=0)
+    for a in anns:
+        a.pop("attributes", None)
+    src.write_text(json.dumps({"images": [{"id": 1}, {"id": 2}], "annotations": anns, "categories": []}))
+    with pytest.raises(GkdError, match="carry no 'attributes' tags"):
+        blind_labels(src, tmp_path / "x.json", "blurred", 1.0, seed=0)
+    assert not (tmp_path / "x.json").exists()

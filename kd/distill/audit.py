@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["teacher_outcome", "audit_robust_weights", "summarize_weights", "OUTCOMES"]
+__all__ = ["teacher_outcome", "audit_robust_weights", "summarize_weights", "within_level", "OUTCOMES"]
 
 #: what the teacher does with a ground-truth box
 OUTCOMES = ("right", "confused", "missed")
@@ -68,10 +68,28 @@ def _stats(values: list[float]) -> dict[str, float]:
             "std": round(float(t.std()), 4) if len(values) > 1 else 0.0}
 
 
+def within_level(rows: list[dict[str, Any]], part: Any, rest: Any) -> float | None:
+    """The count-weighted mean over levels of (mean weight of the rows in ``rest`` - mean weight of those in
+    ``part``), over the levels where both occur (``part`` / ``rest``: predicates on a row); None where none does.
+
+    The weights fall with the level (small boxes on the finest one), so pooled means mix a level effect into any
+    comparison between groups that sit on different levels; within a level they do not."""
+    num = den = 0.0
+    for lv in sorted({r["level"] for r in rows}):
+        a = [r["w"] for r in rows if r["level"] == lv and part(r)]
+        b = [r["w"] for r in rows if r["level"] == lv and rest(r)]
+        if a and b:
+            n = len(a) + len(b)
+            num += n * (sum(b) / len(b) - sum(a) / len(a))
+            den += n
+    return round(num / den, 4) if den else None
+
+
 def summarize_weights(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Group per-instance rows (``w``, ``outcome``, ``class``, ``level``, ``tags``) into the audit's summary:
-    ``groups`` (name -> n / mean / std) and ``within_level`` (for "confused" and "missed": the count-weighted mean
-    over levels of mean(right) - mean(outcome), over levels where both occur; None where none does)."""
+    ``groups`` (name -> n / mean / std) and ``within_level`` (:func:`within_level`): for "confused" and "missed",
+    ``right - <outcome>``; for each class and each tag, ``others - class <c>`` / ``others - tag <t>`` (what a
+    positive control's defective part should show: a positive value)."""
     groups: dict[str, list[float]] = defaultdict(list)
     for r in rows:
         w = r["w"]
@@ -83,17 +101,13 @@ def summarize_weights(rows: list[dict[str, Any]]) -> dict[str, Any]:
         groups[f"level {r['level']} / teacher {r['outcome']}"].append(w)
         for t in r["tags"] or ["clean"]:
             groups[f"tag {t}"].append(w)
-    within: dict[str, float | None] = {}
-    levels = sorted({r["level"] for r in rows})
-    for other in OUTCOMES[1:]:
-        num = den = 0.0
-        for lv in levels:
-            right, wrong = groups.get(f"level {lv} / teacher right"), groups.get(f"level {lv} / teacher {other}")
-            if right and wrong:
-                n = len(right) + len(wrong)
-                num += n * (sum(right) / len(right) - sum(wrong) / len(wrong))
-                den += n
-        within[f"right - {other}"] = round(num / den, 4) if den else None
+    right = lambda r: r["outcome"] == "right"  # noqa: E731
+    within: dict[str, float | None] = {
+        f"right - {other}": within_level(rows, lambda r, o=other: r["outcome"] == o, right) for other in OUTCOMES[1:]}
+    for c in sorted({r["class"] for r in rows}):
+        within[f"others - class {c}"] = within_level(rows, lambda r: r["class"] == c, lambda r: r["class"] != c)
+    for t in sorted({t for r in rows for t in r["tags"]}):
+        within[f"others - tag {t}"] = within_level(rows, lambda r: t in r["tags"], lambda r: t not in r["tags"])
     return {"groups": {name: _stats(v) for name, v in sorted(groups.items())}, "within_level": within}
 
 

@@ -41,3 +41,21 @@ def test_summary_compares_within_a_level():
     # "missed" occurs on level 1 only: 1.0 - 0.8 there
     assert out["within_level"]["right - missed"] == pytest.approx(0.2)
     assert summarize_weights([])["within_level"] == {"right - confused": None, "right - missed": None}
+
+
+def test_summary_compares_a_class_and_a_tag_with_the_rest_within_a_level():
+    """The positive controls' question: are a class's (or a tag's) boxes weighted less than the others on the same
+    level? Blurred boxes sit on level 1 (high weights) and get 0.1 less there; pooled they would look heavier."""
+    row = lambda w, cls, lv, tags: {"w": w, "outcome": "right", "class": cls, "level": lv, "tags": tags}  # noqa: E731
+    rows = ([row(0.5, "a", 0, [])] * 4 + [row(1.0, "a", 1, [])] * 2 + [row(0.9, "b", 1, ["blurred"])] * 6 +
+            [row(0.5, "b", 0, ["small"])] * 2)
+    out = summarize_weights(rows)
+    assert out["groups"]["tag blurred"]["mean"] == pytest.approx(0.9)
+    assert out["groups"]["all"]["mean"] < 0.9  # pooled, blurred boxes look heavier than the rest
+    within = out["within_level"]
+    assert within["others - tag blurred"] == pytest.approx(0.1)  # only level 1 has both
+    # small boxes: only level 0, where they weigh as much as the others
+    assert within["others - tag small"] == pytest.approx(0.0)
+    # class b: 0 on level 0 (6 boxes), 1.0 - 0.9 on level 1 (8 boxes)
+    assert within["others - class b"] == pytest.approx((6 * 0.0 + 8 * 0.1) / 14, abs=1e-4)  # rounded to 4 places
+    assert within["others - class a"] == pytest.approx(-within["others - class b"])
