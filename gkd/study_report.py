@@ -245,9 +245,10 @@ def _ablations(study: dict[str, Any]) -> list[str]:
 
 
 def control_part(study: dict[str, Any]) -> dict[str, Any] | None:
-    """What the positive control made defective, from study.json: ``{"kind", "name", "title", "ap", "audit_key"}``
-    (``ap``: a run's AP on that part; ``audit_key``: its within-level contrast in the audit), None without a control.
-    "labels": one class's boxes, partly relabelled; "blind": the boxes of one tag, partly deleted."""
+    """What the positive control made defective, from study.json: ``{"kind", "name", "title", "ap", "audit_key",
+    "defect"}`` (``ap``: a run's AP on that part; ``audit_key``: its within-level contrast in the audit; ``defect``:
+    what was done, in words), None without a control. "labels": one class's boxes, partly relabelled; "blind": the
+    boxes of one tag, partly deleted."""
     bad = ((study["teacher"].get("control") or {}).get("corruption")) or {}
     if not bad:
         return None
