@@ -95,6 +95,12 @@ def test_report_of_a_blind_control_compares_the_tag_on_both_teachers():
             "teacher +0.020 (`blurred` objects 0.900 (4)); control teacher (`blurred` objects deleted) +0.120 "
             "(`blurred` objects 0.800 (4)).") in text
     assert "The defect's own effect (control - healthy teacher): +0.100." in text
+    assert "In the teacher's own features" not in text  # these audits carry no cosines
+    study = _blind_control_study()
+    for kind, v in (("main", 0.01), ("control", 0.2)):
+        study["audits"][kind]["within_level"]["teacher cos: others - tag blurred"] = v
+    assert ("others - part within a level): teacher +0.010; control teacher (`blurred` objects deleted) +0.200."
+            in render_report(study))
 
 
 def _micro_args(tmp_path):

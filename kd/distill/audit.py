@@ -62,22 +62,29 @@ def teacher_outcome(det: dict[str, torch.Tensor], gt_boxes: torch.Tensor, gt_lab
     return out
 
 
-def _stats(values: list[float]) -> dict[str, float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    return {"n": len(values), "mean": round(float(t.mean()), 4) if values else None,
-            "std": round(float(t.std()), 4) if len(values) > 1 else 0.0}
+def _stats(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """n, mean and std of the rows' weights; where the rows carry them, the mean of each network's best cosine to its
+    own class's prototypes (``student_cos`` / ``teacher_cos``: the two terms the weight compares)."""
+    t = torch.tensor([r["w"] for r in rows], dtype=torch.float64)
+    out = {"n": len(rows), "mean": round(float(t.mean()), 4) if rows else None,
+           "std": round(float(t.std()), 4) if len(rows) > 1 else 0.0}
+    for key, name in (("cos_s", "student_cos"), ("cos_t", "teacher_cos")):
+        if rows and all(key in r for r in rows):
+            out[name] = round(sum(r[key] for r in rows) / len(rows), 4)
+    return out
 
 
-def within_level(rows: list[dict[str, Any]], part: Any, rest: Any) -> float | None:
-    """The count-weighted mean over levels of (mean weight of the rows in ``rest`` - mean weight of those in
-    ``part``), over the levels where both occur (``part`` / ``rest``: predicates on a row); None where none does.
+def within_level(rows: list[dict[str, Any]], part: Any, rest: Any, value: str = "w") -> float | None:
+    """The count-weighted mean over levels of (mean ``value`` of the rows in ``rest`` - mean ``value`` of those in
+    ``part``), over the levels where both occur (``part`` / ``rest``: predicates on a row; ``value``: ``w``, the
+    robust weight, or ``cos_t`` / ``cos_s``); None where none does.
 
     The weights fall with the level (small boxes on the finest one), so pooled means mix a level effect into any
     comparison between groups that sit on different levels; within a level they do not."""
     num = den = 0.0
     for lv in sorted({r["level"] for r in rows}):
-        a = [r["w"] for r in rows if r["level"] == lv and part(r)]
-        b = [r["w"] for r in rows if r["level"] == lv and rest(r)]
+        a = [r[value] for r in rows if r["level"] == lv and part(r)]
+        b = [r[value] for r in rows if r["level"] == lv and rest(r)]
         if a and b:
             n = len(a) + len(b)
             num += n * (sum(b) / len(b) - sum(a) / len(a))
@@ -86,28 +93,30 @@ def within_level(rows: list[dict[str, Any]], part: Any, rest: Any) -> float | No
 
 
 def summarize_weights(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Group per-instance rows (``w``, ``outcome``, ``class``, ``level``, ``tags``) into the audit's summary:
-    ``groups`` (name -> n / mean / std) and ``within_level`` (:func:`within_level`): for "confused" and "missed",
-    ``right - <outcome>``; for each class and each tag, ``others - class <c>`` / ``others - tag <t>`` (what a
-    positive control's defective part should show: a positive value)."""
-    groups: dict[str, list[float]] = defaultdict(list)
+    """Group per-instance rows (``w``, ``outcome``, ``class``, ``level``, ``tags``, optionally ``cos_s`` / ``cos_t``)
+    into the audit's summary: ``groups`` (name -> :func:`_stats`) and ``within_level`` (:func:`within_level`): for
+    "confused" and "missed", ``right - <outcome>``; for each class and each tag, ``others - class <c>`` /
+    ``others - tag <t>`` (what a positive control's defective part should show: a positive value), and where the
+    rows carry it, the same for the teacher's cosine (``teacher cos: others - tag <t>``: is the part atypical of
+    its class in the teacher's features?)."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        w = r["w"]
-        groups["all"].append(w)
-        groups[f"teacher {r['outcome']}"].append(w)
-        groups[f"class {r['class']}"].append(w)
-        groups[f"class {r['class']} / teacher {r['outcome']}"].append(w)
-        groups[f"level {r['level']}"].append(w)
-        groups[f"level {r['level']} / teacher {r['outcome']}"].append(w)
-        for t in r["tags"] or ["clean"]:
-            groups[f"tag {t}"].append(w)
+        for name in ("all", f"teacher {r['outcome']}", f"class {r['class']}",
+                     f"class {r['class']} / teacher {r['outcome']}", f"level {r['level']}",
+                     f"level {r['level']} / teacher {r['outcome']}", *(f"tag {t}" for t in r["tags"] or ["clean"])):
+            groups[name].append(r)
     right = lambda r: r["outcome"] == "right"  # noqa: E731
     within: dict[str, float | None] = {
         f"right - {other}": within_level(rows, lambda r, o=other: r["outcome"] == o, right) for other in OUTCOMES[1:]}
-    for c in sorted({r["class"] for r in rows}):
-        within[f"others - class {c}"] = within_level(rows, lambda r: r["class"] == c, lambda r: r["class"] != c)
-    for t in sorted({t for r in rows for t in r["tags"]}):
-        within[f"others - tag {t}"] = within_level(rows, lambda r: t in r["tags"], lambda r: t not in r["tags"])
+    values = ["w", *(["cos_t"] if rows and all("cos_t" in r for r in rows) else [])]
+    prefix = {"w": "", "cos_t": "teacher cos: "}
+    for v in values:
+        for c in sorted({r["class"] for r in rows}):
+            within[f"{prefix[v]}others - class {c}"] = within_level(rows, lambda r: r["class"] == c,
+                                                                    lambda r: r["class"] != c, v)
+        for t in sorted({t for r in rows for t in r["tags"]}):
+            within[f"{prefix[v]}others - tag {t}"] = within_level(rows, lambda r: t in r["tags"],
+                                                                  lambda r: t not in r["tags"], v)
     return {"groups": {name: _stats(v) for name, v in sorted(groups.items())}, "within_level": within}
 
 
@@ -132,7 +141,7 @@ def audit_robust_weights(cfg: Any, student_checkpoint: str | Path | None = None,
     from .levels import assign_levels
     from .config import uses_prototypes
     from .ops import prototype_project
-    from .robust import robust_weights
+    from .robust import max_same_class_cos, robust_weights
     from .run import build_task, load_teacher
 
     if not uses_prototypes(cfg.distill):
@@ -170,17 +179,20 @@ def audit_robust_weights(cfg: Any, student_checkpoint: str | Path | None = None,
             labels = tt[0]["labels"]
             fs, ft = student.backbone(x.tensors), teacher.backbone(x.tensors)
             level = assign_levels(boxes5[:, 1:], len(task.pairs), task.cfg.level_canonical_size)
-            own = torch.ones(len(labels))
+            # each instance's weight and the two cosines it compares, at its own level (no prototype: w 1, cos 0)
+            own = {"w": torch.ones(len(labels)), "cos_s": torch.zeros(len(labels)), "cos_t": torch.zeros(len(labels))}
             for li, p in enumerate(task.pairs):
                 if bank.count(p.key) == 0:
                     continue
                 _, cos_s = prototype_project(fs[p.student], boxes5, p.stride, bank.student[p.key])
                 _, cos_t = prototype_project(ft[p.teacher], boxes5, p.stride, bank.teacher[p.key])
-                w, _ = robust_weights(cos_s, cos_t, labels, bank.labels[p.key])
-                own[level == li] = w[level == li]
+                mine = level == li
+                own["w"][mine] = robust_weights(cos_s, cos_t, labels, bank.labels[p.key])[0][mine]
+                own["cos_s"][mine] = max_same_class_cos(cos_s, labels, bank.labels[p.key])[0][mine]
+                own["cos_t"][mine] = max_same_class_cos(cos_t, labels, bank.labels[p.key])[0][mine]
             for j, a in enumerate(anns):
-                rows.append({"w": float(own[j]), "outcome": outcome[j], "class": train_index.classes[a["label"] - 1],
-                             "level": int(level[j]),
+                rows.append({**{k: float(v[j]) for k, v in own.items()}, "outcome": outcome[j],
+                             "class": train_index.classes[a["label"] - 1], "level": int(level[j]),
                              "tags": [t for t, v in (a.get("attributes") or {}).items() if v is True]})
     return {"images": n_images, "instances": len(rows), **summarize_weights(rows),
             "student": str(cfg.model.weights or f"seeded init (seed {cfg.seed})"),
@@ -207,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for name, s in result["groups"].items():
-        print(f"{name:42s} n={s['n']:6d}  w={s['mean']:.3f} +- {s['std']:.3f}")
+        print(f"{name:42s} n={s['n']:6d}  w={s['mean']:.3f} +- {s['std']:.3f}  best same-class cos: student "
+              f"{s['student_cos']:.3f}, teacher {s['teacher_cos']:.3f}")
     print("within a level: " + ", ".join(f"{k} = {v:+.3f}" if v is not None else f"{k}: n/a"
                                          for k, v in result["within_level"].items()))
     if args.out:

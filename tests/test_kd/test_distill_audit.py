@@ -59,3 +59,16 @@ def test_summary_compares_a_class_and_a_tag_with_the_rest_within_a_level():
     # class b: 0 on level 0 (6 boxes), 1.0 - 0.9 on level 1 (8 boxes)
     assert within["others - class b"] == pytest.approx((6 * 0.0 + 8 * 0.1) / 14, abs=1e-4)  # rounded to 4 places
     assert within["others - class a"] == pytest.approx(-within["others - class b"])
+
+
+def test_summary_reports_the_two_cosines_the_weight_compares():
+    """Where the rows carry each network's best same-class cosine, every group gets their means, and the tags and
+    classes get the teacher's within-level contrast: is the part atypical of its class in the teacher's features?"""
+    row = lambda tags, cos_t: {"w": 0.9, "outcome": "right", "class": "a", "level": 0, "tags": tags,  # noqa: E731
+                               "cos_s": 0.5, "cos_t": cos_t}
+    out = summarize_weights([row(["blurred"], 0.4)] * 2 + [row([], 0.7)] * 2)
+    assert out["groups"]["tag blurred"] == {"n": 2, "mean": 0.9, "std": 0.0, "student_cos": 0.5, "teacher_cos": 0.4}
+    assert out["within_level"]["teacher cos: others - tag blurred"] == pytest.approx(0.3)
+    assert out["within_level"]["others - tag blurred"] == pytest.approx(0.0)
+    assert "teacher_cos" not in summarize_weights([{k: v for k, v in row([], 0.7).items() if k != "cos_t"}])[
+        "groups"]["all"]
