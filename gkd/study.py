@@ -6,9 +6,10 @@ initialisation per seed: only the distillation differs), for several seeds; each
 val split, overall, per class and on the hard subsets the synthetic generator tags (small, occluded, blurred
 objects). Ablations (prototypes per class, global weight, BatchNorm mode and refresh interval of the prototypes),
 and a positive control: a second teacher trained on a defective copy of the training split (one class's labels
-partly swapped, or every box of one difficulty tag deleted), which the robust module should notice. Everything lands in ``runs/<name>/study.json`` and a Markdown report (``docs/study.md`` by default,
-:mod:`gkd.study_report`) with the power stated in advance, paired deltas with 95% confidence intervals, the exact
-command, the config, the machine and the wall time.
+partly swapped, or the boxes of one difficulty tag deleted), which the robust module should notice. Everything lands
+in ``runs/<name>/study.json`` and a Markdown report (``docs/study.md`` by default, :mod:`gkd.study_report`) with the
+power stated in advance, paired deltas with 95% confidence intervals, the exact command, the config, the machine and
+the wall time.
 
 Runs execute in parallel worker processes (``jobs``, one torch thread each: on a 2-core machine two single-thread
 runs finish sooner than one two-thread run after the other). Finished runs are skipped when the command is rerun,
@@ -342,7 +343,8 @@ def run_study(cfg: StudyConfig, command: str = "") -> dict[str, Any]:
     control_json = cfg.run_dir / "control" / "train.json"
     ccfg = None if cfg.control_fraction <= 0 or not cfg.control_methods else load_config(
         cfg.teacher_config, key_prefix="teacher.", updates=merge_dicts(cfg.teacher, {
-            **fixed, "name": "teacher-control", "data": {"root": cfg.data_root, "train": os.path.relpath(control_json, root)}}))
+            **fixed, "name": "teacher-control",
+            "data": {"root": cfg.data_root, "train": os.path.relpath(control_json, root)}}))
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(cfg.run_dir / "manifest.json", to_dict(cfg))
     planned = ["data", *(["control-data", "teacher-control"] if ccfg else []), "teacher",

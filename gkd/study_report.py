@@ -298,8 +298,8 @@ def _control(study: dict[str, Any]) -> list[str]:
              f"initialisation distil from it. The robust module should give {part['title']} lower weights, and "
              f"`robust` / `gkd` should beat `local` on {part['title']}.", ""]
     if labels:  # training logs the robust weights per class, not per tag: a tag's weights are in the audit below
-        lines += [f"| method | seeds | mAP | AP {name} | AP other classes | robust weight {name} | robust weight others |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| method | seeds | mAP | AP {name} | AP other classes | robust weight {name} | robust weight "
+                  f"others |", "|---|---|---|---|---|---|---|"]
     else:
         lines += [f"| method | seeds | mAP | AP {name} | robust weight (all instances) |", "|---|---|---|---|---|"]
     methods = list(dict.fromkeys(r["method"] for r in runs))
