@@ -31,7 +31,7 @@ from typing import Any, ClassVar, Literal
 import click
 from gkd.kd import CONFIG_DIR
 from gkd.kd.config import SynthPreset
-from gkd.study_report import PAPER_TABLES, SUBSETS, render_report
+from gkd.study_report import PAPER_TABLES, SUBSETS, portable_paths, render_report
 
 __all__ = ["StudyConfig", "run_study", "study", "SUBSETS", "PAPER_TABLES", "corrupt_labels", "blind_labels",
            "level_histogram", "training_diagnostics"]
@@ -418,7 +418,9 @@ def run_study(cfg: StudyConfig, command: str = "") -> dict[str, Any]:
     runner.flush()
     results = [_strip(r) for r in records.values()]
     wall = time.perf_counter() - t_start
-    study = {"format": "gkd-study", "version": 3, "command": command, "config": to_dict(cfg),
+    # the config as data with the shipped config files named relative to the package: study.json is committed as a
+    # record (docs/measurements/) and must not hold one machine's checkout path
+    study = {"format": "gkd-study", "version": 3, "command": command, "config": portable_paths(to_dict(cfg)),
              "machine": _machine(), "wall_s": round(wall, 1), "teacher": teacher, "runs": results,
              "audits": audits,
              "levels": level_histogram(root / "train.json", results, students[0][1]) if students else {},

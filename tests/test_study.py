@@ -145,6 +145,7 @@ def test_micro_study_end_to_end(tmp_path, capsys):
     assert study["audits"]["control"]["teacher"].endswith("teacher-control/checkpoints/model.pt")
     assert "## Do the robust weights follow the teacher's errors?" in report
     assert '"teacher_config": "kd/configs/study/teacher.yaml"' in report  # no machine's checkout path
+    assert study["config"]["student_config"] == "kd/configs/study/distill.yaml"  # nor in the record
     # rerun: everything is cached, nothing retrains
     before = (tmp_path / "study" / "students" / "gkd-s0" / "checkpoints" / "model.pt").stat().st_mtime
     assert main(args) == 0
