@@ -42,6 +42,7 @@ STUDY_CONFIG_DIR = CONFIG_DIR / "study"
 #: the positive control's defect (see StudyConfig.control)
 ControlKind = Literal["labels", "blind"]
 
+
 @dataclass(frozen=True)
 class StudyConfig:
     """What ``gkd study`` runs. ``teacher`` / ``student_init`` / ``student`` are overrides on top of the stage

@@ -279,9 +279,11 @@ def _control(study: dict[str, Any]) -> list[str]:
     def ap_other(r: dict[str, Any]) -> float:
         return _mean_std([v for k, v in r["metrics"]["per_class"].items() if k != name])[0]
 
+    labels = part["kind"] == "labels"
+    label = classes.index(name) + 1 if labels else None  # the corrupted class's id (training logs rw_c<id>)
+
     def rw(r: dict[str, Any], mine: bool) -> float | None:
         d = r.get("diagnostics", {})
-        label = classes.index(name) + 1
         vals = [d.get(f"rw_c{c}") for c in range(1, len(classes) + 1) if (c == label) == mine]
         vals = [v for v in vals if v is not None]
         return statistics.fmean(vals) if vals else None
@@ -290,7 +292,6 @@ def _control(study: dict[str, Any]) -> list[str]:
         values = [v for v in values if v is not None]
         return f"{statistics.fmean(values):.3f}" if values else "-"
 
-    labels = part["kind"] == "labels"
     lines = ["## Positive control: a teacher with a known defect", "",
              f"A second teacher, same recipe and seed, trained with {part['defect']}: "
              f"{_pct(ctrl['metrics']['all']['bbox_mAP'])} mAP, AP on {part['title']} {_pct(ap(ctrl))} (the healthy "

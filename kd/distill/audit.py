@@ -141,7 +141,7 @@ def audit_robust_weights(cfg: Any, student_checkpoint: str | Path | None = None,
     from .levels import assign_levels
     from .config import uses_prototypes
     from .ops import prototype_project
-    from .robust import max_same_class_cos, robust_weights
+    from .robust import max_same_class_cos, weight_from_best
     from .run import build_task, load_teacher
 
     if not uses_prototypes(cfg.distill):
@@ -186,10 +186,11 @@ def audit_robust_weights(cfg: Any, student_checkpoint: str | Path | None = None,
                     continue
                 _, cos_s = prototype_project(fs[p.student], boxes5, p.stride, bank.student[p.key])
                 _, cos_t = prototype_project(ft[p.teacher], boxes5, p.stride, bank.teacher[p.key])
+                best_s, has = max_same_class_cos(cos_s, labels, bank.labels[p.key])
+                best_t, _ = max_same_class_cos(cos_t, labels, bank.labels[p.key])
                 mine = level == li
-                own["w"][mine] = robust_weights(cos_s, cos_t, labels, bank.labels[p.key])[0][mine]
-                own["cos_s"][mine] = max_same_class_cos(cos_s, labels, bank.labels[p.key])[0][mine]
-                own["cos_t"][mine] = max_same_class_cos(cos_t, labels, bank.labels[p.key])[0][mine]
+                own["w"][mine] = weight_from_best(best_s, best_t, has)[mine]  # robust_weights' formula
+                own["cos_s"][mine], own["cos_t"][mine] = best_s[mine], best_t[mine]
             for j, a in enumerate(anns):
                 rows.append({**{k: float(v[j]) for k, v in own.items()}, "outcome": outcome[j],
                              "class": train_index.classes[a["label"] - 1], "level": int(level[j]),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["max_same_class_cos", "robust_weights"]
+__all__ = ["max_same_class_cos", "robust_weights", "weight_from_best"]
 
 
 def max_same_class_cos(cos: torch.Tensor, labels: torch.Tensor,
@@ -49,5 +49,11 @@ def robust_weights(cos_s: torch.Tensor, cos_t: torch.Tensor, labels: torch.Tenso
     """
     best_s, has = max_same_class_cos(cos_s.detach(), labels, proto_labels)
     best_t, _ = max_same_class_cos(cos_t.detach(), labels, proto_labels)
+    return weight_from_best(best_s, best_t, has), has
+
+
+def weight_from_best(best_s: torch.Tensor, best_t: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
+    """The weight formula on each network's best same-class cosine (``[N]`` each, from :func:`max_same_class_cos`):
+    ``clamp(1 - |best_s - best_t|, 0, 1)``, and 1 where ``has`` is False (no prototype of the instance's class)."""
     w = (1.0 - (best_s - best_t).abs()).clamp(0.0, 1.0)
-    return torch.where(has, w, torch.ones_like(w)), has
+    return torch.where(has, w, torch.ones_like(w))
