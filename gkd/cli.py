@@ -12,7 +12,7 @@ import click
 
 from gkd.kd.lazy_cli import LazyGroup
 
-__all__ = ["cli", "main"]
+__all__ = ["cli", "main", "interrupt_hint"]
 
 # name -> ("module:attribute", one-line help shown by `gkd --help` without importing the module)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -28,9 +28,33 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-#: what an interrupted user can do next (printed on Ctrl-C)
-RESUME_HINT = ("Checkpoints already written are kept: `gkd train|distill CONFIG --resume` continues a training run "
-               "from its last finished epoch, and the same `gkd run` command continues the pipeline.")
+#: what an interrupted user can do next, per command (printed on Ctrl-C and on SIGTERM)
+RESUME_HINTS: dict[str, str] = {
+    "train": "Checkpoints already written are kept: the same command with --resume continues the run from its last "
+             "finished epoch.",
+    "distill": "Checkpoints already written are kept: the same command with --resume continues the run from its last "
+               "finished epoch.",
+    "run": "Finished stages are kept: the same gkd run command reuses them and resumes the interrupted training stage "
+           "from its last finished epoch.",
+    "study": "Finished runs are kept: the same gkd study command reuses them and resumes the interrupted one.",
+}
+#: commands that train nothing: their files are written whole or not at all, and the same command redoes the work
+OTHER_HINT = "Files are written whole or not at all; run the same command again to redo the work."
+
+
+def interrupt_hint(argv: list[str] | None) -> str:
+    """What to do after an interruption of the command in ``argv`` (the first word that names a command)."""
+    words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    command = next((w for w in words if w in COMMANDS), None)
+    return RESUME_HINTS.get(command or "", OTHER_HINT)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C, so that what is being written is cleaned up the same way."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
 
 
 @click.group(cls=LazyGroup, commands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -52,22 +76,31 @@ def cli() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``gkd`` console script."""
+    import os
+    import signal
+    import threading
+
     from gkd.kd.errors import GkdError
 
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         rv = cli.main(args=argv, prog_name="gkd", standalone_mode=False)
     except GkdError as exc:
         click.echo(f"gkd: error: {exc}", err=True)
         return 2
-    except click.exceptions.Abort:  # click turns Ctrl-C into Abort
-        click.echo(f"gkd: interrupted. {RESUME_HINT}", err=True)
-        return 130
+    except (click.exceptions.Abort, KeyboardInterrupt) as exc:  # click turns Ctrl-C into Abort
+        terminated = isinstance(exc, Terminated) or isinstance(exc.__context__, Terminated)
+        if os.environ.get("RANK", "0") == "0":  # one line for a torchrun job, not one per process
+            what = "terminated (SIGTERM)" if terminated else "interrupted"
+            click.echo(f"gkd: {what}. {interrupt_hint(argv)}", err=True)
+        return 143 if terminated else 130
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
-    except KeyboardInterrupt:
-        click.echo(f"gkd: interrupted. {RESUME_HINT}", err=True)
-        return 130
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
     return rv if isinstance(rv, int) else 0
 
 

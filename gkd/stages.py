@@ -484,10 +484,11 @@ def _prepare_run_dir(run_cfg) -> bool:
     last = run_cfg.run_dir / "checkpoints" / "last.pt"
     marked = run_cfg.run_dir / KEY_FILE
     started_for = marked.read_text().strip() if marked.is_file() else None
+    _refuse_foreign_folder(run_cfg.run_dir, marked)
     if last.is_file() and key and started_for != key:
         log.info("removing %s: made for another stage key (its inputs changed)", run_cfg.run_dir)
     elif last.is_file():
-        saved = load_checkpoint(last).get("config", {})
+        saved = load_checkpoint(last, need="run")["config"]
         wanted = to_dict(run_cfg)
         if not wanted["model"]["num_classes"]:  # 0 = the dataset's class count, which the run recorded
             wanted["model"]["num_classes"] = saved.get("model", {}).get("num_classes", 0)
@@ -501,6 +502,23 @@ def _prepare_run_dir(run_cfg) -> bool:
     if key:
         atomic_write_text(marked, key + "\n")
     return False
+
+
+def _refuse_foreign_folder(run_dir: Path, marked: Path) -> None:
+    """A stage replaces only a folder a stage made (marked with :data:`KEY_FILE` before anything else is written
+    there). Anything else in its place, e.g. the user's own ``gkd train`` run under the same ``runs_dir``, stays:
+    a one-line error instead of deleting it."""
+    from gkd.kd.errors import GkdError
+
+    if not run_dir.is_dir() or marked.is_file():
+        return
+    # (a temporary file of the marker's own atomic write, left by a kill, is this pipeline's)
+    contents = sorted(p.name for p in run_dir.iterdir() if not (p.name.startswith(f".{KEY_FILE}.")
+                                                                 and p.name.endswith(".tmp")))
+    if contents:
+        raise GkdError(f"{run_dir}: holds files this pipeline did not make ({', '.join(contents[:3])}"
+                       f"{', ...' if len(contents) > 3 else ''}; no {KEY_FILE}), e.g. a run of your own; it is left "
+                       f"as it is: move it away, or give this run another name=... or runs_dir=...")
 
 
 def _training_result(run_cfg, record: dict[str, Any]) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from .errors import GkdError
 from .io import atomic_torch_save
 
 __all__ = ["FORMAT", "VERSION", "save_checkpoint", "load_checkpoint", "load_detector", "load_state_into",
-           "detector_checkpoint"]
+           "detector_checkpoint", "detector_weights", "is_gkd_checkpoint"]
 
 FORMAT = "gkd-checkpoint"
 VERSION = 1
@@ -52,9 +52,28 @@ def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> Path:
     return atomic_torch_save(ckpt, path)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load any ``.pt`` file safely (``weights_only=True``); one-line errors for missing or corrupt files."""
+#: what :func:`load_checkpoint` can require of a file: a detector (eval, export, predict, bench, a teacher, initial
+#: weights) or a run's full training state (``--resume``)
+NEEDS = ("detector", "run")
+
+
+def load_checkpoint(path: str | Path, need: str | None = None) -> dict[str, Any]:
+    """Read any ``.pt`` file safely (``weights_only=True``): the one reader of checkpoints, so that every command
+    applies the same checks.
+
+    Checks, each a one-line GkdError naming the file: it exists and is a torch file; a gkd checkpoint's format
+    version is one this gkd understands; and what ``need`` asks for is there:
+
+    - ``"detector"``: a gkd checkpoint holding ``model`` and ``model_config``, or a plain state dict of tensors
+      (torchvision format: the caller supplies the architecture);
+    - ``"run"``: a gkd run checkpoint (``last.pt``) with the training state ``--resume`` continues from.
+
+    Returns:
+        The checkpoint dict.
+    """
     path = Path(path)
+    if need is not None and need not in NEEDS:
+        raise ValueError(f"need must be one of {NEEDS} or None, got {need!r}")
     if not path.is_file():
         raise GkdError(f"{path}: checkpoint not found")
     with open(path, "rb") as f:
@@ -73,7 +92,43 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise GkdError(f"{path}: refused to load (only tensors and plain values are allowed): {msg}") from None
     if not isinstance(obj, dict):
         raise GkdError(f"{path}: expected a checkpoint dict or a state dict, got {type(obj).__name__}")
+    if is_gkd_checkpoint(obj):
+        _check_gkd_content(obj, path, need)
+    elif need == "run":
+        raise GkdError(f"{path}: not a resumable gkd run checkpoint (a gkd run writes checkpoints/last.pt)")
+    elif need == "detector":
+        detector_weights(obj, path)
     return obj
+
+
+def _check_gkd_content(ckpt: dict, path: Path, need: str | None) -> None:
+    version = ckpt.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise GkdError(f"{path}: gkd checkpoint with format version {version!r}; expected an integer from 1 to "
+                       f"{VERSION}")
+    if version > VERSION:
+        raise GkdError(f"{path}: checkpoint format version {version} is newer than this gkd understands "
+                       f"({VERSION}); upgrade gkd")
+    if need in ("detector", "run"):
+        if not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("model_config"), dict):
+            raise GkdError(f"{path}: gkd checkpoint of kind '{ckpt.get('kind')}' holds no detector (expected "
+                           f"'model' and 'model_config')")
+        detector_weights(ckpt, path)
+    if need == "run":
+        missing = [k for k in ("epoch", "config", "optimizer", "scheduler", "rng") if k not in ckpt]
+        if ckpt.get("kind") != "run" or missing:
+            what = f"lacks {', '.join(missing)}" if missing else f"is of kind '{ckpt.get('kind')}'"
+            raise GkdError(f"{path}: not a resumable gkd run checkpoint (it {what}; a run's checkpoints/last.pt "
+                           f"holds its training state)")
+
+
+def detector_weights(ckpt: dict, path: str | Path) -> dict[str, torch.Tensor]:
+    """The detector's state dict inside a checkpoint: a gkd checkpoint's ``model``, or the file itself (or its
+    ``model`` entry) when it is a plain state dict; a one-line GkdError when it is not a dict of tensors."""
+    state = ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt
+    if not state or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise GkdError(f"{path}: not a state dict of tensors (and not a gkd checkpoint holding one)")
+    return state
 
 
 def is_gkd_checkpoint(obj: dict) -> bool:
@@ -147,13 +202,8 @@ def load_detector(path: str | Path, model_cfg: ModelConfig | None = None,
     """
     from .models.detectors import build_detector
 
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, need="detector")
     if is_gkd_checkpoint(ckpt):
-        if ckpt.get("version", 0) > VERSION:
-            raise GkdError(f"{path}: checkpoint format version {ckpt.get('version')} is newer than this gkd "
-                           f"understands ({VERSION}); upgrade gkd")
-        if "model" not in ckpt or "model_config" not in ckpt:
-            raise GkdError(f"{path}: gkd checkpoint of kind '{ckpt.get('kind')}' holds no detector")
         cfg = from_dict(ModelConfig, ckpt["model_config"], f"{path} (model_config)")
         if model_cfg is not None:
             for key in ("arch", "backbone"):
@@ -174,10 +224,7 @@ def load_detector(path: str | Path, model_cfg: ModelConfig | None = None,
         k = num_classes if num_classes is not None else model_cfg.num_classes
         cfg = dataclasses.replace(model_cfg, num_classes=k, weights=None)
         model = build_detector(cfg)
-        state = ckpt.get("model", ckpt) if isinstance(ckpt.get("model"), dict) else ckpt
-        if not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise GkdError(f"{path}: not a state dict of tensors (and not a gkd checkpoint)")
-        load_state_into(model, state, str(path), cfg.arch)
+        load_state_into(model, detector_weights(ckpt, path), str(path), cfg.arch)
         info = {"model_config": cfg, "classes": None, "category_ids": None, "checkpoint": None}
     model.eval()
     return model, info

@@ -25,7 +25,7 @@ from .errors import GkdError
 __all__ = [
     "DataConfig", "ModelConfig", "TrainConfig", "EvalConfig", "RunConfig",
     "load_config", "from_dict", "to_dict", "config_differences", "merge_dicts", "apply_overrides",
-    "parse_override_value", "flatten_overrides", "dump_config",
+    "parse_override_value", "flatten_overrides", "dump_config", "check_run_name",
     "ARCHS", "BACKBONES", "Arch", "Backbone", "SYNTH_PRESETS", "SynthPreset",
 ]
 
@@ -295,7 +295,20 @@ def from_dict(cls: type, data: dict, source: str = "config", prefix: str = "") -
     kwargs = {name: _coerce(data[name], hints[name], prefix + name, source) for name in fields if name in data}
     for name, rules in getattr(cls, "RANGES", {}).items():
         _check_range(kwargs.get(name, fields[name].default), rules, prefix + name, source)
+    if "name" in fields and "runs_dir" in fields and "name" in kwargs:  # a run folder: runs_dir/name
+        check_run_name(kwargs["name"], prefix + "name", source)
     return cls(**kwargs)
+
+
+def check_run_name(name: str, key: str = "name", source: str = "config") -> None:
+    """A run's ``name`` is one folder inside ``runs_dir``: an empty name would make ``runs_dir`` itself the run
+    folder (and a run there could replace what the user keeps beside it), and ``..`` or a ``/`` would write
+    outside it."""
+    bad = (not name.strip() or name in (".", "..") or "/" in name or "\\" in name or "\0" in name
+           or name != name.strip())
+    if bad:
+        raise GkdError(f"{source}: '{key}' must be one folder name inside runs_dir (not empty, no '/' or '\\', "
+                       f"not '.' or '..', no leading or trailing spaces), got {name!r}")
 
 
 _OPS = {">": lambda v, b: v > b, ">=": lambda v, b: v >= b, "<": lambda v, b: v < b, "<=": lambda v, b: v <= b}
@@ -357,12 +370,17 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     path = Path(path)
     if path in seen:
         raise GkdError(f"{path}: _base_ chain loops back to itself")
+    # the file that names this one as its _base_: a copied config whose base stayed behind is fixed there
+    referrer = f" (the _base_ of {seen[-1]})" if seen else ""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise GkdError(f"{path}: config file not found") from None
+        hint = "; fix _base_ there (a relative _base_ is read from that file's folder)" if seen else ""
+        raise GkdError(f"{path}: config file not found{referrer}{hint}") from None
+    except IsADirectoryError:
+        raise GkdError(f"{path}: a folder, not a config file{referrer}") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise GkdError(f"{path}: cannot read config ({exc})") from None
+        raise GkdError(f"{path}: cannot read config{referrer} ({exc})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -375,6 +393,8 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         raise GkdError(f"{path}: a config must be a mapping of keys, got {type(data).__name__}")
     base = data.pop("_base_", None)
     if base is not None:
+        if not isinstance(base, str) or not base.strip():
+            raise GkdError(f"{path}: '_base_' must be the path of another config file, got {base!r}")
         base_path = Path(base) if Path(base).is_absolute() else path.parent / base
         data = merge_dicts(_read_yaml(base_path, seen + (path,)), data)
     return data

@@ -32,19 +32,22 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .checkpoint import FORMAT, detector_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import detector_checkpoint, load_checkpoint, save_checkpoint
 from .config import RunConfig, config_differences, dump_config, to_dict
 from .errors import GkdError
 from .io import append_jsonl, atomic_write_text
 
 __all__ = ["fit", "select_device", "seed_everything", "EpochSampler", "build_optimizer", "build_lr_lambda",
-           "make_loader", "RESUMABLE_KEYS"]
+           "make_loader", "RESUMABLE_KEYS", "data_fingerprint"]
 
 log = logging.getLogger("gkd")
 
-#: config keys that may differ between a run and its resume (everything else must match)
+#: config keys that may differ between a run and its resume (everything else must match); ``runs_dir`` and
+#: ``name`` say where the run folder is, not what it computes: a run moved to another folder resumes there
 RESUMABLE_KEYS = ("train.epochs", "train.eval_interval", "train.threads", "data.num_workers", "train.device",
-                  "train.dist_backend", "train.dist_timeout_s", "train.find_unused_parameters")
+                  "train.dist_backend", "train.dist_timeout_s", "train.find_unused_parameters", "runs_dir", "name")
+#: where the data is may change on resume when the run recorded its data's SHA-256 and the data still has it
+DATA_LOCATION_KEYS = ("data.root", "data.train", "data.val", "data.images")
 
 
 def select_device(name: str, option: str = "train.device") -> torch.device:
@@ -137,14 +140,36 @@ def _restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _check_resume_config(saved: dict, cfg: RunConfig, path: Path) -> None:
+def data_fingerprint(cfg: RunConfig) -> dict[str, str]:
+    """The SHA-256 of the run's train and val JSON: recorded in ``last.pt`` and compared on ``--resume`` (a run
+    continued on other data would mix two datasets without a word)."""
+    from .io import file_sha256
+
+    return {split: file_sha256(cfg.data.path(split)) for split in ("train", "val") if cfg.data.path(split).is_file()}
+
+
+def _check_resume_data(state: dict[str, Any], cfg: RunConfig, path: Path) -> None:
+    saved = state.get("data_sha256")
+    if not isinstance(saved, dict):  # a run saved before gkd recorded its data: its config check still applies
+        return
+    now = data_fingerprint(cfg)
+    for split, sha in saved.items():
+        if now.get(split) != sha:
+            have = f"sha256 {now[split][:12]}" if split in now else "missing"
+            raise GkdError(f"{cfg.data.path(split)}: cannot resume '{cfg.name}' from {path}: the {split} data is not "
+                           f"the data the run started on ({have}, was sha256 {sha[:12]}); restore it, or start a new "
+                           f"run (name=...)")
+
+
+def _check_resume_config(saved: dict, cfg: RunConfig, path: Path, data_checked: bool = False) -> None:
     defaults = to_dict(type(cfg)())
+    allowed = RESUMABLE_KEYS + (DATA_LOCATION_KEYS if data_checked else ())
     for key, va, vb in config_differences(saved, to_dict(cfg)):
         if _absent(saved, key) and vb == _lookup(defaults, key):
             continue  # a key added to gkd after the run started, left at its default: the run's own behaviour
-        if key not in RESUMABLE_KEYS:
+        if key not in allowed:
             raise GkdError(f"{path}: cannot resume: '{key}' was {va!r} in the interrupted run, now {vb!r} "
-                           f"(only {', '.join(RESUMABLE_KEYS)} may change on resume)")
+                           f"(only {', '.join(allowed)} may change on resume)")
 
 
 def _lookup(d: dict, key: str) -> Any:
@@ -238,6 +263,8 @@ def fit(task: nn.Module, cfg: RunConfig, train_set, val_set, *, resume: bool = F
     ctx = current_context()
     with contextlib.ExitStack() as stack:
         def own_folder() -> None:
+            if not resume:  # before anything is written there
+                _refuse_foreign_files(cfg.run_dir)
             stack.enter_context(RunLock(cfg.run_dir))
             ensure_writable_folder(cfg.run_dir / "checkpoints", "the checkpoint folder")  # before an epoch is spent
             for folder in (cfg.run_dir, cfg.run_dir / "checkpoints"):
@@ -259,10 +286,9 @@ def _open_run(cfg: RunConfig, resume: bool, world_size: int) -> dict[str, Any] |
         if not last_path.exists():
             raise GkdError(f"{last_path}: nothing to resume: no epoch of '{cfg.name}' finished (it was stopped before "
                            f"its first checkpoint, or never ran); run the same command without --resume")
-        state = load_checkpoint(last_path)
-        if state.get("format") != FORMAT or "optimizer" not in state:
-            raise GkdError(f"{last_path}: not a resumable gkd run checkpoint")
-        _check_resume_config(state["config"], cfg, last_path)
+        state = load_checkpoint(last_path, need="run")
+        _check_resume_data(state, cfg, last_path)
+        _check_resume_config(state["config"], cfg, last_path, data_checked=isinstance(state.get("data_sha256"), dict))
         _check_resume_world(state, world_size, last_path)
         _truncate_metrics(metrics_path, int(state["epoch"]))
     elif last_path.exists():
@@ -274,6 +300,24 @@ def _open_run(cfg: RunConfig, resume: bool, world_size: int) -> dict[str, Any] |
     dump_config(cfg, run_dir / "config.yaml")
     _attach_log_file(run_dir / "log.txt")
     return state
+
+
+#: what a run folder holds (gkd's own files: a fresh run may write over those an attempt killed early left)
+RUN_FOLDER_ENTRIES = ("config.yaml", "log.txt", "metrics.jsonl", "metrics.csv", "checkpoints", ".lock",
+                      "stage_key.txt", "eval", "export", "predictions", "prototypes")
+
+
+def _refuse_foreign_files(run_dir: Path) -> None:
+    """A fresh run writes config.yaml, log.txt and metrics.* into its folder: refuse a folder that holds anything
+    else (a folder of the user's own given as runs_dir/name) rather than replace the user's files there."""
+    if not run_dir.is_dir():
+        return
+    foreign = sorted(p.name for p in run_dir.iterdir()
+                     if p.name not in RUN_FOLDER_ENTRIES and not (p.name.startswith(".") and p.name.endswith(".tmp")))
+    if foreign:
+        raise GkdError(f"{run_dir}: holds files that are not a gkd run's ({', '.join(foreign[:3])}"
+                       f"{', ...' if len(foreign) > 3 else ''}); a run writes config.yaml, log.txt, metrics.* and "
+                       f"checkpoints/ there: choose another name=... or runs_dir=...")
 
 
 def _check_resume_world(state: dict[str, Any], world_size: int, path: Path) -> None:
@@ -353,6 +397,7 @@ def _fit(task: nn.Module, cfg: RunConfig, train_set, val_set, *, resume: bool, c
     # rank 0 reads last.pt (or checks that no run is there) and every rank gets the same state: the other ranks
     # need not see the run folder (a node with its own disk)
     state = D.run_on_main(lambda: _open_run(cfg, resume, ctx.world_size), ctx)
+    data_sha = data_fingerprint(cfg) if ctx.is_main else {}  # recorded in last.pt by rank 0, checked on --resume
     start_epoch = int(state["epoch"]) + 1 if resume else 0
     seed_everything(cfg.seed)
     task.to(device)
@@ -457,12 +502,12 @@ def _fit(task: nn.Module, cfg: RunConfig, train_set, val_set, *, resume: bool, c
         rng_ranks = D.all_gather_objects(_rng_state()) if ctx.enabled else None  # (a collective: every rank)
         if ctx.is_main:
             best = _save_epoch(task, cfg, optimizer, scheduler, scaler, classes, category_ids, epoch, record, best,
-                               rng_ranks)
+                               rng_ranks, data_sha)
     return record
 
 
 def _save_epoch(task, cfg, optimizer, scheduler, scaler, classes, category_ids, epoch, record, best,
-                rng_ranks) -> float:
+                rng_ranks, data_sha: dict[str, str]) -> float:
     """Rank 0's writes after an epoch: metrics, ``model.pt``, ``best.pt`` when improved, ``last.pt``. Returns
     the best val mAP so far."""
     ckpt_dir = cfg.run_dir / "checkpoints"
@@ -478,6 +523,7 @@ def _save_epoch(task, cfg, optimizer, scheduler, scaler, classes, category_ids, 
     full = _full_state(task, cfg, optimizer, scheduler, scaler, classes, category_ids, epoch)
     full["best"] = best
     full["metrics"] = record
+    full["data_sha256"] = data_sha
     if rng_ranks is not None:  # each rank resumes with its own RNG stream; rank 0's stays under "rng"
         full["rng_ranks"] = rng_ranks
         full["world_size"] = len(rng_ranks)

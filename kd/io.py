@@ -67,8 +67,9 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None]) -> Pat
         os.chmod(tmp_path, _final_mode(path))
         os.replace(tmp_path, path)
     except BaseException as exc:
+        full = _out_of_space(exc, path)  # judged before the partial file is deleted and gives its space back
         tmp_path.unlink(missing_ok=True)
-        if _out_of_space(exc, path):
+        if full:
             raise GkdError(f"{path}: No space left on device while writing it (the previous version, if any, is "
                            f"unchanged); free some space and run the same command again") from None
         if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -77,18 +78,29 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None]) -> Pat
     return path
 
 
-def _out_of_space(exc: BaseException, path: Path) -> bool:
-    """ENOSPC, or torch.save's "file write failed" (a RuntimeError without errno) on a full file system."""
-    if isinstance(exc, OSError):
-        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    if isinstance(exc, RuntimeError) and "write failed" in str(exc):
-        import shutil
+#: what torch.save's zip writer says when a write fails (a RuntimeError without errno): "file write failed",
+#: "basic_ios::clear: iostream error", "[enforce fail at inline_container.cc] . unexpected pos N vs M"
+_TORCH_WRITE_ERRORS = ("write failed", "iostream error", "basic_ios", "unexpected pos")
 
-        try:
-            return shutil.disk_usage(path.parent).free < 64 * 2 ** 20
-        except OSError:
-            return False
-    return False
+
+def _out_of_space(exc: BaseException, path: Path) -> bool:
+    """ENOSPC/EDQUOT anywhere in the exception's chain, or a write error of torch.save's zip writer (which carries
+    no errno) while the file system is nearly full."""
+    chain, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    if any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in chain):
+        return True
+    if not any(isinstance(e, RuntimeError) and any(m in str(e) for m in _TORCH_WRITE_ERRORS) for e in chain):
+        return False
+    import shutil
+
+    try:
+        return shutil.disk_usage(path.parent).free < 64 * 2 ** 20
+    except OSError:
+        return False
 
 
 def ensure_writable_folder(folder: str | os.PathLike, what: str = "output folder") -> Path:
@@ -236,6 +248,11 @@ class RunLock:
         if self._mine and (self._holder() or {}).get("pid") == os.getpid():
             self.path.unlink(missing_ok=True)
         self._mine = False
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (owned by anyone)."""
+    return _alive(pid)
 
 
 def _alive(pid: int) -> bool:

@@ -44,14 +44,14 @@ def check_num_classes(cfg: RunConfig, num_classes: int) -> None:
 def build_model(cfg: RunConfig, num_classes: int, classes: list[str] | None = None) -> torch.nn.Module:
     """Detector for ``cfg.model`` with ``num_classes`` classes, initialised from ``cfg.model.weights`` if given
     (torchvision COCO weights are mapped to ``classes`` by name, or their class heads re-initialised)."""
-    from .checkpoint import load_checkpoint, load_state_into
+    from .checkpoint import detector_weights, load_checkpoint, load_state_into
     from .models.detectors import build_detector
 
     check_num_classes(cfg, num_classes)
     model = build_detector(cfg.model, num_classes)
     if cfg.model.weights:
-        ckpt = load_checkpoint(cfg.model.weights)
-        state = ckpt["model"] if ckpt.get("format") == "gkd-checkpoint" else ckpt
+        ckpt = load_checkpoint(cfg.model.weights, need="detector")  # the checks every reader applies
+        state = detector_weights(ckpt, cfg.model.weights)
         report = load_state_into(model, state, cfg.model.weights, cfg.model.arch, classes=classes)
         log.info("initialised from %s%s", cfg.model.weights, f": {report}" if report else "")
     return model

@@ -47,7 +47,39 @@ def test_ctrl_c_says_how_to_resume(capsys, monkeypatch):
     monkeypatch.setattr("gkd.kd.train.train_detector", interrupted)
     assert main(["train", "train.epochs=1"]) == 130
     err = capsys.readouterr().err
-    assert "gkd: interrupted" in err and "--resume" in err and "same `gkd run` command" in err
+    assert "gkd: interrupted" in err and "--resume" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_the_interrupt_hint_fits_the_command():
+    from gkd.cli import interrupt_hint
+
+    assert "--resume" in interrupt_hint(["train", "cfg.yaml"]) and "--resume" in interrupt_hint(["distill", "c.yaml"])
+    assert "same gkd run command" in interrupt_hint(["run", "name=x"])
+    for command in (["export", "m.pt", "--out", "e"], ["eval", "m.pt"], ["predict", "m.pt", "photos"]):
+        hint = interrupt_hint(command)
+        assert "resume" not in hint.lower() and "run the same command again" in hint, (command, hint)
+
+
+def test_sigterm_during_training_says_what_happened(capsys, monkeypatch):
+    import os
+    import signal
+    import time
+
+    def killed(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(2)  # gkd's handler raises before this ends
+        raise AssertionError("SIGTERM was not turned into an exception")
+
+    monkeypatch.setattr("gkd.kd.train.train_detector", killed)
+    # a handler that only notes the signal: without gkd's own, the test fails instead of ending pytest
+    previous = signal.signal(signal.SIGTERM, lambda *a: None)
+    try:
+        assert main(["train", "train.epochs=1"]) == 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    err = capsys.readouterr().err
+    assert "gkd: terminated (SIGTERM)" in err and "--resume" in err
 
 
 def test_eval_on_a_missing_gpu_names_the_option(tmp_path, capsys):

@@ -32,7 +32,7 @@ def load_teacher(tcfg: TeacherConfig, classes: Sequence[str], student_cfg: Model
     Raises:
         GkdError: no checkpoint, unreadable file, architecture or class mismatch.
     """
-    from ..checkpoint import is_gkd_checkpoint, load_checkpoint, load_state_into
+    from ..checkpoint import detector_weights, is_gkd_checkpoint, load_checkpoint, load_state_into
     from ..config import from_dict
     from ..models.detectors import build_detector
 
@@ -40,10 +40,8 @@ def load_teacher(tcfg: TeacherConfig, classes: Sequence[str], student_cfg: Model
         raise GkdError("distill.teacher.checkpoint: not set; give the teacher's checkpoint, e.g. "
                        "distill.teacher.checkpoint=runs/teacher/checkpoints/best.pt")
     path = Path(tcfg.checkpoint)
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, need="detector")  # the checks every reader of a checkpoint applies
     if is_gkd_checkpoint(ckpt):
-        if "model" not in ckpt or "model_config" not in ckpt:
-            raise GkdError(f"{path}: gkd checkpoint of kind '{ckpt.get('kind')}' holds no detector")
         mcfg = from_dict(ModelConfig, ckpt["model_config"], f"{path} (model_config)")
         for key in ("arch", "backbone"):
             declared = getattr(tcfg, key)
@@ -59,9 +57,7 @@ def load_teacher(tcfg: TeacherConfig, classes: Sequence[str], student_cfg: Model
         if tcfg.arch is None or tcfg.backbone is None:
             raise GkdError(f"{path}: a plain state dict records no architecture; set distill.teacher.arch and "
                            f"distill.teacher.backbone")
-        source = ckpt.get("model", ckpt) if isinstance(ckpt.get("model"), dict) else ckpt
-        if not all(isinstance(v, torch.Tensor) for v in source.values()):
-            raise GkdError(f"{path}: not a state dict of tensors (and not a gkd checkpoint)")
+        source = detector_weights(ckpt, path)
         mcfg = dataclasses.replace(student_cfg, arch=tcfg.arch, backbone=tcfg.backbone,
                                    anchor_sizes=tuple(tcfg.anchor_sizes), weights=None,
                                    **{"backbone_width": 1.0, **_widths_of(source)})
