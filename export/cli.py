@@ -41,8 +41,20 @@ def _precisions(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"], case_sensitive=False),
               default="minmax", show_default=True, help="onnxruntime calibration method for activation ranges.")
 @click.option("--int8-target", type=click.FloatRange(0, 1), default=0.99, show_default=True,
-              help="With annotated parity images: keep the most costly layers in FP32 until INT8 mAP >= this "
-                   "fraction of FP32 mAP (0 disables the search).")
+              help="With annotated --val-data: INT8 may lose at most (1 - this) of FP32's mAP beyond chance (a paired "
+                   "bootstrap over the images); while it loses more, the layers that add the most quantization "
+                   "noise are kept in float. 0 disables the search.")
+@click.option("--int8-floor", type=click.FloatRange(0, 1), default=0.90, show_default=True,
+              help="Share of Conv/Gemm multiply-accumulates that must run in INT8 for the file to be called INT8 "
+                   "(read back from the file); below it the export names the float layers and does not verify it.")
+@click.option("--int8-format", type=click.Choice(["onnxruntime", "tensorrt"], case_sensitive=False),
+              default="onnxruntime", show_default=True,
+              help="INT8 Q/DQ format: onnxruntime (uint8 asymmetric activations, int32 bias) or tensorrt (int8 "
+                   "symmetric activations, zero point 0, float bias: what TensorRT accepts).")
+@click.option("--accuracy-images", type=click.IntRange(1, None), default=500, show_default=True,
+              help="The mAP level and the INT8 search use every annotated image of --val-data up to this many.")
+@click.option("--speed-rounds", type=click.IntRange(0, None), default=20, show_default=True,
+              help="Rounds of the side-by-side INT8 / FP32 latency record in export.json (0: not timed).")
 @click.option("--parity-images", type=click.IntRange(1, None), default=16, show_default=True,
               help="Images compared between PyTorch and each exported model.")
 @click.option("--atol", type=click.FloatRange(0, None), default=None,
@@ -69,14 +81,16 @@ def _precisions(ctx, param, value: str) -> tuple[str, ...]:
               help="CPU threads for PyTorch and onnxruntime during parity.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for image subsets.")
 def export(checkpoint, precisions, calib_data, val_data, out, opset, calib_images, calib_method, int8_target,
-           parity_images, atol, rtol, min_recall, min_map_ratio, score_floor, min_shapes, opt_shapes, max_shapes,
-           tensorrt, workspace_gib, tensorrt_rtx_check, threads, seed):
+           int8_floor, int8_format, accuracy_images, speed_rounds, parity_images, atol, rtol, min_recall,
+           min_map_ratio, score_floor, min_shapes, opt_shapes, max_shapes, tensorrt, workspace_gib,
+           tensorrt_rtx_check, threads, seed):
     """Export CHECKPOINT (a gkd detector checkpoint) to ONNX and, where available, TensorRT.
 
     \b
-    Each file is run with onnxruntime on real images and compared with the PyTorch checkpoint (tensors, matched
-    detections, mAP); export.json marks it verified only if parity passes, and the command exits with status 1
-    when any requested precision fails.
+    Each file is run with onnxruntime on real images and compared with the PyTorch checkpoint (tensors and
+    matched detections on --parity-images, mAP with its noise on up to --accuracy-images); export.json marks it
+    verified only if parity passes, and the command exits with status 1 when any requested precision fails. What
+    an INT8 file holds (INT8 and float layers, formats, share of MACs at INT8) is read back from the file.
     \b
     Example:
       gkd export runs/student/checkpoints/model.pt --precision fp32,fp16,int8 \\
@@ -95,8 +109,9 @@ def export(checkpoint, precisions, calib_data, val_data, out, opset, calib_image
                          parity_images=parity_images, opset=opset, min_shapes=min_shapes, opt_shapes=opt_shapes,
                          max_shapes=max_shapes, tolerance_overrides={k: v for k, v in overrides.items()
                                                                      if v is not None},
-                         int8_target=int8_target, tensorrt=tensorrt.lower(), workspace_gib=workspace_gib,
-                         tensorrt_rtx=tensorrt_rtx_check.lower(), threads=threads, seed=seed)
+                         int8_target=int8_target, int8_floor=int8_floor, int8_format=int8_format.lower(),
+                         accuracy_images=accuracy_images, speed_rounds=speed_rounds, tensorrt=tensorrt.lower(),
+                         workspace_gib=workspace_gib, tensorrt_rtx=tensorrt_rtx_check.lower(), threads=threads, seed=seed)
     manifest = export_checkpoint(opts, log=lambda s: click.echo(s, err=True))
     failed = [p for p in precisions if not manifest["files"][p]["verified"]]
     failed += [f"{p} engine" for p, e in manifest["tensorrt"].get("engines", {}).items() if not e["good"]]

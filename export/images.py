@@ -6,14 +6,33 @@ Images load as the evaluation path loads them (``gkd.kd.data.coco.load_image``: 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 __all__ = ["ImageSet", "load_image_set"]
+
+
+class LazyImages(Sequence):
+    """``[(image_id, [3, H, W] tensor)]`` decoded from disk on each access: a few hundred full-size photos held as
+    float32 tensors would take gigabytes, while each is read only once per model run."""
+
+    def __init__(self, items: list[tuple[int, Path]], decode: Callable[[Path], torch.Tensor]):
+        self._items = items
+        self._decode = decode
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        image_id, path = self._items[i]
+        return image_id, self._decode(path)
 
 
 @dataclass
@@ -40,8 +59,17 @@ class ImageSet:
     failed: list[tuple[str, str]] = field(default_factory=list)
 
 
+def _to_tensor(path: Path) -> torch.Tensor:
+    """One image file -> ``[3, H, W]`` float32 RGB in [0, 1] (EXIF orientation applied)."""
+    from gkd.kd.data.coco import load_image
+
+    arr = np.asarray(load_image(path), dtype=np.uint8).copy()
+    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
+
+
 def load_image_set(json_path: str | Path, *, limit: int | None = None, seed: int = 0,
-                   image_root: str | Path | None = None, skip_unreadable: bool = False) -> ImageSet:
+                   image_root: str | Path | None = None, skip_unreadable: bool = False, lazy: bool = False
+                   ) -> ImageSet:
     """Read up to ``limit`` images (a seeded random subset when the file has more) of a COCO JSON file.
 
     Args:
@@ -51,8 +79,10 @@ def load_image_set(json_path: str | Path, *, limit: int | None = None, seed: int
         image_root: folder of the image files (default: ``images/`` next to the JSON, else its folder).
         skip_unreadable: count images that fail to decode in ``failed`` instead of stopping at the first one
             (the caller reports them; they are never dropped silently).
+        lazy: ``images`` decodes each image when it is accessed (:class:`LazyImages`), for large sets of large
+            photos; an unreadable image then fails when it is reached.
     """
-    from gkd.kd.data.coco import load_coco, load_image
+    from gkd.kd.data.coco import load_coco
     from gkd.kd.errors import GkdError
 
     index = load_coco(json_path, image_root=image_root)
@@ -60,16 +90,23 @@ def load_image_set(json_path: str | Path, *, limit: int | None = None, seed: int
     if limit is not None and limit < len(entries):
         picked = set(random.Random(seed).sample(range(len(entries)), limit))
         entries = [e for i, e in enumerate(entries) if i in picked]
+    if lazy:
+        if skip_unreadable:
+            raise ValueError("skip_unreadable needs every image decoded up front (lazy=False)")
+        images = LazyImages([(int(im["id"]), index.image_path(im)) for im in entries], _to_tensor)
+        annotated = any(index.anns_by_image.get(i) for i, _ in images._items)
+        return ImageSet(Path(json_path), images, index.gt_json, list(index.category_ids), list(index.classes),
+                        annotated)
     images, failed = [], []
     for im in entries:
         try:
-            arr = np.asarray(load_image(index.image_path(im)), dtype=np.uint8).copy()
+            tensor = _to_tensor(index.image_path(im))
         except GkdError as exc:
             if not skip_unreadable:
                 raise
             failed.append((str(index.image_path(im)), str(exc)))
             continue
-        images.append((int(im["id"]), torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)))
+        images.append((int(im["id"]), tensor))
     gt_json = index.gt_json
     if failed:
         kept = {i for i, _ in images}

@@ -18,8 +18,12 @@
    scores is decided by rounding: an unmatched detection whose score is within ``tie`` of the other side's lowest
    kept score is counted as ``swapped_at_cut``, not as missing or extra. Anything else unmatched above the floor
    still fails: a real numeric difference moves scores by far more than ``tie``.
-3. **mAP** (when the images have annotations): COCO bbox mAP of both through ``gkd.kd.evaluation.CocoEvaluator``,
-   delta and ratio.
+3. **mAP** (when the images have annotations): COCO bbox mAP of both, the difference and **how much it moves by
+   chance** (:func:`map_comparison`: a paired image bootstrap, :mod:`gkd.kd.paired_map`). The level fails only when
+   the data show a loss larger than allowed: when even the upper end of the 95% interval of ``candidate -
+   reference`` lies below ``-(1 - min_map_ratio) x reference``. A difference within the noise never fails a model;
+   the verdict states the images, the standard error and the interval, so a reader sees how little 16 images
+   decide. ``gkd export`` computes this level on the whole annotated split (up to a cap), not on the parity images.
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ import torch
 from .runtime import Runner
 
 __all__ = ["Tolerances", "DEFAULT_TOLERANCES", "collect_outputs", "compare_outputs", "match_detections",
-           "tensor_errors", "format_table"]
+           "tensor_errors", "format_table", "map_comparison", "map_matches"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,8 @@ class Tolerances:
         min_recall: matched / reference detections (>= floor).
         min_precision: matched / candidate detections (>= floor).
         max_mean_score_delta: mean |score difference| over matched pairs.
-        min_map_ratio: candidate mAP / reference mAP (mAP level, when annotated).
+        min_map_ratio: candidate mAP / reference mAP (mAP level, when annotated): the level fails when the data
+            show the candidate below it beyond chance (see :func:`map_comparison`).
         tie: scores closer than this are near-ties (swaps at the top-k cut are then not failures).
     """
 
@@ -243,17 +248,55 @@ def coco_map(outputs: Outputs, gt_json: dict, category_ids: Sequence[int]) -> di
     return ev.evaluate(image_ids=[o["image_id"] for o in outputs])
 
 
+def map_matches(outputs: Outputs, gt_json: dict, category_ids: Sequence[int]):
+    """COCOeval's per-image matches of ``outputs`` (the input of :func:`map_comparison`)."""
+    from gkd.kd.paired_map import match_per_image
+
+    return match_per_image(gt_json, category_ids, outputs)
+
+
+def map_comparison(reference, candidate, min_ratio: float, *, resamples: int | None = None, seed: int = 0
+                   ) -> dict[str, Any]:
+    """The mAP level's verdict: candidate against reference on the same images, judged against chance.
+
+    Args:
+        reference, candidate: :func:`map_matches` of both models on the same images.
+        min_ratio: the candidate may lose at most ``(1 - min_ratio) x`` the reference's mAP.
+        resamples: bootstrap draws (default :data:`gkd.kd.paired_map.DEFAULT_RESAMPLES`).
+
+    Returns:
+        ``{"reference", "candidate", "delta", "ratio", "images", "se", "ci95", "allowed_loss", "passed",
+        "summary", ...}``: ``passed`` is False only when the upper end of the 95% interval of the difference lies
+        below ``-allowed_loss`` (the loss is real, not chance), or when the reference scores 0.
+    """
+    from gkd.kd.paired_map import DEFAULT_RESAMPLES, paired_bootstrap
+
+    boot = paired_bootstrap(reference, candidate, resamples or DEFAULT_RESAMPLES, seed)
+    r, c = boot["reference"], boot["candidate"]
+    allowed = (1.0 - min_ratio) * max(r, 0.0)
+    hi = boot["ci95"][1] if boot["ci95"] else boot["delta"]
+    passed = r > 0 and hi >= -allowed
+    ratio = c / r if r > 0 else (1.0 if c >= r else 0.0)
+    summary = (f"mAP {c:.4f} vs {r:.4f} ({ratio:.1%}): {boot['delta']:+.4f}, 95% interval "
+               f"[{boot['ci95'][0]:+.4f}, {boot['ci95'][1]:+.4f}] over {boot['images']} image(s) (se "
+               f"{boot['se']:.4f}); allowed loss {allowed:.4f}") if boot["ci95"] else f"mAP {c:.4f} vs {r:.4f}"
+    return {**boot, "ratio": ratio, "min_ratio": min_ratio, "allowed_loss": allowed, "passed": bool(passed),
+            "summary": summary + (" -> PASS" if passed else " -> FAIL")}
+
+
 def compare_outputs(ref: Outputs, cand: Outputs, tol: Tolerances, *, gt_json: dict | None = None,
-                    category_ids: Sequence[int] | None = None, ref_map: dict[str, float] | None = None,
-                    max_detections: int | None = None) -> dict[str, Any]:
+                    category_ids: Sequence[int] | None = None, ref_matches=None,
+                    max_detections: int | None = None, map_level: dict[str, Any] | None = None) -> dict[str, Any]:
     """All three levels and the verdict.
 
     Args:
         ref, cand: outputs of :func:`collect_outputs` on the same images, in the same order.
         tol: thresholds.
         max_detections: the model's detections per image (the top-k cut), or None when unknown.
-        gt_json, category_ids: annotations for the mAP level (skipped when None).
-        ref_map: the reference's metrics if already computed (saves one evaluation per candidate).
+        gt_json, category_ids: annotations for the mAP level on these images (skipped when None).
+        ref_matches: the reference's :func:`map_matches` if already computed (saves one evaluation per candidate).
+        map_level: a :func:`map_comparison` computed elsewhere (e.g. on the whole annotated split): used as the mAP
+            level instead of one on these images.
 
     Returns:
         ``{"images", "tensor", "detection", "map", "tolerances", "passed", "failures"}``.
@@ -282,20 +325,15 @@ def compare_outputs(ref: Outputs, cand: Outputs, tol: Tolerances, *, gt_json: di
                         f"{len(ref)} image(s); matching empty outputs verifies nothing")
     det["reference_detections"] = found
     det["passed"] = not any(f.startswith("detections") for f in failures)
-    map_level = None
-    if gt_json is not None and category_ids is not None:
-        ref_m = ref_map if ref_map is not None else coco_map(ref, gt_json, category_ids)
-        cand_m = coco_map(cand, gt_json, category_ids)
-        r, c = ref_m["bbox_mAP"], cand_m["bbox_mAP"]
-        ratio = c / r if r > 0 else (1.0 if c >= r else 0.0)
-        map_level = {"reference": r, "candidate": c, "delta": c - r, "ratio": ratio,
-                     "reference_mAP_50": ref_m["bbox_mAP_50"], "candidate_mAP_50": cand_m["bbox_mAP_50"],
-                     "passed": ratio >= tol.min_map_ratio}
-        if r <= 0:
-            map_level["passed"] = False
-            failures.append(f"mAP: the reference's mAP is {r:.4f} on these images; a ratio to it verifies nothing")
-        elif not map_level["passed"]:
-            failures.append(f"mAP: {c:.4f} is {ratio:.2%} of the reference {r:.4f} (needs {tol.min_map_ratio:.1%})")
+    if map_level is None and gt_json is not None and category_ids is not None:
+        ref_m = ref_matches if ref_matches is not None else map_matches(ref, gt_json, category_ids)
+        map_level = map_comparison(ref_m, map_matches(cand, gt_json, category_ids), tol.min_map_ratio)
+    if map_level is not None and not map_level["passed"]:
+        if map_level["reference"] <= 0:
+            failures.append(f"mAP: the reference's mAP is {map_level['reference']:.4f} on these images; a ratio to "
+                            f"it verifies nothing")
+        else:
+            failures.append(f"mAP: {map_level['summary']}")
     return {"images": len(ref), "tensor": tensor, "detection": det, "map": map_level,
             "tolerances": dataclasses.asdict(tol), "passed": not failures, "failures": failures}
 
@@ -307,14 +345,16 @@ def _fmt(v: float | None, spec: str = ".3f") -> str:
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A short markdown table of parity reports (``rows``: dicts with ``precision``, ``provider`` and a report)."""
     head = ("| precision | runs on | images | recall | precision | missing/extra | score delta (mean) "
-            "| box error max (px) | mAP ref -> cand (ratio) | verdict |")
+            "| box error max (px) | mAP ref -> cand (ratio; delta [95% interval], images) | verdict |")
     lines = [head, "|" + "---|" * 10]
     for row in rows:
         rep = row["parity"]
         d, t, m = rep["detection"], rep["tensor"], rep["map"]
         # a non-gating tensor level compares sets whose order may differ: shown only where it decides the verdict
         box = _fmt(t["boxes"]["max_abs"], ".2g") if t["compared_images"] and t.get("gating", True) else "n/a"
-        mp = f"{m['reference']:.3f} -> {m['candidate']:.3f} ({m['ratio']:.1%})" if m else "no annotations"
+        mp = (f"{m['reference']:.3f} -> {m['candidate']:.3f} ({m['ratio']:.1%}; {m['delta']:+.3f} "
+              f"[{m['ci95'][0]:+.3f}, {m['ci95'][1]:+.3f}], {m['images']} img)" if m and m.get("ci95")
+              else "no annotations")
         lines.append(f"| {row['precision']} | {row['provider']} | {rep['images']} | {_fmt(d['recall'])} "
                      f"| {_fmt(d['precision'])} | {d['missing']}/{d['extra']} | {_fmt(d['mean_score_delta'], '.4f')} "
                      f"| {box} | {mp} | {'PASS' if rep['passed'] else 'FAIL'} |")

@@ -2,11 +2,21 @@
 
 Nothing is called good before it has been run: every ONNX written is executed with onnxruntime on real images and
 compared with the PyTorch checkpoint (:mod:`gkd.export.parity`); the manifest marks a file ``verified`` only then.
+The mAP level of that comparison, and the INT8 layer search, run on the whole annotated split given (up to
+``accuracy_images``) and are judged against their own noise (a paired bootstrap). An INT8 file is described by what
+it holds, read back from it (:mod:`gkd.export.int8_record`), and is called INT8 only when at least ``int8_floor`` of
+its multiply-accumulates run in INT8.
+
+Files are written into a hidden staging folder inside ``out`` and moved into place at the end, ``export.json``
+last: a killed export leaves only that folder (removed by the next export), never a file without its record. An
+``out`` that holds files of the names gkd writes but no ``export.json`` is refused: they are not gkd's to replace.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +30,17 @@ from gkd.kd.io import atomic_write_json, atomic_write_text
 from ._lazy import has_module
 from .adapters import preprocess_contract
 from .onnx import DEFAULT_OPSET, EXPORTER, export_onnx, file_sha256, load_onnx, save_onnx
-from .parity import DEFAULT_TOLERANCES, Tolerances, collect_outputs, coco_map, compare_outputs, format_table
+from .parity import (DEFAULT_TOLERANCES, Tolerances, collect_outputs, compare_outputs, format_table, map_comparison,
+                     map_matches)
 
-__all__ = ["ExportOptions", "export_checkpoint", "PRECISIONS", "check_output_dir", "check_label_space"]
+__all__ = ["ExportOptions", "export_checkpoint", "PRECISIONS", "check_output_dir", "check_label_space",
+           "OUTPUT_NAMES_WRITTEN"]
 
 PRECISIONS = ("fp32", "fp16", "int8")
+#: the names gkd export writes into ``out`` (besides ``model.<precision>.onnx`` and TensorRT engines)
+OUTPUT_NAMES_WRITTEN = ("model.json", "parity.json", "parity.md", "export.json")
+_STAGING = ".gkd-export-"
+_TEMP_PREFIXES = (_STAGING, ".gkd-calib-", ".gkd-int8-")
 
 
 @dataclass(frozen=True)
@@ -39,12 +55,21 @@ class ExportOptions:
     calib_images: int = 64
     calib_method: str = "minmax"
     parity_images: int = 16
+    #: the mAP level and the INT8 search use every annotated image of the parity source, up to this many
+    accuracy_images: int = 500
     opset: int = DEFAULT_OPSET
     min_shapes: str | None = None
     opt_shapes: str | None = None
     max_shapes: str | None = None
     tolerance_overrides: dict[str, Any] = field(default_factory=dict)
+    #: INT8 may lose at most (1 - int8_target) of FP32's mAP beyond chance; 0 = no layer search
     int8_target: float = 0.99
+    #: the share of Conv/Gemm multiply-accumulates that must run in INT8 for the file to be called INT8
+    int8_floor: float = 0.90
+    #: the INT8 format: onnxruntime (uint8 asymmetric activations) or tensorrt (int8 symmetric, float bias)
+    int8_format: str = "onnxruntime"
+    #: timed rounds of the side-by-side INT8 / FP32 latency record (0: not timed)
+    speed_rounds: int = 20
     tensorrt: str = "auto"  # auto | off | on
     workspace_gib: float = 4.0
     tensorrt_rtx: str = "auto"  # auto | off | on: the TensorRT-RTX parse/build check (export/trt_rtx.py)
@@ -53,10 +78,20 @@ class ExportOptions:
 
 
 def check_output_dir(out: Path) -> None:
-    """Fail early (before any work) when ``out`` cannot hold files; creates it if needed."""
+    """Fail early (before any work) when ``out`` cannot hold files or holds files gkd did not make; creates it if
+    needed and removes what a killed export left (hidden staging and calibration folders)."""
     from gkd.kd.io import ensure_writable_folder
 
     ensure_writable_folder(out, "output folder")
+    if not (out / "export.json").is_file():
+        theirs = sorted(p.name for p in out.iterdir() if p.name in OUTPUT_NAMES_WRITTEN
+                        or (p.name.startswith("model.") and p.suffix in (".onnx", ".engine")))
+        if theirs:
+            raise GkdError(f"{out}: holds {', '.join(theirs)} but no export.json, so gkd did not make them and will "
+                           f"not replace them; give another --out or move them away")
+    for p in out.iterdir():
+        if p.is_dir() and p.name.startswith(_TEMP_PREFIXES):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _versions() -> dict[str, str]:
@@ -68,6 +103,27 @@ def _versions() -> dict[str, str]:
             "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
 
 
+def _check_options(opts: ExportOptions) -> None:
+    from .quantize import INT8_FORMATS
+
+    bad = [p for p in opts.precisions if p not in PRECISIONS]
+    if bad or not opts.precisions:
+        raise GkdError(f"--precision: unknown precision '{bad[0] if bad else ''}'; expected a comma-separated list "
+                       f"of {', '.join(PRECISIONS)}")
+    if opts.int8_format not in INT8_FORMATS:
+        raise GkdError(f"--int8-format: '{opts.int8_format}' is unknown; expected one of {', '.join(INT8_FORMATS)}")
+    if not 0 <= opts.int8_floor <= 1:
+        raise GkdError(f"--int8-floor: {opts.int8_floor} is not a share between 0 and 1")
+    if "int8" in opts.precisions and opts.calib_data is None:
+        raise GkdError("--precision int8 needs --calib-data DATA.json (real images to calibrate on)")
+    if opts.calib_data is None and opts.val_data is None:
+        raise GkdError("parity needs real images: give --val-data DATA.json (or --calib-data); an export is never "
+                       "called good before it has been run and compared")
+    for p in (opts.calib_data, opts.val_data):
+        if p is not None and not Path(p).is_file():
+            raise GkdError(f"{p}: COCO JSON file not found")
+
+
 def export_checkpoint(opts: ExportOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the whole export. Returns the manifest (also written to ``out/export.json``).
 
@@ -77,22 +133,10 @@ def export_checkpoint(opts: ExportOptions, log: Callable[[str], None] = print) -
     from gkd.kd.checkpoint import load_detector
 
     from .images import load_image_set
-    from .runtime import OrtRunner, TorchRunner
 
-    bad = [p for p in opts.precisions if p not in PRECISIONS]
-    if bad or not opts.precisions:
-        raise GkdError(f"--precision: unknown precision '{bad[0] if bad else ''}'; expected a comma-separated list "
-                       f"of {', '.join(PRECISIONS)}")
-    if "int8" in opts.precisions and opts.calib_data is None:
-        raise GkdError("--precision int8 needs --calib-data DATA.json (real images to calibrate on)")
-    if opts.calib_data is None and opts.val_data is None:
-        raise GkdError("parity needs real images: give --val-data DATA.json (or --calib-data); an export is never "
-                       "called good before it has been run and compared")
-    for p in (opts.calib_data, opts.val_data):
-        if p is not None and not Path(p).is_file():
-            raise GkdError(f"{p}: COCO JSON file not found")
+    _check_options(opts)
     check_output_dir(opts.out)
-    replaces_an_export = (opts.out / "export.json").is_file()
+    replaces = (opts.out / "export.json").is_file()
     torch.manual_seed(opts.seed)
     model, info = load_detector(opts.checkpoint)
     classes, category_ids = info.get("classes"), info.get("category_ids")
@@ -100,14 +144,16 @@ def export_checkpoint(opts: ExportOptions, log: Callable[[str], None] = print) -
     t0 = time.perf_counter()
     parity_src = opts.val_data or opts.calib_data
     parity_set = load_image_set(parity_src, limit=opts.parity_images, seed=opts.seed + 1)
+    accuracy_set = load_image_set(parity_src, limit=opts.accuracy_images, seed=opts.seed + 1, lazy=True)
     calib_set = (load_image_set(opts.calib_data, limit=opts.calib_images, seed=opts.seed)
                  if "int8" in opts.precisions else None)
     if category_ids is None:
         category_ids = parity_set.category_ids
-    if parity_set.has_annotations:
+    annotated = accuracy_set.has_annotations
+    if annotated:
         check_label_space(parity_src, parity_set, classes, category_ids)
-    annotated = parity_set.has_annotations
     log(f"parity on {len(parity_set.images)} image(s) of {parity_src}"
+        + (f", mAP on {len(accuracy_set.images)} annotated image(s)" if annotated else ", no annotations: no mAP")
         + (f", calibration on {len(calib_set.images)} image(s) of {opts.calib_data}" if calib_set else ""))
 
     contract = preprocess_contract(model, classes=classes, category_ids=category_ids)
@@ -117,24 +163,51 @@ def export_checkpoint(opts: ExportOptions, log: Callable[[str], None] = print) -
     profile = compute_profile(contract, opts.min_shapes, opts.opt_shapes, opts.max_shapes)
     base_meta = {"gkd_export_version": 1, "contract": contract, "opset": opts.opset, "exporter": EXPORTER,
                  "source_checkpoint_sha256": file_sha256(opts.checkpoint)}
-    paths = {p: opts.out / f"model.{p}.onnx" for p in PRECISIONS}
+    staging = opts.out / f"{_STAGING}{os.getpid()}"
+    staging.mkdir()
+    try:
+        manifest = _export(opts, model, staging, parity_set, accuracy_set if annotated else None, calib_set,
+                           contract, profile, base_meta, category_ids, log)
+        manifest["seconds"] = round(time.perf_counter() - t0, 1)
+        _move_into_place(opts.out, staging, manifest, replaces, log)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _export(opts, model, staging: Path, parity_set, accuracy_set, calib_set, contract, profile, base_meta,
+            category_ids, log) -> dict[str, Any]:
+    """Write, run and compare every file inside ``staging``; returns the manifest (file names relative)."""
+    from .runtime import OrtRunner, TorchRunner
+
+    paths = {p: staging / f"model.{p}.onnx" for p in PRECISIONS}
     sample = parity_set.images[0][1].unsqueeze(0)
-    log(f"exporting FP32 ONNX (opset {opts.opset}) -> {paths['fp32']}")
+    log(f"exporting FP32 ONNX (opset {opts.opset}) -> {opts.out / paths['fp32'].name}")
     export_onnx(model, paths["fp32"], sample, opset=opts.opset, metadata={**base_meta, "precision": "fp32"})
 
     torch.set_num_threads(max(1, opts.threads))
-    ref = collect_outputs(TorchRunner(model), parity_set.images)
-    gt = (parity_set.gt_json, category_ids) if annotated else (None, None)
-    ref_map = coco_map(ref, *gt) if annotated else None
-
+    torch_runner = TorchRunner(model)
+    ref = collect_outputs(torch_runner, parity_set.images)
+    ref_matches = None
+    if accuracy_set is not None:
+        ref_matches = map_matches(collect_outputs(torch_runner, accuracy_set.images), accuracy_set.gt_json,
+                                  category_ids)
     cut = contract["in_graph"]["postprocess"]["detections_per_img"]  # top-k cut: near-tie swaps there are no error
 
     def tol_for(p: str) -> Tolerances:
-        return DEFAULT_TOLERANCES[p].replace(**opts.tolerance_overrides)
+        base = DEFAULT_TOLERANCES[p]
+        if p == "int8" and opts.int8_target > 0:
+            base = base.replace(min_map_ratio=opts.int8_target)
+        return base.replace(**opts.tolerance_overrides)
 
-    def run_onnx(path: Path) -> list[dict]:
+    def accuracy(path: Path, p: str) -> dict[str, Any] | None:
+        """The mAP level of ``path`` against PyTorch on the accuracy set (None without annotations)."""
+        if ref_matches is None:
+            return None
         with OrtRunner(path, threads=opts.threads) as r:
-            return collect_outputs(r, parity_set.images), r.provider
+            out = collect_outputs(r, accuracy_set.images)
+        return map_comparison(ref_matches, map_matches(out, accuracy_set.gt_json, category_ids),
+                              tol_for(p).min_map_ratio, seed=opts.seed)
 
     files: dict[str, Any] = {}
     rows = []
@@ -142,48 +215,87 @@ def export_checkpoint(opts: ExportOptions, log: Callable[[str], None] = print) -
         if p not in opts.precisions and not (p == "fp32"):
             continue
         extra: dict[str, Any] = {}
+        level = None
         if p == "fp16":
             from .fp16 import convert_fp16, count_tensor_types
 
             m16, extra = convert_fp16(load_onnx(paths["fp32"]))
             extra = {**extra, "initializer_types": count_tensor_types(m16)}
-            save_onnx(m16, paths["fp16"], {**base_meta, "precision": "fp16", "fp16": extra})
+            save_onnx(m16, paths["fp16"], {**base_meta, "precision": "fp16"})
         elif p == "int8":
-            extra = _int8(opts, paths, calib_set, parity_set, base_meta, gt, ref_map, run_onnx, log)
-        out, provider = run_onnx(paths[p])
-        rep = compare_outputs(ref, out, tol_for(p), gt_json=gt[0], category_ids=gt[1], ref_map=ref_map,
-                              max_detections=cut)
+            extra, level = _int8(opts, paths, calib_set, parity_set, base_meta, accuracy, ref_matches is not None,
+                                 log)
+        if level is None:
+            level = accuracy(paths[p], p)
+        with OrtRunner(paths[p], threads=opts.threads) as r:
+            out, provider = collect_outputs(r, parity_set.images), r.provider
+        rep = compare_outputs(ref, out, tol_for(p), max_detections=cut, map_level=level)
+        if p == "int8" and not extra["is_int8"]:
+            rep["passed"] = False
+            rep["failures"].append(_not_int8(extra))
         rows.append({"precision": p, "provider": provider, "parity": rep})
         files[p] = {"onnx": paths[p].name, "sha256": file_sha256(paths[p]), "bytes": paths[p].stat().st_size,
                     "requested": p in opts.precisions, "verified": rep["passed"], "runs_on": provider,
                     "details": extra}
         log(f"{p}: parity {'PASS' if rep['passed'] else 'FAIL: ' + '; '.join(rep['failures'])}")
 
-    engines = _engines(opts, paths, profile, log,
+    speed = None
+    if "int8" in files and opts.speed_rounds > 0:
+        from .speed import side_by_side
+
+        speed = side_by_side({p: paths[p] for p in ("fp32", "int8")}, [im for _, im in parity_set.images],
+                             threads=opts.threads, rounds=opts.speed_rounds)
+        log(f"speed (onnxruntime CPU, {opts.threads} thread(s), {speed['machine']['cpu']}): INT8 p50 "
+            f"{speed['p50_ms']['int8']:.1f} ms / FP32 {speed['p50_ms']['fp32']:.1f} ms = "
+            f"{speed['ratio']['int8/fp32']:.2f}")
+    engines = _engines(opts, staging, paths, profile, log,
                        check=lambda runner, p: compare_outputs(ref, collect_outputs(runner, parity_set.images),
-                                                               tol_for(p), gt_json=gt[0], category_ids=gt[1],
-                                                               ref_map=ref_map, max_detections=cut))
+                                                               tol_for(p), max_detections=cut))
     rtx = _rtx_check(opts, {p: paths[p] for p in files}, profile, log)
-    table = format_table(rows)
-    manifest = {
+    return {
         "checkpoint": str(opts.checkpoint), "checkpoint_sha256": base_meta["source_checkpoint_sha256"],
         "arch": contract["arch"], "opset": opts.opset, "exporter": EXPORTER, "contract": contract, "files": files,
         "parity": {"reference": "pytorch fp32 (eager, CPU)", "images": len(parity_set.images),
-                   "source": str(parity_src), "annotated": annotated, "reference_map": ref_map,
+                   "source": str(parity_set.path), "annotated": accuracy_set is not None,
+                   "map_images": len(accuracy_set.images) if accuracy_set is not None else 0,
                    "results": {r["precision"]: r["parity"] for r in rows}},
+        "table": format_table(rows), "speed": speed,
         "tensorrt": engines, "tensorrt_profile": profile, "tensorrt_rtx_check": rtx, "versions": _versions(),
-        "seconds": round(time.perf_counter() - t0, 1),
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(opts).items()},
     }
-    if replaces_an_export:
-        _remove_replaced_files(opts.out, set(files))
-    atomic_write_json(opts.out / "model.json", {"contract": contract, "files": {p: f["onnx"] for p, f in files.items()},
-                                                "opset": opts.opset})
-    atomic_write_json(opts.out / "parity.json", manifest["parity"])
-    atomic_write_text(opts.out / "parity.md", table + "\n")
-    atomic_write_json(opts.out / "export.json", manifest)
-    log(table)
-    return manifest
+
+
+def _not_int8(record: dict[str, Any]) -> str:
+    share = record["macs_int8_share"] if record["macs_int8_share"] is not None else record["weights_int8_share"]
+    blocking = record["blocking"][:5]
+    return (f"int8: only {share:.1%} of the Conv/Gemm {record['share_measure']} run in INT8 (floor "
+            f"{record['floor']:.0%}), so this file is not INT8; float layers holding the most: "
+            f"{', '.join(blocking)}{' ...' if len(record['blocking']) > 5 else ''}")
+
+
+def _move_into_place(out: Path, staging: Path, manifest: dict[str, Any], replaces: bool, log) -> None:
+    """Move the staged files into ``out`` (the records last) and remove what the replaced export made that this one
+    did not (another model's files must not stay beside this one's record)."""
+    made = {p.name for p in staging.iterdir() if p.is_file() and p.name.endswith((".onnx", ".engine", ".json"))
+            and not p.name.endswith("-inferred.onnx")}
+    if replaces:
+        stale = sorted(p.name for p in out.iterdir() if p.is_file() and p.name.startswith("model.")
+                       and p.suffix in (".onnx", ".engine", ".json") and p.name not in made
+                       and p.name != "model.json")
+        for name in stale:
+            (out / name).unlink(missing_ok=True)
+        if stale:
+            log(f"removed {', '.join(stale)}: files of the export this one replaces, for precisions not made now")
+    for name in sorted(made):
+        os.replace(staging / name, out / name)
+    files = manifest["files"]
+    atomic_write_json(out / "model.json", {"contract": manifest["contract"],
+                                           "files": {p: f["onnx"] for p, f in files.items()},
+                                           "opset": manifest["opset"]})
+    atomic_write_json(out / "parity.json", manifest["parity"])
+    atomic_write_text(out / "parity.md", manifest["table"] + "\n")
+    atomic_write_json(out / "export.json", manifest)
+    log(manifest["table"])
 
 
 def check_label_space(src: Path, images, classes: list[str] | None, category_ids: list[int]) -> None:
@@ -197,37 +309,25 @@ def check_label_space(src: Path, images, classes: list[str] | None, category_ids
                        f"--val-data images labelled with the model's classes")
 
 
-def _remove_replaced_files(out: Path, kept: set[str]) -> None:
-    """Delete the files of precisions this export did not make, left by the export it replaces (``model.int8.onnx``
-    of an earlier fp32+int8 export beside a new fp32-only one would be another model's file)."""
-    for p in PRECISIONS:
-        if p in kept:
-            continue
-        for stale in (out / f"model.{p}.onnx", out / f"model.{p}.engine", out / f"model.{p}.engine.json"):
-            stale.unlink(missing_ok=True)
-
-
-def _int8(opts, paths, calib_set, parity_set, base_meta, gt, ref_map, run_onnx, log) -> dict[str, Any]:
-    """Quantize; with annotations, search for the layers to keep FP32 until ``int8_target`` of FP32 mAP holds."""
+def _int8(opts, paths, calib_set, parity_set, base_meta, accuracy, annotated: bool, log
+          ) -> tuple[dict[str, Any], dict | None]:
+    """Quantize; with annotations, keep layers in float only while INT8 loses accuracy beyond chance. Returns the
+    INT8 record (read back from the file) and the file's mAP level (the search's last verdict) if one was made."""
     from .quantize import quantize_int8, search_int8
 
     calib = [im for _, im in calib_set.images]
     meta = {**base_meta, "precision": "int8"}
-    if ref_map is None or opts.int8_target <= 0:
-        if ref_map is None:
-            log("int8: no annotations on the parity images, so no accuracy-driven layer search (give --val-data)")
-        return quantize_int8(paths["fp32"], paths["int8"], calib, method=opts.calib_method, metadata=meta)
-    fp32_out, _ = run_onnx(paths["fp32"])
-    reference = coco_map(fp32_out, *gt)["bbox_mAP"]
-
-    def evaluate(path: Path) -> float:
-        out, _ = run_onnx(path)
-        return coco_map(out, *gt)["bbox_mAP"]
-
-    info = search_int8(paths["fp32"], paths["int8"], calib, evaluate, reference, target_ratio=opts.int8_target,
-                       method=opts.calib_method, threads=opts.threads, metadata=meta, log=log)
-    info["search"]["evaluated_on"] = f"{len(parity_set.images)} parity image(s) of {parity_set.path}"
-    return info
+    kw = dict(method=opts.calib_method, metadata=meta, int8_format=opts.int8_format, floor=opts.int8_floor,
+              count_image=parity_set.images[0][1])
+    if not annotated or opts.int8_target <= 0:
+        if not annotated:
+            log("int8: no annotations on the parity source, so no accuracy-driven layer search (give --val-data)")
+        return quantize_int8(paths["fp32"], paths["int8"], calib, **kw), None
+    info = search_int8(paths["fp32"], paths["int8"], calib, lambda path: accuracy(path, "int8"),
+                       threads=opts.threads, log=log, **kw)
+    level = info["search"]["rounds"][-1]["verdict"]
+    info["search"]["judged_on"] = f"{level['images']} annotated image(s) of {parity_set.path}"
+    return info, level
 
 
 def _rtx_check(opts: ExportOptions, paths: dict[str, Path], profile: dict, log) -> dict[str, Any]:
@@ -248,7 +348,8 @@ def _rtx_check(opts: ExportOptions, paths: dict[str, Path], profile: dict, log) 
             "results": results, "summary": {p: trt_rtx.summarize(r) for p, r in results.items()}}
 
 
-def _engines(opts: ExportOptions, paths: dict[str, Path], profile: dict, log, check) -> dict[str, Any]:
+def _engines(opts: ExportOptions, staging: Path, paths: dict[str, Path], profile: dict, log, check
+             ) -> dict[str, Any]:
     """Build, verify and run TensorRT engines when TensorRT and a GPU are present; otherwise say why in one line.
 
     ``check(runner, precision)`` runs parity of an engine against the PyTorch reference.
@@ -275,7 +376,7 @@ def _engines(opts: ExportOptions, paths: dict[str, Path], profile: dict, log, ch
            "profile": profile, "engines": {}}
     for p in opts.precisions:
         src = onnx_for_build(p, major, paths)
-        engine = opts.out / f"model.{p}.engine"
+        engine = staging / f"model.{p}.engine"
         log(f"tensorrt {trt.__version__}: building {p} engine from {src.name}")
         stamp = build_engine(src, engine, precision=p, profile=profile, workspace_gib=opts.workspace_gib)
         with TrtRunner(engine) as runner:

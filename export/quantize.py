@@ -1,16 +1,18 @@
 """INT8 as explicit Q/DQ ONNX (onnxruntime static quantization) calibrated on real images, with a per-layer
-sensitivity search that keeps the costliest layers in FP32 until an accuracy target holds.
+sensitivity search that keeps a layer in float only when the evidence says INT8 costs accuracy.
 
 Choices (why):
 
-* **QDQ format**, per-channel symmetric INT8 weights, asymmetric UINT8 activations: the format TensorRT 10/11 and
-  onnxruntime both consume (TensorRT 11 has no other INT8 path); onnxruntime fuses DQ -> Conv -> Q into QLinearConv
-  on the CPU.
+* **QDQ format** with per-channel symmetric INT8 weights, in one of two activation formats (:data:`INT8_FORMATS`):
+  ``onnxruntime`` (asymmetric UINT8 activations, INT32 bias: what onnxruntime's CPU kernels run fastest) or
+  ``tensorrt`` (symmetric INT8 activations with zero point 0, float bias: the only INT8 TensorRT 10/11 accepts).
 * Only the learned layers (:data:`gkd.export.adapters.NETWORK_SCOPES`) are quantized; the geometry (resize, anchors,
   box decoding, RoIAlign, NMS) stays FP32, as in :mod:`gkd.export.fp16`, and so do the last layer of each head
   (:func:`head_output_nodes`), whose outputs are box deltas and class logits.
 * Calibration runs the FP32 model on images from the user's dataset (never random tensors) at their real sizes;
   the method (MinMax, Entropy or Percentile) and image count are recorded in the file's metadata.
+* What the written file holds (which layers are INT8, the formats, the share of multiply-accumulates at INT8) is
+  read back from it (:mod:`gkd.export.int8_record`) and recorded; the request is never taken for the result.
 """
 from __future__ import annotations
 
@@ -26,15 +28,23 @@ from gkd.kd.errors import GkdError
 
 from ._lazy import lazy_import
 from .adapters import INPUT_NAME, NETWORK_SCOPES
+from .int8_record import INT8_MAC_FLOOR, layer_macs, read_int8_record, weighted_layers
 from .onnx import load_onnx, read_metadata, save_onnx
 
 __all__ = ["quantize_int8", "search_int8", "rank_sensitivity", "quantizable_nodes", "head_output_nodes", "count_qdq",
-           "CALIB_METHODS",
-           "INT8_OPS"]
+           "CALIB_METHODS", "INT8_OPS", "INT8_FORMATS"]
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 #: op types given Q/DQ: the compute-heavy ones; onnxruntime folds the Relu that follows a quantized Conv
 INT8_OPS = ("Conv", "Gemm", "MatMul")
+#: the INT8 formats, named by the runtime they are for: activation type and symmetry, and whether the bias is
+#: quantized (TensorRT rejects an INT32-bias DequantizeLinear and any non-zero zero point)
+INT8_FORMATS = {
+    "onnxruntime": {"activations": "uint8 asymmetric", "activation_type": "QUInt8", "activation_symmetric": False,
+                    "quantize_bias": True},
+    "tensorrt": {"activations": "int8 symmetric (zero point 0)", "activation_type": "QInt8",
+                 "activation_symmetric": True, "quantize_bias": False},
+}
 
 
 def _reader(images: Sequence[torch.Tensor]):
@@ -111,8 +121,9 @@ def count_qdq(model) -> dict[str, int]:
 def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_images: Sequence[torch.Tensor], *,
                   method: str = "minmax", per_channel: bool = True, exclude: Sequence[str] = (),
                   cache_path: str | Path | None = None, metadata: dict[str, Any] | None = None,
-                  keep_head_outputs: bool = True) -> dict[str, Any]:
-    """Write an explicit Q/DQ INT8 ONNX of ``fp32_path`` (atomically) and return what was done.
+                  keep_head_outputs: bool = True, int8_format: str = "onnxruntime",
+                  count_image: torch.Tensor | None = None, floor: float = INT8_MAC_FLOOR) -> dict[str, Any]:
+    """Write an explicit Q/DQ INT8 ONNX of ``fp32_path`` (atomically) and return what the written file holds.
 
     Args:
         fp32_path: the FP32 ONNX from :func:`gkd.export.onnx.export_onnx`.
@@ -124,16 +135,25 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_images: Seq
         keep_head_outputs: keep :func:`head_output_nodes` in FP32 too.
         cache_path: calibration ranges cache (reused when it exists, so a search calibrates once).
         metadata: base gkd metadata to extend and store in the file.
+        int8_format: a key of :data:`INT8_FORMATS`.
+        count_image: ``[3, H, W]``: the image multiply-accumulates are counted on (default: the first calibration
+            image).
+        floor: the share of MACs at INT8 from which the file is INT8 (else its metadata says ``mixed``).
 
     Returns:
-        Info dict: method, image count, quantized/excluded nodes, Q/DQ counts.
+        The request (calibration, format, excluded layers) under ``"request"`` and everything else read back from the
+        written file (:func:`gkd.export.int8_record.read_int8_record`): which layers are INT8 and which float, the
+        formats, the INT8 share of weights and MACs, ``is_int8``.
     """
     onnx = lazy_import("onnx", "INT8 quantization")
     ort_q = lazy_import("onnxruntime.quantization", "INT8 quantization")
     if method not in CALIB_METHODS:
         raise GkdError(f"calibration method '{method}' is unknown; expected one of {', '.join(CALIB_METHODS)}")
+    if int8_format not in INT8_FORMATS:
+        raise GkdError(f"INT8 format '{int8_format}' is unknown; expected one of {', '.join(INT8_FORMATS)}")
     if not calib_images:
         raise GkdError("INT8 quantization needs calibration images; give --calib-data with at least one image")
+    fmt = INT8_FORMATS[int8_format]
     out_path = Path(out_path)
     model = load_onnx(fp32_path)
     heads = head_output_nodes(model) if keep_head_outputs else []
@@ -141,33 +161,45 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_images: Seq
     calib = {"minmax": ort_q.CalibrationMethod.MinMax, "entropy": ort_q.CalibrationMethod.Entropy,
              "percentile": ort_q.CalibrationMethod.Percentile}[method]
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".gkd-int8-", dir=out_path.parent) as tmp:
-        tmp_out = Path(tmp) / "model.int8.onnx"
-        quiet = logging.getLogger()  # onnxruntime logs a pre-processing hint on the root logger on every call
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)
-        try:
-            ort_q.quantize_static(
-                str(fp32_path), str(tmp_out), _reader(list(calib_images)), quant_format=ort_q.QuantFormat.QDQ,
-                op_types_to_quantize=list(INT8_OPS), per_channel=per_channel, reduce_range=False,
-                activation_type=ort_q.QuantType.QUInt8, weight_type=ort_q.QuantType.QInt8,
-                nodes_to_quantize=nodes, calibrate_method=calib,
-                extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
-                calibration_cache_path=str(cache_path) if cache_path else None)
-        except GkdError:
-            raise
-        except Exception as exc:
-            msg = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise GkdError(f"{out_path}: INT8 quantization failed: {msg[:300]}") from None
-        finally:
-            quiet.setLevel(level)
-        qmodel = onnx.load(str(tmp_out))
-    info = {"format": "QDQ", "calibration_method": method, "calibration_images": len(calib_images),
-            "per_channel": per_channel, "activations": "uint8 asymmetric", "weights": "int8 symmetric",
-            "quantized_nodes": len(nodes), "excluded_nodes": sorted(exclude), "head_outputs_fp32": heads,
-            **count_qdq(qmodel)}
+    if not nodes:
+        # onnxruntime reads an empty nodes_to_quantize as "every node": with nothing left to quantize the file is
+        # the FP32 graph, and its record says so
+        qmodel = model
+    else:
+        with tempfile.TemporaryDirectory(prefix=".gkd-int8-", dir=out_path.parent) as tmp:
+            tmp_out = Path(tmp) / "model.int8.onnx"
+            quiet = logging.getLogger()  # onnxruntime logs a pre-processing hint on the root logger on every call
+            level = quiet.level
+            quiet.setLevel(logging.ERROR)
+            try:
+                ort_q.quantize_static(
+                    str(fp32_path), str(tmp_out), _reader(list(calib_images)), quant_format=ort_q.QuantFormat.QDQ,
+                    op_types_to_quantize=list(INT8_OPS), per_channel=per_channel, reduce_range=False,
+                    activation_type=getattr(ort_q.QuantType, fmt["activation_type"]),
+                    weight_type=ort_q.QuantType.QInt8, nodes_to_quantize=nodes, calibrate_method=calib,
+                    extra_options={"WeightSymmetric": True, "ActivationSymmetric": fmt["activation_symmetric"],
+                                   "QuantizeBias": fmt["quantize_bias"]},
+                    calibration_cache_path=str(cache_path) if cache_path else None)
+            except GkdError:
+                raise
+            except OSError as exc:
+                raise GkdError(f"{out_path}: INT8 quantization could not write its files: {exc.strerror or exc}"
+                               ) from None
+            except Exception as exc:
+                msg = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise GkdError(f"{out_path}: INT8 quantization failed: {msg[:300]}") from None
+            finally:
+                quiet.setLevel(level)
+            qmodel = onnx.load(str(tmp_out))
+    image = count_image if count_image is not None else list(calib_images)[0]
+    record = read_int8_record(qmodel, image, floor=floor)
+    request = {"format": "QDQ", "int8_format": int8_format, "calibration_method": method,
+               "calibration_images": len(calib_images), "per_channel": per_channel, "excluded": sorted(exclude),
+               "head_outputs_fp32": heads, "asked_to_quantize": len(nodes)}
+    info = {**record, "request": request}
     meta = dict(metadata if metadata is not None else read_metadata(model))
-    meta.update(precision="int8", int8=info)
+    meta.update(precision="int8" if record["is_int8"] else "mixed", int8={k: v for k, v in info.items()
+                                                                          if k != "layer_macs"})
     save_onnx(qmodel, out_path, meta)
     return info
 
@@ -243,50 +275,83 @@ def rank_sensitivity(fp32_path: str | Path, int8_path: str | Path, images: Seque
     return ranked
 
 
+def _shares(macs: dict[str, int], int8_layers: Sequence[str], kept_float: Sequence[str]) -> float:
+    """The share of MACs at INT8 when ``kept_float`` of the ``int8_layers`` go back to float."""
+    total = sum(macs.values())
+    kept = set(kept_float)
+    return sum(macs[n] for n in int8_layers if n not in kept) / total if total else 0.0
+
+
 def search_int8(fp32_path: str | Path, out_path: str | Path, calib_images: Sequence[torch.Tensor],
-                evaluate: Callable[[Path], float], reference_score: float, *, target_ratio: float = 0.99,
-                method: str = "minmax", per_channel: bool = True, rank_images: int = 4, threads: int = 1,
-                metadata: dict[str, Any] | None = None, log: Callable[[str], None] = lambda s: None
+                compare: Callable[[Path], dict[str, Any]], *, method: str = "minmax", per_channel: bool = True,
+                rank_images: int = 8, threads: int = 1, metadata: dict[str, Any] | None = None,
+                int8_format: str = "onnxruntime", floor: float = INT8_MAC_FLOOR,
+                count_image: torch.Tensor | None = None, log: Callable[[str], None] = lambda s: None
                 ) -> dict[str, Any]:
-    """Quantize; while the INT8 score is below ``target_ratio * reference_score``, keep the most costly layers
-    (:func:`rank_sensitivity`) in FP32, doubling their number each round (1, 2, 4, ...), calibrating only once.
+    """Quantize every eligible layer; keep layers in float only while the evidence says INT8 costs accuracy.
+
+    The procedure is monotone and calibrates once: the layers are ranked by the quantization noise each adds
+    (:func:`rank_sensitivity`, on ``rank_images`` calibration images; recorded whatever happens), and while
+    ``compare`` fails the written file, the 1, 2, 4, ... most sensitive layers (each set holding the one before)
+    are kept in float. A set that would leave less than ``floor`` of the multiply-accumulates at INT8 is not tried:
+    the largest set within the floor is tried last, and if that still fails, the search stops, names the layers
+    that block INT8, and the file is not verified.
 
     Args:
-        fp32_path, out_path, calib_images, method, per_channel: as :func:`quantize_int8`.
-        evaluate: ``path -> score`` (e.g. COCO mAP of the ONNX on annotated validation images).
-        reference_score: the FP32 score the target is relative to.
-        target_ratio: e.g. 0.99 = "at least 99% of FP32" (MLPerf's wording).
-        rank_images: calibration images used to rank layers.
+        fp32_path, out_path, calib_images, method, per_channel, int8_format, count_image: as :func:`quantize_int8`.
+        compare: ``path -> {"passed": bool, ...}``: the accuracy verdict of an INT8 file against FP32, which must
+            never fail a model on a difference smaller than its own noise (e.g.
+            :func:`gkd.export.parity.map_comparison`: a paired bootstrap of the mAP difference).
+        floor: the INT8 share of Conv/Gemm multiply-accumulates below which the model is not INT8.
 
     Returns:
-        The final :func:`quantize_int8` info plus ``search``: target, rounds (excluded count, score, ratio),
-        ``met`` and the excluded layers.
+        The final :func:`quantize_int8` info plus ``search``: every round (layers kept float, MAC share, the
+        verdict), ``met``, the layers kept float, the per-layer ``sensitivity`` and, when the floor stopped it,
+        ``blocking``.
     """
     out_path = Path(out_path)
-    target = target_ratio * reference_score
+    kw = dict(method=method, per_channel=per_channel, metadata=metadata, int8_format=int8_format,
+              count_image=count_image, floor=floor)
     rounds = []
+
+    def attempt(kept: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+        info = quantize_int8(fp32_path, out_path, calib_images, exclude=kept, cache_path=cache, **kw)
+        verdict = compare(out_path)
+        rounds.append({"kept_float": len(kept), "int8_layers": info["counts"]["int8"],
+                       "macs_int8_share": info["macs_int8_share"], "verdict": verdict})
+        log(f"int8 search: {len(kept)} layer(s) kept float, {info['counts']['int8']} INT8 "
+            f"({_pct(info['macs_int8_share'])} of MACs) -> {verdict.get('summary', verdict['passed'])}")
+        return info, verdict
+
+    blocking: list[str] = []
     with tempfile.TemporaryDirectory(prefix=".gkd-calib-", dir=out_path.parent) as tmp:
         cache = Path(tmp) / "calibration.json"
-        info = quantize_int8(fp32_path, out_path, calib_images, method=method, per_channel=per_channel,
-                             cache_path=cache, metadata=metadata)
-        score = evaluate(out_path)
-        rounds.append({"excluded": 0, "score": score})
-        log(f"int8 search: all {info['quantized_nodes']} layers INT8 -> {score:.4f} (target {target:.4f})")
-        excluded = []
+        info, verdict = attempt([])
+        int8_layers = list(info["layers"]["int8"])
+        ranking = rank_sensitivity(fp32_path, out_path, list(calib_images)[:rank_images], threads)
+        macs = info["layer_macs"] or {}
+        for r in ranking:
+            r["macs"] = macs.get(r["node"])
+        ranked = [r["node"] for r in ranking if r["node"] in set(int8_layers)]
+        kept: list[str] = []
         k = 1
-        ranking = (rank_sensitivity(fp32_path, out_path, list(calib_images)[:rank_images], threads)
-                   if score < target else [])
-        # doubling, and the last round keeps every ranked layer FP32 (then INT8 is FP32): the target is reached
-        while score < target and len(excluded) < len(ranking):
-            excluded = [r["node"] for r in ranking[:k]]
-            info = quantize_int8(fp32_path, out_path, calib_images, method=method, per_channel=per_channel,
-                                 exclude=excluded, cache_path=cache, metadata=metadata)
-            score = evaluate(out_path)
-            rounds.append({"excluded": len(excluded), "score": score})
-            log(f"int8 search: {len(excluded)} layer(s) kept FP32 -> {score:.4f}")
+        while not verdict["passed"] and ranked:
+            within = [j for j in range(1, len(ranked) + 1) if _shares(macs, int8_layers, ranked[:j]) >= floor]
+            most = max(within, default=0)
+            if most <= len(kept):
+                blocking = ranked[len(kept):]
+                log(f"int8 search: keeping more layers float would leave less than {floor:.0%} of the MACs at "
+                    f"INT8; {len(blocking)} layer(s) block INT8: {', '.join(blocking[:5])}"
+                    f"{' ...' if len(blocking) > 5 else ''}")
+                break
+            kept = ranked[:min(k, most)]
+            info, verdict = attempt(kept)
             k *= 2
-    ratio = score / reference_score if reference_score > 0 else 1.0
-    info["search"] = {"target_ratio": target_ratio, "reference_score": reference_score, "final_score": score,
-                      "final_ratio": ratio, "met": score >= target, "rounds": rounds,
-                      "kept_fp32": [r for r in ranking if r["node"] in set(excluded)]}
+    info["search"] = {"floor": floor, "met": bool(verdict["passed"]), "rounds": rounds, "kept_float": kept,
+                      "rank_images": min(rank_images, len(calib_images)), "sensitivity": ranking,
+                      "blocking": blocking}
     return info
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1%}"

@@ -1,4 +1,4 @@
-"""Runners: one interface for PyTorch eager, onnxruntime and TensorRT.
+"""Runners: one interface for PyTorch eager, onnxruntime, OpenVINO and TensorRT.
 
 A runner is a context manager with ``infer(feed) -> outputs``, done in three steps that benchmarks time apart:
 ``prepare`` (the input onto the runtime's device: host-to-device on a GPU), ``compute`` (the runtime call, synchronised)
@@ -22,7 +22,7 @@ from gkd.kd.errors import GkdError
 from ._lazy import lazy_import
 from .adapters import INPUT_NAME, OUTPUT_NAMES, ExportWrapper
 
-__all__ = ["Runner", "TorchRunner", "OrtRunner", "TrtRunner"]
+__all__ = ["Runner", "TorchRunner", "OrtRunner", "OvRunner", "TrtRunner"]
 
 
 class Runner:
@@ -175,6 +175,78 @@ class OrtRunner(Runner):
     def finish(self, outs) -> dict[str, torch.Tensor]:
         boxes, scores, labels = (torch.from_numpy(o.copy()) for o in outs)
         return {"boxes": boxes.float(), "scores": scores.float(), "labels": labels.long()}
+
+
+class OvRunner(Runner):
+    """OpenVINO's CPU plugin on an ONNX file (read directly, no conversion step).
+
+    FP32 files run at FP32: the CPU plugin's default on CPUs with bfloat16 or FP16 units (AMX, AVX-512 BF16) is to
+    compute in those, which would make an "FP32" result something else, so ``INFERENCE_PRECISION_HINT`` is set to
+    ``f32`` always. INT8 Q/DQ files run through OpenVINO's low-precision transformations (INT8 kernels where the
+    CPU has them); FP16 files are computed in FP32 by the CPU plugin, as by onnxruntime's CPU provider.
+
+    Args:
+        path: the ONNX file.
+        threads: ``INFERENCE_NUM_THREADS`` (0 = OpenVINO's default: all cores).
+        precision: label for reports (read from the file's metadata when None).
+    """
+
+    def __init__(self, path: str | Path, threads: int = 1, precision: str | None = None):
+        self.path = Path(path)
+        self.threads = int(threads)
+        self.precision = precision or "unknown"
+        self.name = "openvino"
+        self.compiled = None
+
+    def activate(self) -> None:
+        ov = lazy_import("openvino", "running ONNX models with OpenVINO (pip install openvino)")
+        if not self.path.is_file():
+            raise GkdError(f"{self.path}: ONNX file not found")
+        core = ov.Core()
+        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        if self.threads > 0:
+            config["INFERENCE_NUM_THREADS"] = self.threads
+        try:
+            model = core.read_model(str(self.path))
+            self.compiled = core.compile_model(model, "CPU", config)
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise GkdError(f"{self.path}: OpenVINO cannot load this model: {msg[:300]}") from None
+        names = [i.get_any_name() for i in self.compiled.inputs]
+        if names != [INPUT_NAME]:
+            raise GkdError(f"{self.path}: inputs are {names}; expected exactly ['{INPUT_NAME}'] (a gkd export)")
+        self._outputs = {o.get_any_name(): o for o in self.compiled.outputs}
+        missing = [n for n in OUTPUT_NAMES if n not in self._outputs]
+        if missing:
+            raise GkdError(f"{self.path}: outputs {sorted(self._outputs)} lack {missing} (a gkd export has "
+                           f"{list(OUTPUT_NAMES)})")
+        self._request = self.compiled.create_infer_request()
+        self.provider = f"OpenVINO {ov.__version__.split('-')[0]} CPU"
+        if self.precision == "unknown":  # OpenVINO does not carry ONNX metadata_props: read them from the file
+            from .onnx import read_metadata
+
+            self.precision = read_metadata(self.path).get("precision", "unknown")
+
+    def deactivate(self) -> None:
+        self.compiled = self._request = None
+
+    def prepare(self, image: torch.Tensor):
+        if self.compiled is None:
+            self.activate()
+        return image.cpu().numpy()
+
+    def compute(self, arr):
+        try:
+            self._request.infer({INPUT_NAME: arr})
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise GkdError(f"{self.path}: OpenVINO failed on a {list(arr.shape)} input: {msg[:300]}") from None
+        return [self._request.get_tensor(self._outputs[n]).data.copy() for n in OUTPUT_NAMES]
+
+    def finish(self, outs) -> dict[str, torch.Tensor]:
+        boxes, scores, labels = (torch.from_numpy(o) for o in outs)
+        return {"boxes": boxes.float().reshape(-1, 4), "scores": scores.float().reshape(-1),
+                "labels": labels.long().reshape(-1)}
 
 
 class TrtRunner(Runner):

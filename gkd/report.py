@@ -49,14 +49,24 @@ def deployment_rows(bench: dict[str, Any] | None, precisions: tuple[str, ...] | 
     return rows
 
 
-def accuracy_gate(bench: dict[str, Any] | None, min_ratio: float) -> dict[str, Any]:
-    """The deployment gate on the bench stage's record (runner label -> mAP of the shipped student's exports).
+def accuracy_gate(bench: dict[str, Any] | None, min_ratio: float, export: dict[str, Any] | None = None,
+                  max_int8_latency_ratio: float = 0.0) -> dict[str, Any]:
+    """The deployment gate on the shipped (distilled) student, from the bench and export stages' records.
 
-    Returns ``{"min_ratio", "passed": True | False | None (not checked), "checked": [...], "failures": [...]}``:
-    the distilled student's FP32 export must detect (mAP > 0: a model that detects nothing passes no gate) and its
-    INT8 export must reach ``min_ratio`` x FP32's mAP. ``min_ratio`` 0 turns the gate off.
+    Checks, each stated in ``checked`` (and, when it fails, in ``failures``):
+
+    * its FP32 export detects (val mAP > 0: a model that detects nothing passes no gate);
+    * every file it ships is verified (parity against PyTorch passed; the export stage's record);
+    * its INT8 file is INT8 (at least the export's floor of multiply-accumulates at INT8, read from the file) and
+      its mAP verdict against FP32 passed: at most ``1 - min_ratio`` of FP32's mAP lost beyond chance, judged by
+      the export on the whole val split with a paired bootstrap (the numbers, images and interval are quoted);
+    * with ``max_int8_latency_ratio`` > 0: INT8 p50 <= that x FP32 p50 (bench stage, side by side, one run).
+
+    Returns ``{"min_ratio", "max_int8_latency_ratio", "passed": True | False | None (not checked), "checked",
+    "failures"}``. ``min_ratio`` 0 turns the gate off.
     """
-    out: dict[str, Any] = {"min_ratio": min_ratio, "passed": None, "checked": [], "failures": []}
+    out: dict[str, Any] = {"min_ratio": min_ratio, "max_int8_latency_ratio": max_int8_latency_ratio,
+                           "passed": None, "checked": [], "failures": []}
     if min_ratio <= 0:
         out["reason"] = "gate off (gate_min_ratio=0)"
         return out
@@ -66,16 +76,38 @@ def accuracy_gate(bench: dict[str, Any] | None, min_ratio: float) -> dict[str, A
     if ref is None:
         out["reason"] = "no mAP measured (no bench stage, or a val split without annotations)"
         return out
-    out["checked"].append(f"{ref_name} detects (mAP {ref:.4f})")
-    if ref <= 0:
-        out["failures"].append(f"{ref_name} has mAP {ref:.4f} on the val split: a model that detects nothing "
-                               f"passes no gate")
-    int8 = (runners.get("distilled/onnxruntime-int8") or {}).get("bbox_mAP")
-    if int8 is not None and ref > 0:
-        out["checked"].append(f"distilled/onnxruntime-int8 mAP {int8:.4f} >= {min_ratio:g} x {ref_name} {ref:.4f}")
-        if int8 < min_ratio * ref:
-            out["failures"].append(f"distilled/onnxruntime-int8: mAP {int8:.4f} is {int8 / ref:.1%} of {ref_name}'s "
-                                   f"{ref:.4f}, below gate_min_ratio={min_ratio:g}")
+
+    def check(ok: bool, what: str, failure: str) -> None:
+        out["checked"].append(what)
+        if not ok:
+            out["failures"].append(failure)
+
+    check(ref > 0, f"{ref_name} detects (mAP {ref:.4f})",
+          f"{ref_name} has mAP {ref:.4f} on the val split: a model that detects nothing passes no gate")
+    files = ((export or {}).get("outputs") or {}).get("files") or {}
+    parity = (export or {}).get("parity") or {}
+    for p, f in files.items():
+        fails = (parity.get(p) or {}).get("failures") or []
+        check(bool(f.get("verified")), f"distilled {p} export verified against PyTorch",
+              f"distilled {p} export is NOT verified: {'; '.join(fails) or 'parity failed'}")
+    level = (parity.get("int8") or {}).get("map")
+    record = (export or {}).get("int8") or {}
+    if "int8" in files and record:
+        share = record.get("macs_int8_share")
+        check(bool(record.get("is_int8")), f"distilled int8 file is INT8: {_pct(share)}% of its Conv/Gemm MACs "
+              f"(floor {_pct(record.get('floor'))}%)", f"distilled int8 file is not INT8: only {_pct(share)}% of "
+              f"its MACs run in INT8 (floor {_pct(record.get('floor'))}%)")
+    if level:
+        check(bool(level["passed"]), f"distilled int8 vs fp32 (gate_min_ratio={min_ratio:g}): {level['summary']}",
+              f"distilled int8 loses more than {1 - min_ratio:.1%} of fp32's mAP beyond chance: {level['summary']}")
+    if max_int8_latency_ratio > 0:
+        fp32, int8 = (runners.get(f"distilled/onnxruntime-{p}") or {} for p in ("fp32", "int8"))
+        if fp32.get("p50_ms") and int8.get("p50_ms"):
+            r = int8["p50_ms"] / fp32["p50_ms"]
+            check(r <= max_int8_latency_ratio, f"distilled int8 p50 {int8['p50_ms']:.1f} ms / fp32 "
+                  f"{fp32['p50_ms']:.1f} ms = {r:.2f} <= {max_int8_latency_ratio:g}",
+                  f"distilled int8 is not fast enough: p50 {int8['p50_ms']:.1f} ms / fp32 {fp32['p50_ms']:.1f} ms "
+                  f"= {r:.2f} > gate_max_int8_latency_ratio={max_int8_latency_ratio:g}")
     out["passed"] = not out["failures"]
     return out
 

@@ -334,21 +334,41 @@ def _bench(fp32, int8=None):
     return {"runners": runners}
 
 
+def _export(verified=True, int8_passed=True, is_int8=True):
+    """An export stage record: every file's verdict, the INT8 file's record and its mAP level."""
+    level = {"passed": int8_passed, "summary": "mAP 0.3800 vs 0.4000 (95.0%): -0.0200, 95% interval [-0.0300, "
+                                               "-0.0100] over 200 image(s)"}
+    return {"outputs": {"files": {"fp32": {"verified": True}, "int8": {"verified": verified}}},
+            "parity": {"fp32": {"failures": []}, "int8": {"failures": [] if verified else ["mAP: ..."], "map": level}},
+            "int8": {"is_int8": is_int8, "macs_int8_share": 0.97 if is_int8 else 0.5, "floor": 0.9}}
+
+
 def test_accuracy_gate_on_hand_made_numbers():
     from gkd.pipeline import accuracy_gate
 
-    ok = accuracy_gate(_bench(0.40, 0.399), 0.99)
-    assert ok["passed"] is True and not ok["failures"] and len(ok["checked"]) == 2
-    low = accuracy_gate(_bench(0.40, 0.38), 0.99)
-    assert low["passed"] is False
-    assert low["failures"] == ["distilled/onnxruntime-int8: mAP 0.3800 is 95.0% of distilled/onnxruntime-fp32's "
-                               "0.4000, below gate_min_ratio=0.99"]
+    ok = accuracy_gate(_bench(0.40, 0.399), 0.99, _export())
+    assert ok["passed"] is True and not ok["failures"] and len(ok["checked"]) == 5
+    low = accuracy_gate(_bench(0.40, 0.38), 0.99, _export(verified=False, int8_passed=False))
+    assert low["passed"] is False and len(low["failures"]) == 2
+    assert low["failures"][0] == "distilled int8 export is NOT verified: mAP: ..."
+    assert "loses more than 1.0% of fp32's mAP beyond chance" in low["failures"][1] and "200 image(s)" in low[
+        "failures"][1]
+    not_int8 = accuracy_gate(_bench(0.40, 0.40), 0.99, _export(is_int8=False))
+    assert not_int8["failures"] == ["distilled int8 file is not INT8: only 50.0% of its MACs run in INT8 (floor "
+                                    "90.0%)"]
     blind = accuracy_gate(_bench(0.0, 0.0), 0.99)  # detects nothing: 0 >= 0.99 x 0 would pass a naive ratio
     assert blind["passed"] is False and "detects nothing passes no gate" in blind["failures"][0]
     assert accuracy_gate(_bench(0.40), 0.99)["passed"] is True  # no INT8 export: FP32 must still detect
     assert accuracy_gate(_bench(0.0, 0.0), 0)["passed"] is None  # gate off
     assert accuracy_gate(None, 0.99)["passed"] is None  # nothing measured: not checked, never "passed"
     assert accuracy_gate({"runners": {"distilled/pytorch-fp32": {"bbox_mAP": None}}}, 0.99)["passed"] is None
+    timed = _bench(0.40, 0.40)
+    timed["runners"]["distilled/onnxruntime-fp32"]["p50_ms"] = 20.0
+    timed["runners"]["distilled/onnxruntime-int8"]["p50_ms"] = 18.0
+    assert accuracy_gate(timed, 0.99, _export(), 1.0)["passed"] is True
+    slow = accuracy_gate(timed, 0.99, _export(), 0.5)
+    assert slow["failures"] == ["distilled int8 is not fast enough: p50 18.0 ms / fp32 20.0 ms = 0.90 > "
+                                "gate_max_int8_latency_ratio=0.5"]
 
 
 def test_deployment_table_on_hand_made_numbers():
@@ -383,7 +403,7 @@ def test_gkd_run_exits_1_when_the_gate_fails_and_0_when_it_passes(first_run, wor
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text(yaml.safe_dump({**TINY, "name": "a", "runs_dir": world["runs_dir"],
                                         "data_root": world["data_root"]}))
-    monkeypatch.setattr(pipeline, "accuracy_gate", lambda bench, r: {
+    monkeypatch.setattr(pipeline, "accuracy_gate", lambda bench, r, *rest: {
         "min_ratio": r, "passed": False, "checked": ["x"],
         "failures": ["distilled/onnxruntime-int8: mAP 0.3000 is 75.0% of distilled/onnxruntime-fp32's 0.4000"]})
     assert main(["run", str(cfg_file)]) == 1
@@ -392,7 +412,7 @@ def test_gkd_run_exits_1_when_the_gate_fails_and_0_when_it_passes(first_run, wor
     assert "## Accuracy gate: FAILED" in cap.out
     assert all(a == "reused" for a, _ in actions(json.loads((config(world, "a").run_dir / "manifest.json")
                                                              .read_text())).values())
-    monkeypatch.setattr(pipeline, "accuracy_gate", lambda bench, r: {"min_ratio": r, "passed": True,
+    monkeypatch.setattr(pipeline, "accuracy_gate", lambda bench, r, *rest: {"min_ratio": r, "passed": True,
                                                                       "checked": ["x"], "failures": []})
     assert main(["run", str(cfg_file)]) == 0
     assert "## Accuracy gate: PASS" in capsys.readouterr().out

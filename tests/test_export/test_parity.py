@@ -125,3 +125,24 @@ def test_a_reference_that_detects_nothing_is_never_verified():
     assert not rep["passed"] and not rep["map"]["passed"]
     assert any("reference's mAP is 0.0000" in f for f in rep["failures"])
     assert compare_outputs([REF], [REF], Tolerances())["passed"]  # a real reference still passes against itself
+
+
+def test_map_level_fails_a_real_loss_and_never_one_within_its_noise():
+    """The mAP level is judged against chance (paired bootstrap over images): a loss on one image of 200 is below
+    the noise of 200 images and passes; boxes three times noisier on every image lose beyond it and fail. Either
+    way the verdict states the images and the interval."""
+    from gkd.export.parity import map_comparison, map_matches
+    from tests.test_kd.test_paired_map import CATEGORY_IDS, _world
+
+    gt, outs = _world(200, 7)
+    ref = map_matches(outs["good"], gt, CATEGORY_IDS)
+    one_image_worse = [dict(o) for o in outs["good"]]
+    one_image_worse[3] = {**outs["good"][3], "boxes": outs["good"][3]["boxes"] + 30}
+    small = map_comparison(ref, map_matches(one_image_worse, gt, CATEGORY_IDS), 0.999)
+    assert small["delta"] < -0.001 * small["reference"]  # below the allowed 0.1%, but on a single image
+    assert small["passed"] and small["images"] == 200 and small["ci95"][1] >= -small["allowed_loss"]
+    big = map_comparison(ref, map_matches(outs["bad"], gt, CATEGORY_IDS), 0.99)
+    assert not big["passed"] and big["ci95"][1] < -big["allowed_loss"]
+    assert "200 image(s)" in big["summary"] and "FAIL" in big["summary"]
+    rep = compare_outputs(outs["good"], outs["bad"], Tolerances(tensor_gate=False), map_level=big)
+    assert not rep["passed"] and any(f.startswith("mAP: ") and "95% interval" in f for f in rep["failures"])
