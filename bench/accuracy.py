@@ -25,7 +25,8 @@ import click
 
 from gkd.kd.errors import GkdError
 
-from .artifacts import ModelSpec, Unavailable, model_kind, open_runner, runner_label
+from .artifacts import (ModelSpec, Unavailable, check_device_request, check_distinct_files, model_kind,
+                        open_runner, runner_label)
 
 __all__ = ["evaluate_models", "label_space", "format_eval_table", "evaluate", "unique_names"]
 
@@ -71,19 +72,37 @@ def grouped(group: str, label: str) -> str:
 
 
 def unique_names(names: Sequence[str], paths: Sequence[Path]) -> list[str]:
-    """Table labels: ``onnxruntime-int8``, or ``onnxruntime-int8 (b.onnx)`` when two models share a label."""
-    out = []
-    for name, path in zip(names, paths):
-        out.append(name if list(names).count(name) == 1 else f"{name} ({path.name})")
+    """Table labels, one per model and never two alike: ``onnxruntime-int8``, or, when models share a label, each
+    with the shortest tail of its path that tells them apart: ``pytorch-fp32 (a/checkpoints/model.pt)`` and
+    ``pytorch-fp32 (b/checkpoints/model.pt)``. Results are keyed by these labels, so two files of the same name
+    (two runs' ``best.pt``) stay two rows.
+
+    Raises:
+        GkdError: the same file given twice.
+    """
+    resolved = check_distinct_files(paths)
+    out = list(names)
+    for name in set(names):
+        group = [i for i, n in enumerate(names) if n == name]
+        if len(group) == 1:
+            continue
+        depth = 1
+        while len({resolved[i].parts[-depth:] for i in group}) < len(group):
+            depth += 1
+        for i in group:
+            out[i] = f"{name} ({Path(*resolved[i].parts[-depth:]).as_posix()})"
     return out
 
 
 def _check_labels(spec: ModelSpec, labels: LabelSpace, images) -> list[int]:
+    from gkd.export.integrity import require_label_space
+
+    what = {"pytorch": "checkpoint", "onnx": "ONNX model", "tensorrt": "engine"}[spec.kind]
+    require_label_space(spec.path, labels.classes, labels.category_ids, what)
     ids = labels.category_ids or images.category_ids
     same_ids = [int(c) for c in ids] == [int(c) for c in images.category_ids]
     same_names = labels.classes is None or list(labels.classes) == list(images.classes)
     if not (same_ids and same_names):
-        what = {"pytorch": "checkpoint", "onnx": "ONNX model", "tensorrt": "engine"}[spec.kind]
         raise GkdError(f"{images.path}: categories {list(images.classes)} (ids {list(images.category_ids)}) do not "
                        f"match the {what}'s classes {labels.classes} (ids {list(ids)}) of {spec.path}; evaluate it "
                        f"on data labelled with its classes")
@@ -109,6 +128,7 @@ def evaluate_models(models: Sequence[str | Path], data: str | Path, *, image_roo
     from gkd.kd.evaluation import CocoEvaluator, default_backend, max_objects_per_image
 
     specs = [ModelSpec(Path(m), model_kind(m)) for m in models]  # every path checked before any work
+    check_distinct_files([s.path for s in specs])
     images = load_image_set(data, limit=limit, image_root=image_root, skip_unreadable=True)
     if images.failed:
         log(f"{len(images.failed)} of {len(images.failed) + len(images.images)} image(s) could not be decoded and "
@@ -205,21 +225,74 @@ def default_eval_dir(first: Path) -> Path:
     return parent / "eval" / first.stem
 
 
+#: the files ``gkd eval`` writes into its folder (besides ``detections.<i>.<file>.json`` of the other models)
+EVAL_FILES = ("metrics.json", "detections.json", "eval.json", "eval.md")
+
+
+def _earlier_eval_files(out: Path) -> set[str] | None:
+    """The files an earlier ``gkd eval`` wrote in ``out`` (from its eval.json), an empty set when there is no
+    eval.json, None when eval.json is not gkd eval's."""
+    index = out / "eval.json"
+    if not index.exists():
+        return set()
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(data, dict) or data.get("report") != "eval":
+        return None
+    listed = data.get("files")
+    if isinstance(listed, list):
+        return {str(f) for f in listed}
+    return set(EVAL_FILES) | {p.name for p in out.glob("detections.*.json")}  # an eval.json that listed none
+
+
+def check_eval_out(out: Path) -> set[str]:
+    """Before any work: ``out`` is writable, and holds no metrics.json, detections.json, eval.json or eval.md that
+    gkd eval did not write. Returns the earlier evaluation's files (replaced, or removed when not written again).
+
+    Raises:
+        GkdError: naming the first file of the user's own that the evaluation would replace.
+    """
+    from gkd.kd.io import ensure_writable_folder
+
+    ensure_writable_folder(out, "--out folder")
+    earlier = _earlier_eval_files(out)
+    if earlier is None:
+        raise GkdError(f"{out / 'eval.json'}: not written by gkd eval; it is left as it is: choose another --out")
+    foreign = [name for name in EVAL_FILES if (out / name).exists() and name not in earlier]
+    if foreign:
+        raise GkdError(f"{out / foreign[0]}: exists and was not written by gkd eval; it is left as it is: choose "
+                       f"another --out")
+    return earlier
+
+
 def write_eval_outputs(rep: dict[str, Any], first: Path, data: Path, out: Path | None = None) -> Path:
     """metrics.json + detections.json of the reference (the single-model layout), detections.<i>.<file>.json of
-    the others, eval.json (everything but detections) and eval.md; returns the folder."""
+    the others, eval.json (everything but detections, and the files written) and eval.md; returns the folder.
+    Files an earlier evaluation wrote there and this one does not are removed (two evaluations never mix)."""
     from gkd.kd.io import atomic_write_json, atomic_write_text
 
     out = Path(out) if out is not None else default_eval_dir(Path(first))
+    earlier = check_eval_out(out)
     ref = rep["models"][rep["reference"]]
-    atomic_write_json(out / "metrics.json", {"checkpoint": str(first), "data": str(data), **ref["metrics"]})
+    # the reference is the first model evaluated (a first model skipped here, e.g. an engine, is not it)
+    atomic_write_json(out / "metrics.json", {"checkpoint": ref["path"], "model": rep["reference"], "data": str(data),
+                                             **ref["metrics"]})
     atomic_write_json(out / "detections.json", ref["detections"], indent=None)
+    written = list(EVAL_FILES)
     for i, (name, r) in enumerate(rep["models"].items()):
         if i:
-            atomic_write_json(out / f"detections.{i}.{Path(r['path']).name}.json", r["detections"], indent=None)
-    slim = {**rep, "models": {n: {k: v for k, v in r.items() if k != "detections"} for n, r in rep["models"].items()}}
+            extra = f"detections.{i}.{Path(r['path']).name}.json"
+            atomic_write_json(out / extra, r["detections"], indent=None)
+            written.append(extra)
+    slim = {**rep, "models": {n: {k: v for k, v in r.items() if k != "detections"} for n, r in rep["models"].items()},
+            "files": written}
     atomic_write_json(out / "eval.json", slim)
     atomic_write_text(out / "eval.md", format_eval_table(rep) + "\n")
+    for name in sorted(earlier - set(written)):
+        if "/" not in name and name.startswith("detections."):
+            (out / name).unlink(missing_ok=True)
     return out
 
 
@@ -280,8 +353,9 @@ def evaluate(models, data, images, out, max_dets, device, provider, threads, min
     setup_console_logging()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise GkdError("--device: 'cuda' requested but torch sees no CUDA GPU; use --device cpu")
+    check_device_request(device, provider)
+    out = Path(out) if out is not None else default_eval_dir(Path(models[0]))
+    check_eval_out(out)  # an unwritable --out, or files of the user's own there, stop it before the work
     rep = evaluate_models(models, data, image_root=images, max_dets=max_dets, device=device, provider=provider,
                           threads=threads, limit=limit, log=lambda s: click.echo(s, err=True))
     out = write_eval_outputs(rep, models[0], data, out)

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from gkd.kd.errors import GkdError
 
-__all__ = ["KINDS", "ModelSpec", "model_kind", "open_runner", "ORT_PROVIDERS", "Unavailable"]
+__all__ = ["KINDS", "ModelSpec", "model_kind", "open_runner", "ORT_PROVIDERS", "Unavailable", "check_distinct_files",
+           "check_device_request"]
 
 KINDS = {".pt": "pytorch", ".pth": "pytorch", ".onnx": "onnx", ".engine": "tensorrt", ".plan": "tensorrt",
          ".trt": "tensorrt"}
@@ -57,6 +58,47 @@ def model_kind(path: str | Path) -> str:
     return kind
 
 
+def check_device_request(device: str | None, provider: str | None) -> None:
+    """Refuse, before any work, a ``--device cuda`` or ``--provider cuda|tensorrt`` this machine cannot honour
+    (one line, exit status 2), rather than falling back to the CPU under onnxruntime's provider errors and timing
+    something other than what was asked for.
+
+    Raises:
+        GkdError: no CUDA GPU, or onnxruntime lacks the execution provider.
+    """
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise GkdError("--device: 'cuda' requested but torch sees no CUDA GPU on this machine; use --device cpu")
+    if provider not in ("cuda", "tensorrt"):
+        return
+    if not torch.cuda.is_available():
+        raise GkdError(f"--provider {provider}: onnxruntime's {ORT_PROVIDERS[provider][0]} needs a CUDA GPU and "
+                       f"torch sees none on this machine; use --provider cpu")
+    import onnxruntime as ort
+
+    if ORT_PROVIDERS[provider][0] not in ort.get_available_providers():
+        raise GkdError(f"--provider {provider}: this onnxruntime ({ort.__version__}) has no "
+                       f"{ORT_PROVIDERS[provider][0]} (it offers {', '.join(ort.get_available_providers())}); install "
+                       f"onnxruntime-gpu or use --provider cpu")
+
+
+def check_distinct_files(paths: Sequence[str | Path]) -> list[Path]:
+    """The resolved paths of ``paths``; a one-line GkdError when one file is given twice (under any spelling).
+
+    A model is identified by its file, never by its name: two runs' ``model.pt`` are two models, and one file
+    named twice is one model that would be measured twice and reported as two."""
+    seen: dict[Path, Path] = {}
+    out = []
+    for given in paths:
+        full = Path(given).resolve()
+        if full in seen:
+            raise GkdError(f"{given}: given twice (also as {seen[full]}); give each model once")
+        seen[full] = Path(given)
+        out.append(full)
+    return out
+
+
 def open_runner(spec: ModelSpec, *, device: str = "cpu", provider: str | None = None, threads: int = 1):
     """An activated runner for ``spec`` and a note (what was used instead of what was asked, or "").
 
@@ -86,6 +128,9 @@ def open_runner(spec: ModelSpec, *, device: str = "cpu", provider: str | None = 
         runner.info = info
         return runner.__enter__(), ""
     if spec.kind == "onnx":
+        from gkd.export.integrity import check_unchanged_since_export
+
+        check_unchanged_since_export(spec.path)  # a file its export folder no longer vouches for is refused
         key = provider or ("cuda" if device == "cuda" else "cpu")
         asked = ORT_PROVIDERS[key]
         runner = OrtRunner(spec.path, providers=asked, threads=threads).__enter__()

@@ -36,7 +36,8 @@ import torch
 
 from gkd.kd.errors import GkdError
 
-from .artifacts import ModelSpec, Unavailable, model_kind, open_runner, runner_label
+from .artifacts import (ModelSpec, Unavailable, check_device_request, check_distinct_files, model_kind,
+                        open_runner, runner_label)
 from .harness import Timings, TimingPolicy, measure
 from .stats import COV_WARN_THRESHOLD, headline, latency_stats
 from .stamp import machine_stamp, throttle_warnings
@@ -179,6 +180,7 @@ def benchmark_models(specs: Sequence[ModelSpec], data: Path, *, views: Sequence[
     from gkd.export.images import load_image_set
     from gkd.kd.data.coco import load_coco
 
+    check_distinct_files([s.path for s in specs])  # before any work
     torch.set_num_threads(threads)
     image_set = load_image_set(data, limit=latency_images, skip_unreadable=True)
     if not image_set.images:
@@ -410,6 +412,7 @@ def latency(models, data, export_dir, calib_data, view, device, provider, thread
 
     if max_iterations is not None and max_iterations < iterations:
         raise GkdError(f"--max-iterations {max_iterations} is below --iterations {iterations}")
+    check_device_request(device, provider)
     if use_trtexec and shutil.which("trtexec") is None:
         raise GkdError("--trtexec: trtexec is not on PATH (it ships with TensorRT: add its bin/ folder to PATH)")
     policy = TimingPolicy(warmup_s=warmup_time, warmup_min_calls=warmup, warmup_max_s=warmup_max,

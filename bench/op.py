@@ -128,6 +128,10 @@ def run_op_benchmark(*, device: str = "cpu", threads: int = 2, batch: int = 2, c
     from gkd.kd import _ops
     from gkd.kd.prototype import prototype_project_reference, prototype_project_vectorized
 
+    from gkd.kd.errors import GkdError
+
+    if instances < 1:  # no box: no output depends on the features, so there is no backward to time
+        raise GkdError(f"instances: {instances}; expected at least 1 box per step")
     dev = torch.device(device)
     torch.set_num_threads(threads)
     _ops.assert_has_ops()
@@ -220,7 +224,8 @@ def _ints(ctx: click.Context | None, param: click.Parameter | None, text: str) -
               help="Input height and width in pixels; level l is ceil(H/s) x ceil(W/s).")
 @click.option("--strides", default="4,8,16,32,64", show_default=True, callback=_ints,
               help="Comma-separated level strides.")
-@click.option("--instances", type=click.IntRange(0), default=256, show_default=True, help="Boxes per step (N).")
+@click.option("--instances", type=click.IntRange(1), default=256, show_default=True,
+              help="Boxes per step (N); at least 1 (with none there is nothing to project or differentiate).")
 @click.option("--prototypes", type=click.IntRange(0), default=800, show_default=True,
               help="Prototypes per level (M), e.g. 80 classes x 10.")
 @click.option("--dtype", type=click.Choice(list(_DTYPES), case_sensitive=False), default="float32",

@@ -4,9 +4,24 @@ Any model ``gkd eval`` and ``gkd export`` deal in: a gkd checkpoint (PyTorch) or
 run through the same runners as parity and benchmarks, so a checkpoint and its export give the same detections.
 Images load as everywhere in gkd (EXIF orientation applied, converted to RGB) and are given at their own size: the
 model resizes them itself.
+
+What it writes, and what it never touches:
+
+- ``OUT/detections.json`` (COCO results), ``OUT/images.json`` (which image each id is, the drawn file of each, the
+  model and its SHA-256, the images that could not be read) and ``OUT/drawn/`` (every readable image, with or
+  without detections: a user checks the misses too).
+- Every drawn file has its own name, also for two inputs called ``x.png`` in two folders or ``x.jpg`` beside
+  ``x.png``.
+- The outputs of one invocation are written into a hidden staging folder inside ``OUT`` and put in place only
+  once every image is done, so an interrupted prediction never leaves drawings of one model beside the JSON of another.
+- Only files an earlier ``gkd predict`` made (those its ``images.json`` lists) are replaced or removed; a
+  ``detections.json``, ``images.json`` or drawn file of the user's own in ``OUT`` stops the command before any work.
 """
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,37 +31,99 @@ from gkd.kd.errors import GkdError
 
 __all__ = ["predict", "predict_images", "IMAGE_SUFFIXES"]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 #: one colour per class (cycled), readable on photos
 PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212))
+#: ``images.json``'s mark: the outputs it lists were made by gkd predict (and may be replaced by the next one)
+MADE_BY = "gkd predict"
+_STAGING = ".gkd-predict-"
 
 
-def _images(inputs: Sequence[Path]) -> list[Path]:
+def _images(inputs: Sequence[Path]) -> tuple[list[Path], list[str]]:
+    """The image files of ``inputs`` (files, or folders read one level deep), each once, and what was passed over
+    (a line per folder: its sub-folders and files that are not images)."""
     files: list[Path] = []
+    passed_over: list[str] = []
     for p in inputs:
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            entries = sorted(p.iterdir())
+            found = [f for f in entries if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()]
             if not found:
                 raise GkdError(f"{p}: no images in this folder (looked for {', '.join(IMAGE_SUFFIXES)})")
+            folders = [f.name for f in entries if f.is_dir()]
+            others = [f.name for f in entries if f.is_file() and f not in found]
+            if folders or others:
+                what = [f"{len(folders)} sub-folder(s) (not searched: give them as inputs)" if folders else "",
+                        f"{len(others)} file(s) that are not images ({', '.join(others[:3])}"
+                        f"{', ...' if len(others) > 3 else ''})" if others else ""]
+                passed_over.append(f"{p}: passed over {' and '.join(w for w in what if w)}")
             files += found
         elif p.is_file():
             files.append(p)
         else:
             raise GkdError(f"{p}: no such image file or folder")
-    return files
+    unique: dict[Path, Path] = {}
+    for f in files:  # a file named twice (itself and through its folder) is one image
+        unique.setdefault(f.resolve(), f)
+    return list(unique.values()), passed_over
+
+
+def drawn_names(files: Sequence[Path], image_format: str) -> list[str]:
+    """One distinct file name per image for ``drawn/``: ``x.<format>``, or, where stems collide (``a/x.png`` and
+    ``b/x.png``, or ``x.jpg`` beside ``x.png``), the original name with as many parent folders as tell them apart
+    (``a__x.png.<format>``). Compared case-insensitively (a case-insensitive file system would merge ``X`` and
+    ``x``)."""
+    resolved = [Path(f).resolve() for f in files]
+    names = [f"{f.stem}.{image_format}" for f in resolved]
+    stems: dict[str, list[int]] = {}
+    for i, n in enumerate(names):
+        stems.setdefault(n.lower(), []).append(i)
+    for group in (g for g in stems.values() if len(g) > 1):
+        depth = 0
+        while True:
+            labels = ["__".join([*resolved[i].parent.parts[len(resolved[i].parent.parts) - depth:], resolved[i].name])
+                      for i in group]
+            if len({lab.lower() for lab in labels}) == len(group) or depth > max(len(resolved[i].parts) for i in group):
+                break
+            depth += 1
+        for i, lab in zip(group, labels):
+            names[i] = f"{lab}.{image_format}"
+    taken: set[str] = set()
+    for i, n in enumerate(names):  # a disambiguated name may equal another image's plain one: number it
+        k, base = 2, n
+        while n.lower() in taken:
+            stem, _, ext = base.rpartition(".")
+            n, k = f"{stem}-{k}.{ext}", k + 1
+        names[i] = n
+        taken.add(n.lower())
+    return names
+
+
+def _model_kind(model: Path) -> str:
+    """``"onnx"`` or ``"checkpoint"``, from the suffix and checked against the content (a checkpoint is a zip)."""
+    if not model.is_file():
+        raise GkdError(f"{model}: model file not found")
+    with open(model, "rb") as fh:
+        is_zip = fh.read(2) == b"PK"
+    if model.suffix.lower() == ".onnx":
+        if is_zip:
+            raise GkdError(f"{model}: a zip archive (a PyTorch checkpoint?), not an ONNX model")
+        return "onnx"
+    return "checkpoint"
 
 
 def _runner(model: Path):
     """``(runner, classes, category_ids)`` for a checkpoint (.pt) or an ONNX file."""
+    from .integrity import check_unchanged_since_export, require_label_space
     from .runtime import OrtRunner, TorchRunner
 
-    if model.suffix.lower() == ".onnx":
+    if _model_kind(model) == "onnx":
         from .onnx import read_metadata
 
+        check_unchanged_since_export(model)
         contract = read_metadata(model).get("contract") or {}
-        if not contract:
-            raise GkdError(f"{model}: no gkd metadata in this ONNX file (export it with gkd export)")
+        require_label_space(model, contract.get("classes"), contract.get("category_ids"))
         return OrtRunner(model), contract.get("classes"), contract.get("category_ids")
     from gkd.kd.checkpoint import load_detector
 
@@ -54,45 +131,155 @@ def _runner(model: Path):
     return TorchRunner(detector), info.get("classes"), info.get("category_ids")
 
 
+def _earlier_outputs(out: Path) -> set[str] | None:
+    """The files (relative to ``out``) an earlier gkd predict made there, from its ``images.json``; an empty set
+    when there is none; None when ``images.json`` exists but is not gkd predict's."""
+    index = out / "images.json"
+    if not index.exists():
+        return set()
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        return None
+    images = [im for im in data["images"] if isinstance(im, dict)]
+    if data.get("made_by") == MADE_BY:
+        drawn = {f"drawn/{im['drawn']}" for im in images if isinstance(im.get("drawn"), str)}
+    elif set(data) == {"model", "score_thresh", "images"}:  # written before images.json named its maker
+        drawn = {f"drawn/{Path(str(im.get('file_name', ''))).stem}.{ext}" for im in images for ext in ("jpg", "png")}
+    else:
+        return None
+    return {"images.json", "detections.json"} | drawn
+
+
+def _check_outputs(out: Path, names: Sequence[str]) -> set[str]:
+    """Before any work: ``out`` is writable and nothing this prediction writes would replace a file gkd predict did
+    not make there. Returns the earlier prediction's files (replaced or removed when this one is put in place)."""
+    from gkd.kd.io import ensure_writable_folder
+
+    ensure_writable_folder(out, "--out folder")
+    earlier = _earlier_outputs(out)
+    if earlier is None:
+        raise GkdError(f"{out / 'images.json'}: not written by gkd predict; it is left as it is: choose another --out "
+                       f"for the predictions")
+    mine = ["detections.json", "images.json", *(f"drawn/{n}" for n in names)]
+    foreign = [rel for rel in mine if (out / rel).exists() and rel not in earlier]
+    if foreign:
+        raise GkdError(f"{out / foreign[0]}: exists and was not written by gkd predict"
+                       f"{f' ({len(foreign) - 1} more)' if len(foreign) > 1 else ''}; it is left as it is: choose "
+                       f"another --out for the predictions")
+    if (out / "drawn").exists() and not (out / "drawn").is_dir():
+        raise GkdError(f"{out / 'drawn'}: a file where the drawn images' folder goes; choose another --out")
+    return earlier
+
+
+def _remove_abandoned_staging(out: Path) -> None:
+    """Staging folders of predictions killed before they finished (their process is gone): ours, never put in
+    place."""
+    from gkd.kd.io import process_alive
+
+    for folder in out.glob(f"{_STAGING}*"):
+        pid = folder.name[len(_STAGING):].split("-", 1)[0]
+        if folder.is_dir() and pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _put_in_place(staging: Path, out: Path, earlier: set[str], drawn: Sequence[str]) -> None:
+    """Replace the earlier prediction's files by this one's: its drawings first, the JSON files last (atomic
+    renames), then remove what the earlier one drew and this one did not."""
+    if drawn:
+        (out / "drawn").mkdir(exist_ok=True)
+    for name in drawn:
+        os.replace(staging / "drawn" / name, out / "drawn" / name)
+    for name in ("detections.json", "images.json"):
+        os.replace(staging / name, out / name)
+    for rel in sorted(earlier - {"detections.json", "images.json", *(f"drawn/{n}" for n in drawn)}):
+        (out / rel).unlink(missing_ok=True)
+
+
 def predict_images(model: str | Path, inputs: Sequence[str | Path], out: str | Path, *, score_thresh: float = 0.3,
-                   draw: bool = True, image_format: str = "jpg") -> dict[str, Any]:
+                   draw: bool = True, image_format: str = "jpg", log=print) -> dict[str, Any]:
     """Run ``model`` on every image of ``inputs`` (files or folders); write ``out/detections.json`` (COCO results),
-    ``out/images.json`` (the image ids, files and sizes) and, with ``draw``, ``out/drawn/<name>.<image_format>``.
+    ``out/images.json`` (the image ids, files, sizes and drawn files; the model and its SHA-256; the images that
+    could not be read) and, with ``draw``, ``out/drawn/<name>.<image_format>`` for every readable image.
+
+    Images that cannot be decoded are skipped and listed (as ``gkd eval`` does); none readable is an error.
 
     Returns:
-        ``{"images": [...], "detections": [...], "drawn": [paths]}``.
+        ``{"images": [...], "detections": [...], "drawn": [paths], "failed": [...], "passed_over": [...]}``.
     """
+    import tempfile
+
+    from gkd.kd.io import file_sha256
+
+    model, out = Path(model), Path(out)
+    files, passed_over = _images([Path(p) for p in inputs])
+    for line in passed_over:
+        log(line)
+    names = drawn_names(files, image_format) if draw else [""] * len(files)
+    earlier = _check_outputs(out, [n for n in names if n])
+    runner, classes, category_ids = _runner(model)
+    _remove_abandoned_staging(out)
+    staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING}{os.getpid()}-", dir=out))
+    try:
+        with runner:
+            rep = _predict_all(runner, files, names, classes, category_ids, score_thresh, staging, log)
+        record = {"made_by": MADE_BY, "model": str(model), "model_sha256": file_sha256(model),
+                  "score_thresh": score_thresh, "images": rep["images"], "failed": rep["failed"]}
+        _write_json(staging / "detections.json", rep["detections"], indent=None)
+        _write_json(staging / "images.json", record, indent=2)
+        drawn = [im["drawn"] for im in rep["images"] if im.get("drawn")]
+        _put_in_place(staging, out, earlier, drawn)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {**rep, "drawn": [out / "drawn" / n for n in drawn], "passed_over": passed_over}
+
+
+def _write_json(path: Path, obj: Any, indent: int | None) -> None:
+    from gkd.kd.io import atomic_write_json
+
+    atomic_write_json(path, obj, indent=indent)
+
+
+def _predict_all(runner, files, names, classes, category_ids, score_thresh, staging: Path, log) -> dict[str, Any]:
+    """Detections of every readable image (drawn into ``staging/drawn`` when it has a name); unreadable ones are
+    listed in ``failed``."""
     import numpy as np
     import torch
 
     from gkd.kd.data.coco import load_image
-    from gkd.kd.io import atomic_write_json
 
-    model, out = Path(model), Path(out)
-    files = _images([Path(p) for p in inputs])
-    runner, classes, category_ids = _runner(model)
     n_classes = len(classes) if classes else None
-    images, detections, drawn = [], [], []
-    with runner:
-        for image_id, path in enumerate(files, start=1):
+    images, detections, failed = [], [], []
+    for image_id, (path, name) in enumerate(zip(files, names), start=1):
+        try:
             pil = load_image(path)
-            tensor = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1)  # [3, H, W]
-            result = runner.detect(tensor.float().div_(255.0))
-            keep = result["scores"] >= score_thresh
-            boxes, scores, labels = result["boxes"][keep], result["scores"][keep], result["labels"][keep]
-            images.append({"id": image_id, "file_name": str(path), "width": pil.width, "height": pil.height})
-            for (x1, y1, x2, y2), s, lab in zip(boxes.tolist(), scores.tolist(), labels.tolist()):
-                lab = int(lab)
-                det = {"image_id": image_id, "category_id": category_ids[lab - 1] if category_ids else lab,
-                       "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(s)}
-                if classes and n_classes and 1 <= lab <= n_classes:
-                    det["class"] = classes[lab - 1]
-                detections.append(det)
-            if draw:
-                drawn.append(_draw(pil, boxes, scores, labels, classes, out / "drawn" / f"{path.stem}.{image_format}"))
-    atomic_write_json(out / "detections.json", detections, indent=None)
-    atomic_write_json(out / "images.json", {"model": str(model), "score_thresh": score_thresh, "images": images})
-    return {"images": images, "detections": detections, "drawn": drawn}
+        except GkdError as exc:
+            failed.append({"file": str(path), "reason": str(exc)})
+            log(f"skipped: {exc}")
+            continue
+        tensor = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1)  # [3, H, W]
+        result = runner.detect(tensor.float().div_(255.0))
+        keep = result["scores"] >= score_thresh
+        boxes, scores, labels = result["boxes"][keep], result["scores"][keep], result["labels"][keep]
+        entry = {"id": image_id, "file_name": str(path), "width": pil.width, "height": pil.height,
+                 "detections": int(keep.sum())}
+        for (x1, y1, x2, y2), s, lab in zip(boxes.tolist(), scores.tolist(), labels.tolist()):
+            lab = int(lab)
+            det = {"image_id": image_id, "category_id": category_ids[lab - 1] if category_ids else lab,
+                   "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(s)}
+            if classes and n_classes and 1 <= lab <= n_classes:
+                det["class"] = classes[lab - 1]
+            detections.append(det)
+        if name:  # every readable image is drawn, with or without detections: the misses are worth a look too
+            _draw(pil, boxes, scores, labels, classes, staging / "drawn" / name)
+            entry["drawn"] = name
+        images.append(entry)
+    if not images:
+        raise GkdError(f"none of the {len(files)} image(s) could be read: "
+                       + "; ".join(f["reason"] for f in failed[:3]))
+    return {"images": images, "detections": detections, "failed": failed}
 
 
 def _draw(pil, boxes, scores, labels, classes, path: Path) -> Path:
@@ -121,7 +308,7 @@ def _draw(pil, boxes, scores, labels, classes, path: Path) -> Path:
 @click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="Output folder [default: predictions/ next to MODEL].")
+              help="Output folder [default: predictions/ next to MODEL]. Files of your own there are never replaced.")
 @click.option("--score-thresh", type=click.FloatRange(0, 1), default=0.3, show_default=True,
               help="Keep (and draw) detections scoring at least this.")
 @click.option("--no-draw", is_flag=True, help="Only the JSON files, no drawn images.")
@@ -133,8 +320,9 @@ def predict(model: Path, images: tuple[Path, ...], out: Path | None, score_thres
 
     \b
     Writes OUT/detections.json (COCO results: image_id, category_id, bbox [x, y, w, h], score, class),
-    OUT/images.json (which image each id is) and OUT/drawn/<image>.jpg with the boxes, class names and scores.
-
+    OUT/images.json (which image each id is, and its drawn file) and OUT/drawn/<image>.jpg with the boxes, class
+    names and scores (every image, also those with no detection). A folder is read one level deep; images that
+    cannot be decoded are skipped and listed.
     \b
     Examples:
       gkd predict runs/distill/checkpoints/model.pt photos/
@@ -142,6 +330,7 @@ def predict(model: Path, images: tuple[Path, ...], out: Path | None, score_thres
     """
     out = out or model.parent / "predictions"
     rep = predict_images(model, images, out, score_thresh=score_thresh, draw=not no_draw,
-                         image_format=image_format.lower())
-    click.echo(f"{len(rep['detections'])} detection(s) >= {score_thresh:g} on {len(rep['images'])} image(s): "
+                         image_format=image_format.lower(), log=lambda s: click.echo(s, err=True))
+    failed = f"; {len(rep['failed'])} unreadable image(s) skipped (listed in images.json)" if rep["failed"] else ""
+    click.echo(f"{len(rep['detections'])} detection(s) >= {score_thresh:g} on {len(rep['images'])} image(s){failed}: "
                f"{out / 'detections.json'}" + (f", drawn in {out / 'drawn'}" if rep["drawn"] else ""))

@@ -104,11 +104,13 @@ def evaluate(model: str | Path, data: str | Path, *, images: str | Path | None =
     JSON, under ``gkd eval``'s protocol. ``compare``: more models scored on the same images (their metrics, per-class
     AP and delta are in ``out_dir/eval.json``). ``detections.json`` and ``metrics.json`` go to ``out_dir``, default
     ``eval/<model name>`` beside the run's checkpoints."""
-    from gkd.bench.accuracy import evaluate_models, write_eval_outputs
+    from gkd.bench.accuracy import check_eval_out, default_eval_dir, evaluate_models, write_eval_outputs
 
+    out = Path(out_dir) if out_dir else default_eval_dir(Path(model))
+    check_eval_out(out)  # before the work, as the command does
     rep = evaluate_models([Path(model), *map(Path, compare)], Path(data), image_root=images, max_dets=max_dets,
                           device=device, log=lambda line: None)
-    write_eval_outputs(rep, Path(model), Path(data), Path(out_dir) if out_dir else None)
+    write_eval_outputs(rep, Path(model), Path(data), out)
     return rep["models"][rep["reference"]]["metrics"]
 
 

@@ -193,6 +193,12 @@ def split(file: Path, out: Path, val_fraction: float, seed: int, images: Path | 
     rep = split_coco(file, out, val_fraction=val_fraction, seed=seed, image_root=images)
     click.echo(f"wrote {out / 'train.json'} ({rep['train']} images) and {out / 'val.json'} ({rep['val']} images); "
                f"{rep['images']} -> {rep['image_root']}")
+    for split_name, other, classes in (("train", "val", rep["train_only"]), ("val", "train", rep["val_only"])):
+        if classes:
+            click.echo(f"warning: {len(classes)} class(es) only in {split_name}.json, none in {other}.json: "
+                       f"{', '.join(classes[:8])}{' ...' if len(classes) > 8 else ''} (a class needs boxes on at "
+                       f"least two images to reach both splits); {other} has no ground truth for "
+                       f"{'them' if len(classes) > 1 else 'it'}", err=True)
     click.echo(f"use it with: gkd run data_root={out}  (or data.root={out} in a training config)")
 
 

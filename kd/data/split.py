@@ -3,8 +3,9 @@
 The split is seeded and stratified by class: every image is assigned to the rarest class it holds (images without
 boxes form a group of their own), and each group sends ``round(val_fraction * n)`` of its images, drawn with the
 seed, to val. So a class with a handful of images still lands in both splits (when it has at least two), and the
-same seed gives the same files. ``images/`` next to the two files links to the image folder, so the output folder
-is a complete ``data_root``.
+same seed gives the same files. A class on a single image cannot reach both: the result names every class that
+is in one split only (the command prints it as a warning). ``images/`` next to the two files links to the image
+folder, so the output folder is a complete ``data_root``.
 """
 from __future__ import annotations
 
@@ -78,4 +79,10 @@ def split_coco(json_path: str | os.PathLike, out_dir: str | os.PathLike, *, val_
             raise GkdError(f"{link}: cannot link it to the image folder {target} ({exc.strerror or exc})") from None
     atomic_write_json(out_dir / "val.json", subset(val_ids, "val"), indent=None)
     atomic_write_json(out_dir / "train.json", subset(train_ids, "train"), indent=None)
-    return {"train": len(train_ids), "val": len(val_ids), "images": str(link), "image_root": str(target)}
+    names = {c["id"]: str(c.get("name", c["id"])) for c in data.get("categories", [])}
+    seen = {split: {c for i in ids for c in by_image.get(i, [])} for split, ids in (("train", train_ids),
+                                                                                     ("val", val_ids))}
+    return {"train": len(train_ids), "val": len(val_ids), "images": str(link), "image_root": str(target),
+            # classes that reach one split only (a class on one image cannot reach both): said, not silently kept
+            "train_only": [names.get(c, str(c)) for c in sorted(seen["train"] - seen["val"])],
+            "val_only": [names.get(c, str(c)) for c in sorted(seen["val"] - seen["train"])]}
