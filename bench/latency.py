@@ -362,6 +362,23 @@ def report_csv(rep: dict[str, Any]) -> str:
     return buf.getvalue()
 
 
+def _check_report_path(path: Path, named: bool) -> None:
+    """Before the timing: the report's folder is writable, and a report at a path gkd chose (``latency.json``) does
+    not replace a file of that name gkd did not write (a path the user named is theirs to overwrite)."""
+    from gkd.kd.io import ensure_writable_folder
+
+    ensure_writable_folder(path.parent if str(path.parent) else Path("."), "the report's folder")
+    if named or not path.exists():
+        return
+    try:
+        ours = json.loads(path.read_text(encoding="utf-8")).get("benchmark") == "latency"
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise GkdError(f"{path}: exists and is not a gkd latency report; it is left as it is: give --out for the "
+                       f"report")
+
+
 @click.command("latency", context_settings={"max_content_width": 110})
 @click.argument("models", nargs=-1, type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--data", type=click.Path(path_type=Path, exists=True, dir_okay=False), required=True,
@@ -419,6 +436,10 @@ def latency(models, data, export_dir, calib_data, view, device, provider, thread
                           duration_s=duration, min_iterations=iterations, max_iterations=max_iterations)
     log = lambda s: click.echo(s, err=True)  # noqa: E731
     specs = [ModelSpec(Path(m), model_kind(m)) for m in models]
+    path = out or (export_dir / "latency.json" if export_dir is not None else Path("latency.json"))
+    _check_report_path(path, named=out is not None)
+    if csv_path is not None:
+        _check_report_path(csv_path, named=True)
     if export_dir is not None:
         ckpts = [s for s in specs if s.kind == "pytorch"]
         if len(ckpts) != 1 or len(specs) != 1:
@@ -432,7 +453,6 @@ def latency(models, data, export_dir, calib_data, view, device, provider, thread
         views = VIEWS if view == "both" else (view,)
         rep = benchmark_models(specs, data, views=views, device=device, provider=provider, threads=threads,
                                policy=policy, latency_images=latency_images, trtexec=use_trtexec, log=log)
-    path = out or (export_dir / "latency.json" if export_dir is not None else Path("latency.json"))
     atomic_write_json(path, rep)
     if csv_path is not None:
         atomic_write_text(csv_path, report_csv(rep))

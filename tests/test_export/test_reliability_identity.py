@@ -170,3 +170,13 @@ def test_a_second_eval_replaces_the_first_and_leaves_none_of_its_files(trained, 
                  "--out", str(out)]) == 0
     assert main(["eval", str(ckpt), "--data", str(rect_data["val"]), "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["detections.json", "eval.json", "eval.md", "metrics.json"]
+
+
+def test_latency_never_replaces_a_latency_json_of_the_users_own(exported, rect_data, tmp_path, capsys,
+                                                                 monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "latency.json").write_text("my own notes")
+    rc = main(["bench", "latency", str(exported[ARCH]["fp32"]), "--data", str(rect_data["val"])])
+    err = capsys.readouterr().err
+    assert rc == 2 and "latency.json: exists and is not a gkd latency report" in err and "latency (" not in err
+    assert (tmp_path / "latency.json").read_text() == "my own notes"
