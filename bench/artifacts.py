@@ -33,7 +33,8 @@ class Unavailable(GkdError):
 
 @dataclass
 class ModelSpec:
-    """One model to run: its file and kind (:data:`KINDS`). Tables label it by :func:`runner_label`."""
+    """One model to run: its file and kind (:data:`KINDS`, or ``"openvino"``: an ONNX file run by OpenVINO's CPU
+    plugin instead of onnxruntime). Tables label it by :func:`runner_label`."""
 
     path: Path
     kind: str
@@ -127,6 +128,19 @@ def open_runner(spec: ModelSpec, *, device: str = "cpu", provider: str | None = 
         runner.precision = "fp32"
         runner.info = info
         return runner.__enter__(), ""
+    if spec.kind == "openvino":
+        import importlib.util
+
+        from gkd.export.integrity import check_unchanged_since_export
+        from gkd.export.runtime import OvRunner
+
+        if importlib.util.find_spec("openvino") is None:
+            raise Unavailable(f"{spec.path}: running ONNX with OpenVINO needs the openvino package (pip install "
+                              f"'gkd[openvino]'); it is not installed here")
+        if device == "cuda":
+            raise Unavailable(f"{spec.path}: gkd runs OpenVINO on the CPU only; --device cuda asked for")
+        check_unchanged_since_export(spec.path)
+        return OvRunner(spec.path, threads=threads).__enter__(), ""
     if spec.kind == "onnx":
         from gkd.export.integrity import check_unchanged_since_export
 
@@ -156,6 +170,9 @@ def open_runner(spec: ModelSpec, *, device: str = "cpu", provider: str | None = 
 
 
 def runner_label(spec: ModelSpec, runner: Any) -> str:
-    """``pytorch-fp32``, ``onnxruntime-int8``, ``tensorrt-fp16``: the runtime and the precision read back."""
-    runtime = {"pytorch": "pytorch", "onnx": "onnxruntime", "tensorrt": "tensorrt"}[spec.kind]
-    return f"{runtime}-{getattr(runner, 'precision', 'unknown')}"
+    """``pytorch-fp32``, ``onnxruntime-int8``, ``onnxruntime-static-int8`` (a file of the static, TensorRT-ready
+    graph), ``openvino-fp32``, ``tensorrt-fp16``: the runtime and the precision read back."""
+    runtime = getattr(runner, "name", None) or {"pytorch": "pytorch", "onnx": "onnxruntime",
+                                                 "tensorrt": "tensorrt"}[spec.kind]
+    graph = "static-" if getattr(runner, "graph", "") == "static" else ""  # the TensorRT-ready graph's files
+    return f"{runtime}-{graph}{getattr(runner, 'precision', 'unknown')}"

@@ -53,6 +53,10 @@ def _precisions(ctx, param, value: str) -> tuple[str, ...]:
                    "symmetric activations, zero point 0, float bias: what TensorRT accepts).")
 @click.option("--accuracy-images", type=click.IntRange(1, None), default=500, show_default=True,
               help="The mAP level and the INT8 search use every annotated image of --val-data up to this many.")
+@click.option("--static/--no-static", default=True, show_default=True,
+              help="Also write the static, TensorRT-ready graph at every precision (model.static-<precision>.onnx: "
+                   "fixed-size outputs num_detections / detection_boxes / detection_scores / detection_classes, no "
+                   "NonZero, NMS or RoiAlign, INT8 in TensorRT's format); TensorRT engines are built from it.")
 @click.option("--speed-rounds", type=click.IntRange(0, None), default=20, show_default=True,
               help="Rounds of the side-by-side INT8 / FP32 latency record in export.json (0: not timed).")
 @click.option("--parity-images", type=click.IntRange(1, None), default=16, show_default=True,
@@ -81,7 +85,7 @@ def _precisions(ctx, param, value: str) -> tuple[str, ...]:
               help="CPU threads for PyTorch and onnxruntime during parity.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for image subsets.")
 def export(checkpoint, precisions, calib_data, val_data, out, opset, calib_images, calib_method, int8_target,
-           int8_floor, int8_format, accuracy_images, speed_rounds, parity_images, atol, rtol, min_recall,
+           int8_floor, int8_format, accuracy_images, static, speed_rounds, parity_images, atol, rtol, min_recall,
            min_map_ratio, score_floor, min_shapes, opt_shapes, max_shapes, tensorrt, workspace_gib,
            tensorrt_rtx_check, threads, seed):
     """Export CHECKPOINT (a gkd detector checkpoint) to ONNX and, where available, TensorRT.
@@ -110,7 +114,7 @@ def export(checkpoint, precisions, calib_data, val_data, out, opset, calib_image
                          max_shapes=max_shapes, tolerance_overrides={k: v for k, v in overrides.items()
                                                                      if v is not None},
                          int8_target=int8_target, int8_floor=int8_floor, int8_format=int8_format.lower(),
-                         accuracy_images=accuracy_images, speed_rounds=speed_rounds, tensorrt=tensorrt.lower(),
+                         accuracy_images=accuracy_images, static=static, speed_rounds=speed_rounds, tensorrt=tensorrt.lower(),
                          workspace_gib=workspace_gib, tensorrt_rtx=tensorrt_rtx_check.lower(), threads=threads, seed=seed)
     manifest = export_checkpoint(opts, log=lambda s: click.echo(s, err=True))
     failed = [p for p in precisions if not manifest["files"][p]["verified"]]

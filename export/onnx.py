@@ -240,8 +240,13 @@ def save_onnx(model, path: str | Path, metadata: dict[str, Any] | None = None) -
 
 
 def export_onnx(detector: nn.Module, path: str | Path, sample: torch.Tensor, *, opset: int = DEFAULT_OPSET,
-                metadata: dict[str, Any] | None = None) -> Path:
+                metadata: dict[str, Any] | None = None, static: bool = False) -> Path:
     """Export a torchvision detector to ONNX (FP32) with named I/O and dynamic H/W.
+
+    ``static`` writes the TensorRT-ready graph (:class:`gkd.export.static_graph.StaticDetector`): dynamic batch, H
+    and W, fixed-size outputs ``num_detections, detection_boxes, detection_scores, detection_classes,
+    nms_converged``, no data-dependent shape. Otherwise the graph is torchvision's own inference path (batch 1,
+    ``boxes, scores, labels`` of data-dependent length).
 
     Args:
         detector: torchvision FasterRCNN or RetinaNet (eval mode, CPU).
@@ -259,9 +264,15 @@ def export_onnx(detector: nn.Module, path: str | Path, sample: torch.Tensor, *, 
         raise GkdError(f"opset {opset} is not supported; expected one of {list(SUPPORTED_OPSETS)}")
     if sample.dim() != 4 or sample.shape[0] != 1 or sample.shape[1] != 3:
         raise GkdError(f"sample image must be [1, 3, H, W], got {list(sample.shape)}")
-    wrapper = ExportWrapper(detector)
     path = Path(path)
-    dynamic = {INPUT_NAME: {2: "height", 3: "width"}, **{name: {0: "num_detections"} for name in OUTPUT_NAMES}}
+    if static:
+        from .static_graph import STATIC_OUTPUT_NAMES, StaticDetector
+
+        wrapper, names = StaticDetector(detector), list(STATIC_OUTPUT_NAMES)
+        dynamic = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, **{n: {0: "batch"} for n in names}}
+    else:
+        wrapper, names = ExportWrapper(detector), list(OUTPUT_NAMES)
+        dynamic = {INPUT_NAME: {2: "height", 3: "width"}, **{name: {0: "num_detections"} for name in OUTPUT_NAMES}}
 
     def write(tmp: Path) -> None:
         with warnings.catch_warnings(), torch.no_grad(), _eager_resize_arithmetic():
@@ -270,7 +281,7 @@ def export_onnx(detector: nn.Module, path: str | Path, sample: torch.Tensor, *, 
             warnings.simplefilter("ignore")
             try:
                 torch.onnx.export(wrapper, (sample,), str(tmp), dynamo=False, opset_version=opset,
-                                  input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic,
+                                  input_names=[INPUT_NAME], output_names=names, dynamic_axes=dynamic,
                                   do_constant_folding=True)
             except Exception as exc:
                 raise GkdError(f"{path}: ONNX export failed: {str(exc).splitlines()[0][:300]}") from None

@@ -33,10 +33,14 @@ from .onnx import DEFAULT_OPSET, EXPORTER, export_onnx, file_sha256, load_onnx, 
 from .parity import (DEFAULT_TOLERANCES, Tolerances, collect_outputs, compare_outputs, format_table, map_comparison,
                      map_matches)
 
-__all__ = ["ExportOptions", "export_checkpoint", "PRECISIONS", "check_output_dir", "check_label_space",
+__all__ = ["ExportOptions", "export_checkpoint", "PRECISIONS", "EXPORT_RECORD_VERSION", "check_output_dir", "check_label_space",
            "OUTPUT_NAMES_WRITTEN"]
 
 PRECISIONS = ("fp32", "fp16", "int8")
+#: the version of what an export records (export.json, the files' metadata): 2 = the INT8 record read back from the
+#: file, the mAP level with its noise, the side-by-side latency. Part of gkd run's export key, so that a record made
+#: by an earlier version is made again rather than reused without those fields
+EXPORT_RECORD_VERSION = 2
 #: the names gkd export writes into ``out`` (besides ``model.<precision>.onnx`` and TensorRT engines)
 OUTPUT_NAMES_WRITTEN = ("model.json", "parity.json", "parity.md", "export.json")
 _STAGING = ".gkd-export-"
@@ -70,6 +74,10 @@ class ExportOptions:
     int8_format: str = "onnxruntime"
     #: timed rounds of the side-by-side INT8 / FP32 latency record (0: not timed)
     speed_rounds: int = 20
+    #: also write the static (TensorRT-ready) graph at every precision: model.static-<precision>.onnx
+    static: bool = True
+    #: the largest batch of the static graph's TensorRT optimisation profile
+    static_max_batch: int = 4
     tensorrt: str = "auto"  # auto | off | on
     workspace_gib: float = 4.0
     tensorrt_rtx: str = "auto"  # auto | off | on: the TensorRT-RTX parse/build check (export/trt_rtx.py)
@@ -161,7 +169,7 @@ def export_checkpoint(opts: ExportOptions, log: Callable[[str], None] = print) -
 
     # validated here, before anything is written, even where no engine will be built
     profile = compute_profile(contract, opts.min_shapes, opts.opt_shapes, opts.max_shapes)
-    base_meta = {"gkd_export_version": 1, "contract": contract, "opset": opts.opset, "exporter": EXPORTER,
+    base_meta = {"gkd_export_version": EXPORT_RECORD_VERSION, "contract": contract, "opset": opts.opset, "exporter": EXPORTER,
                  "source_checkpoint_sha256": file_sha256(opts.checkpoint)}
     staging = opts.out / f"{_STAGING}{os.getpid()}"
     staging.mkdir()
@@ -180,10 +188,9 @@ def _export(opts, model, staging: Path, parity_set, accuracy_set, calib_set, con
     """Write, run and compare every file inside ``staging``; returns the manifest (file names relative)."""
     from .runtime import OrtRunner, TorchRunner
 
-    paths = {p: staging / f"model.{p}.onnx" for p in PRECISIONS}
+    graphs = ["torchvision"] + (["static"] if opts.static else [])
+    paths = {_key(g, p): staging / f"model.{_key(g, p)}.onnx" for g in graphs for p in PRECISIONS}
     sample = parity_set.images[0][1].unsqueeze(0)
-    log(f"exporting FP32 ONNX (opset {opts.opset}) -> {opts.out / paths['fp32'].name}")
-    export_onnx(model, paths["fp32"], sample, opset=opts.opset, metadata={**base_meta, "precision": "fp32"})
 
     torch.set_num_threads(max(1, opts.threads))
     torch_runner = TorchRunner(model)
@@ -211,47 +218,68 @@ def _export(opts, model, staging: Path, parity_set, accuracy_set, calib_set, con
 
     files: dict[str, Any] = {}
     rows = []
-    for p in PRECISIONS:
-        if p not in opts.precisions and not (p == "fp32"):
-            continue
-        extra: dict[str, Any] = {}
-        level = None
-        if p == "fp16":
-            from .fp16 import convert_fp16, count_tensor_types
+    for graph in graphs:
+        static = graph == "static"
+        meta = {**base_meta, "graph": graph}
+        if static:
+            from .static_graph import StaticDetector
 
-            m16, extra = convert_fp16(load_onnx(paths["fp32"]))
-            extra = {**extra, "initializer_types": count_tensor_types(m16)}
-            save_onnx(m16, paths["fp16"], {**base_meta, "precision": "fp16"})
-        elif p == "int8":
-            extra, level = _int8(opts, paths, calib_set, parity_set, base_meta, accuracy, ref_matches is not None,
-                                 log)
-        if level is None:
-            level = accuracy(paths[p], p)
-        with OrtRunner(paths[p], threads=opts.threads) as r:
-            out, provider = collect_outputs(r, parity_set.images), r.provider
-        rep = compare_outputs(ref, out, tol_for(p), max_detections=cut, map_level=level)
-        if p == "int8" and not extra["is_int8"]:
-            rep["passed"] = False
-            rep["failures"].append(_not_int8(extra))
-        rows.append({"precision": p, "provider": provider, "parity": rep})
-        files[p] = {"onnx": paths[p].name, "sha256": file_sha256(paths[p]), "bytes": paths[p].stat().st_size,
-                    "requested": p in opts.precisions, "verified": rep["passed"], "runs_on": provider,
-                    "details": extra}
-        log(f"{p}: parity {'PASS' if rep['passed'] else 'FAIL: ' + '; '.join(rep['failures'])}")
+            meta["static"] = StaticDetector(model).describe()
+        for p in PRECISIONS:
+            if p not in opts.precisions and not (p == "fp32"):
+                continue
+            key = _key(graph, p)
+            extra: dict[str, Any] = {}
+            level = None
+            if p == "fp32":
+                log(f"exporting FP32 ONNX ({graph} graph, opset {opts.opset}) -> {opts.out / paths[key].name}")
+                export_onnx(model, paths[key], sample, opset=opts.opset, metadata={**meta, "precision": "fp32"},
+                            static=static)
+            elif p == "fp16":
+                from .fp16 import convert_fp16, count_tensor_types
+
+                m16, extra = convert_fp16(load_onnx(paths[_key(graph, "fp32")]), scopes=_scopes(static))
+                extra = {**extra, "initializer_types": count_tensor_types(m16)}
+                save_onnx(m16, paths[key], {**meta, "precision": "fp16"})
+            else:
+                fmt = "tensorrt" if static else opts.int8_format
+                extra, level = _int8(opts, paths[_key(graph, "fp32")], paths[key], calib_set, parity_set, meta,
+                                     accuracy, ref_matches is not None, log, fmt, static)
+            if level is None:
+                level = accuracy(paths[key], p)
+            with OrtRunner(paths[key], threads=opts.threads) as r:
+                out, provider = collect_outputs(r, parity_set.images), r.provider
+            rep = compare_outputs(ref, out, tol_for(p), max_detections=cut, map_level=level)
+            if p == "int8" and not extra["is_int8"]:
+                rep["passed"] = False
+                rep["failures"].append(_not_int8(extra))
+            rows.append({"precision": key, "provider": provider, "parity": rep})
+            files[key] = {"onnx": paths[key].name, "sha256": file_sha256(paths[key]),
+                          "bytes": paths[key].stat().st_size, "precision": p, "graph": graph,
+                          "requested": p in opts.precisions, "verified": rep["passed"], "runs_on": provider,
+                          "details": extra}
+            log(f"{key}: parity {'PASS' if rep['passed'] else 'FAIL: ' + '; '.join(rep['failures'])}")
 
     speed = None
     if "int8" in files and opts.speed_rounds > 0:
         from .speed import side_by_side
 
-        speed = side_by_side({p: paths[p] for p in ("fp32", "int8")}, [im for _, im in parity_set.images],
+        timed = [k for k in ("fp32", "int8", "static-fp32", "static-int8") if k in files]
+        speed = side_by_side({k: paths[k] for k in timed}, [im for _, im in parity_set.images],
                              threads=opts.threads, rounds=opts.speed_rounds)
         log(f"speed (onnxruntime CPU, {opts.threads} thread(s), {speed['machine']['cpu']}): INT8 p50 "
             f"{speed['p50_ms']['int8']:.1f} ms / FP32 {speed['p50_ms']['fp32']:.1f} ms = "
-            f"{speed['ratio']['int8/fp32']:.2f}")
-    engines = _engines(opts, staging, paths, profile, log,
+            f"{speed['ratio']['int8/fp32']:.2f}" + "".join(f"; {k} {v:.2f}" for k, v in speed["ratio"].items()
+                                                           if k != "int8/fp32"))
+    # TensorRT builds the static graph where it is written (torchvision's needs NonZero, NMS and the RoiAlign plugin)
+    build_graph = "static" if opts.static else "torchvision"
+    build_paths = {p: paths[_key(build_graph, p)] for p in PRECISIONS if _key(build_graph, p) in files}
+    build_profile = _static_profile(profile, opts.static_max_batch) if opts.static else profile
+    engines = _engines(opts, staging, build_paths, build_profile, log,
                        check=lambda runner, p: compare_outputs(ref, collect_outputs(runner, parity_set.images),
                                                                tol_for(p), max_detections=cut))
-    rtx = _rtx_check(opts, {p: paths[p] for p in files}, profile, log)
+    rtx = _rtx_check(opts, {_key(build_graph, p): f for p, f in build_paths.items()}, build_profile, log)
+    rtx["graph"] = build_graph
     return {
         "checkpoint": str(opts.checkpoint), "checkpoint_sha256": base_meta["source_checkpoint_sha256"],
         "arch": contract["arch"], "opset": opts.opset, "exporter": EXPORTER, "contract": contract, "files": files,
@@ -260,9 +288,44 @@ def _export(opts, model, staging: Path, parity_set, accuracy_set, calib_set, con
                    "map_images": len(accuracy_set.images) if accuracy_set is not None else 0,
                    "results": {r["precision"]: r["parity"] for r in rows}},
         "table": format_table(rows), "speed": speed,
-        "tensorrt": engines, "tensorrt_profile": profile, "tensorrt_rtx_check": rtx, "versions": _versions(),
+        "tensorrt": engines, "tensorrt_profile": build_profile, "tensorrt_rtx_check": rtx,
+        "trtexec": _trtexec_commands(build_paths, build_profile) if opts.static else None, "versions": _versions(),
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(opts).items()},
     }
+
+
+def _static_profile(profile: dict, max_batch: int) -> dict:
+    """The image profile with a dynamic batch (1 .. ``max_batch``) for the static graph."""
+    shapes = profile["image"]
+    return {"image": {"min": [1, *shapes["min"][1:]], "opt": [1, *shapes["opt"][1:]],
+                      "max": [max_batch, *shapes["max"][1:]]}}
+
+
+def _trtexec_commands(paths: dict[str, Path], profile: dict) -> dict[str, str]:
+    """The trtexec command a TensorRT 10/11 user runs to build and time each static file's engine.
+
+    TensorRT 11 is strongly typed (precision from the file: FP16 and Q/DQ INT8 files); TensorRT 10.x also takes
+    ``--fp16`` / ``--int8`` flags, which are harmless on the FP16 / Q/DQ files, so one command serves both.
+    """
+    shape = {k: "image:" + "x".join(str(d) for d in v) for k, v in profile["image"].items()}
+    flags = {"fp32": "", "fp16": " --fp16", "int8": " --int8 --fp16"}
+    return {p: (f"trtexec --onnx={path.name} --saveEngine={path.stem}.engine --minShapes={shape['min']} "
+                f"--optShapes={shape['opt']} --maxShapes={shape['max']}{flags[p]} --useCudaGraph --noDataTransfers "
+                f"--iterations=200 --warmUp=500 --duration=10")
+            for p, path in paths.items()}
+
+
+def _key(graph: str, precision: str) -> str:
+    """A file's key in the manifest and its name: ``fp32`` (torchvision's graph), ``static-fp32`` (the
+    TensorRT-ready one)."""
+    return precision if graph == "torchvision" else f"{graph}-{precision}"
+
+
+def _scopes(static: bool) -> tuple[str, ...]:
+    from .adapters import NETWORK_SCOPES
+    from .static_graph import STATIC_SCOPES
+
+    return STATIC_SCOPES if static else NETWORK_SCOPES
 
 
 def _not_int8(record: dict[str, Any]) -> str:
@@ -309,22 +372,25 @@ def check_label_space(src: Path, images, classes: list[str] | None, category_ids
                        f"--val-data images labelled with the model's classes")
 
 
-def _int8(opts, paths, calib_set, parity_set, base_meta, accuracy, annotated: bool, log
-          ) -> tuple[dict[str, Any], dict | None]:
-    """Quantize; with annotations, keep layers in float only while INT8 loses accuracy beyond chance. Returns the
-    INT8 record (read back from the file) and the file's mAP level (the search's last verdict) if one was made."""
+def _int8(opts, fp32: Path, out: Path, calib_set, parity_set, meta, accuracy, annotated: bool, log,
+          int8_format: str, static: bool) -> tuple[dict[str, Any], dict | None]:
+    """Quantize ``fp32`` into ``out``; with annotations, keep layers in float only while INT8 loses accuracy beyond
+    chance. Returns the INT8 record (read back from the file) and the file's mAP level (the search's last verdict)
+    if one was made."""
     from .quantize import quantize_int8, search_int8
 
     calib = [im for _, im in calib_set.images]
-    meta = {**base_meta, "precision": "int8"}
-    kw = dict(method=opts.calib_method, metadata=meta, int8_format=opts.int8_format, floor=opts.int8_floor,
-              count_image=parity_set.images[0][1])
+    kw = dict(method=opts.calib_method, metadata={**meta, "precision": "int8"}, int8_format=int8_format,
+              floor=opts.int8_floor, count_image=parity_set.images[0][1], scopes=_scopes(static))
+    if static:
+        from .static_graph import static_head_outputs
+
+        kw["head_outputs"] = static_head_outputs(load_onnx(fp32))
     if not annotated or opts.int8_target <= 0:
         if not annotated:
             log("int8: no annotations on the parity source, so no accuracy-driven layer search (give --val-data)")
-        return quantize_int8(paths["fp32"], paths["int8"], calib, **kw), None
-    info = search_int8(paths["fp32"], paths["int8"], calib, lambda path: accuracy(path, "int8"),
-                       threads=opts.threads, log=log, **kw)
+        return quantize_int8(fp32, out, calib, **kw), None
+    info = search_int8(fp32, out, calib, lambda path: accuracy(path, "int8"), threads=opts.threads, log=log, **kw)
     level = info["search"]["rounds"][-1]["verdict"]
     info["search"]["judged_on"] = f"{level['images']} annotated image(s) of {parity_set.path}"
     return info, level

@@ -28,7 +28,7 @@ from gkd.kd.errors import GkdError
 
 from ._lazy import lazy_import
 from .adapters import INPUT_NAME, NETWORK_SCOPES
-from .int8_record import INT8_MAC_FLOOR, layer_macs, read_int8_record, weighted_layers
+from .int8_record import INT8_MAC_FLOOR, read_int8_record
 from .onnx import load_onnx, read_metadata, save_onnx
 
 __all__ = ["quantize_int8", "search_int8", "rank_sensitivity", "quantizable_nodes", "head_output_nodes", "count_qdq",
@@ -122,7 +122,9 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_images: Seq
                   method: str = "minmax", per_channel: bool = True, exclude: Sequence[str] = (),
                   cache_path: str | Path | None = None, metadata: dict[str, Any] | None = None,
                   keep_head_outputs: bool = True, int8_format: str = "onnxruntime",
-                  count_image: torch.Tensor | None = None, floor: float = INT8_MAC_FLOOR) -> dict[str, Any]:
+                  count_image: torch.Tensor | None = None, floor: float = INT8_MAC_FLOOR,
+                  scopes: tuple[str, ...] = NETWORK_SCOPES, head_outputs: Sequence[str] | None = None
+                  ) -> dict[str, Any]:
     """Write an explicit Q/DQ INT8 ONNX of ``fp32_path`` (atomically) and return what the written file holds.
 
     Args:
@@ -139,6 +141,9 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_images: Seq
         count_image: ``[3, H, W]``: the image multiply-accumulates are counted on (default: the first calibration
             image).
         floor: the share of MACs at INT8 from which the file is INT8 (else its metadata says ``mixed``).
+        scopes: node-name prefixes of the learned layers (the static graph's are
+            :data:`gkd.export.static_graph.STATIC_SCOPES`).
+        head_outputs: the head-output layers to keep float (None: found by :func:`head_output_nodes`).
 
     Returns:
         The request (calibration, format, excluded layers) under ``"request"`` and everything else read back from the
@@ -156,8 +161,9 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_images: Seq
     fmt = INT8_FORMATS[int8_format]
     out_path = Path(out_path)
     model = load_onnx(fp32_path)
-    heads = head_output_nodes(model) if keep_head_outputs else []
-    nodes = [n for n in quantizable_nodes(model) if n not in set(exclude) and n not in set(heads)]
+    heads = (list(head_outputs) if head_outputs is not None else head_output_nodes(model, scopes)
+             ) if keep_head_outputs else []
+    nodes = [n for n in quantizable_nodes(model, scopes) if n not in set(exclude) and n not in set(heads)]
     calib = {"minmax": ort_q.CalibrationMethod.MinMax, "entropy": ort_q.CalibrationMethod.Entropy,
              "percentile": ort_q.CalibrationMethod.Percentile}[method]
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -236,7 +242,7 @@ def _sqnr_db(ref, test) -> float:
 
 
 def rank_sensitivity(fp32_path: str | Path, int8_path: str | Path, images: Sequence[torch.Tensor],
-                     threads: int = 1) -> list[dict[str, Any]]:
+                     threads: int = 1, scopes: tuple[str, ...] = NETWORK_SCOPES) -> list[dict[str, Any]]:
     """Rank quantized layers by the accuracy they cost, most costly first.
 
     For each quantized node, the signal-to-quantization-noise ratio (dB) of the INT8 model's tensors against the
@@ -252,8 +258,9 @@ def rank_sensitivity(fp32_path: str | Path, int8_path: str | Path, images: Seque
     fp32 = load_onnx(fp32_path)
     int8 = load_onnx(int8_path)
     qnodes = {n.name for n in int8.graph.node}
+    eligible = set(quantizable_nodes(fp32, scopes))
     layers = [(n.name, n.op_type, n.input[0], n.output[0]) for n in fp32.graph.node
-              if n.name in quantizable_nodes(fp32) and n.name in qnodes]
+              if n.name in eligible and n.name in qnodes]
     names = sorted({t for _, _, i, o in layers for t in (i, o)})
     ref = _run(_with_outputs(fp32, names), names, images, threads)
     test = _run(_with_outputs(int8, names), names, images, threads)
@@ -286,7 +293,8 @@ def search_int8(fp32_path: str | Path, out_path: str | Path, calib_images: Seque
                 compare: Callable[[Path], dict[str, Any]], *, method: str = "minmax", per_channel: bool = True,
                 rank_images: int = 8, threads: int = 1, metadata: dict[str, Any] | None = None,
                 int8_format: str = "onnxruntime", floor: float = INT8_MAC_FLOOR,
-                count_image: torch.Tensor | None = None, log: Callable[[str], None] = lambda s: None
+                count_image: torch.Tensor | None = None, log: Callable[[str], None] = lambda s: None,
+                scopes: tuple[str, ...] = NETWORK_SCOPES, head_outputs: Sequence[str] | None = None
                 ) -> dict[str, Any]:
     """Quantize every eligible layer; keep layers in float only while the evidence says INT8 costs accuracy.
 
@@ -298,7 +306,8 @@ def search_int8(fp32_path: str | Path, out_path: str | Path, calib_images: Seque
     that block INT8, and the file is not verified.
 
     Args:
-        fp32_path, out_path, calib_images, method, per_channel, int8_format, count_image: as :func:`quantize_int8`.
+        fp32_path, out_path, calib_images, method, per_channel, int8_format, count_image, scopes, head_outputs: as
+            :func:`quantize_int8`.
         compare: ``path -> {"passed": bool, ...}``: the accuracy verdict of an INT8 file against FP32, which must
             never fail a model on a difference smaller than its own noise (e.g.
             :func:`gkd.export.parity.map_comparison`: a paired bootstrap of the mAP difference).
@@ -311,7 +320,7 @@ def search_int8(fp32_path: str | Path, out_path: str | Path, calib_images: Seque
     """
     out_path = Path(out_path)
     kw = dict(method=method, per_channel=per_channel, metadata=metadata, int8_format=int8_format,
-              count_image=count_image, floor=floor)
+              count_image=count_image, floor=floor, scopes=scopes, head_outputs=head_outputs)
     rounds = []
 
     def attempt(kept: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -328,7 +337,7 @@ def search_int8(fp32_path: str | Path, out_path: str | Path, calib_images: Seque
         cache = Path(tmp) / "calibration.json"
         info, verdict = attempt([])
         int8_layers = list(info["layers"]["int8"])
-        ranking = rank_sensitivity(fp32_path, out_path, list(calib_images)[:rank_images], threads)
+        ranking = rank_sensitivity(fp32_path, out_path, list(calib_images)[:rank_images], threads, scopes)
         macs = info["layer_macs"] or {}
         for r in ranking:
             r["macs"] = macs.get(r["node"])

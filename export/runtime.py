@@ -1,5 +1,8 @@
 """Runners: one interface for PyTorch eager, onnxruntime, OpenVINO and TensorRT.
 
+Files of the static (TensorRT-ready) graph (:mod:`gkd.export.static_graph`) run through the same runners: their
+fixed-size outputs are cut at ``num_detections`` into the same three tensors.
+
 A runner is a context manager with ``infer(feed) -> outputs``, done in three steps that benchmarks time apart:
 ``prepare`` (the input onto the runtime's device: host-to-device on a GPU), ``compute`` (the runtime call, synchronised)
 and ``finish`` (the outputs back to CPU torch tensors: device-to-host on a GPU). ``feed`` is ``{"image": [1, 3, H, W] float32 in
@@ -21,6 +24,10 @@ from gkd.kd.errors import GkdError
 
 from ._lazy import lazy_import
 from .adapters import INPUT_NAME, OUTPUT_NAMES, ExportWrapper
+from .static_graph import STATIC_OUTPUT_NAMES, to_detections
+
+#: what a runner reads from the static (TensorRT-ready) graph: its detections, not the NMS flag
+STATIC_OUTPUTS = STATIC_OUTPUT_NAMES[:4]
 
 __all__ = ["Runner", "TorchRunner", "OrtRunner", "OvRunner", "TrtRunner"]
 
@@ -146,7 +153,9 @@ class OrtRunner(Runner):
             raise GkdError(f"{self.path}: onnxruntime cannot load this model: {msg[:300]}") from None
         # what runs is what the session reports, never what was asked for
         self.provider = self.session.get_providers()[0]
-        self._output_names = list(OUTPUT_NAMES)
+        self._static = "num_detections" in {o.name for o in self.session.get_outputs()}
+        self.graph = "static" if self._static else "torchvision"
+        self._output_names = list(STATIC_OUTPUTS if self._static else OUTPUT_NAMES)
         names = [i.name for i in self.session.get_inputs()]
         if names != [INPUT_NAME]:
             raise GkdError(f"{self.path}: inputs are {names}; expected exactly ['{INPUT_NAME}'] (a gkd export)")
@@ -173,6 +182,8 @@ class OrtRunner(Runner):
             raise GkdError(f"{self.path}: onnxruntime failed on a {list(arr.shape)} input: {msg[:300]}") from None
 
     def finish(self, outs) -> dict[str, torch.Tensor]:
+        if self._static:
+            return to_detections(outs)
         boxes, scores, labels = (torch.from_numpy(o.copy()) for o in outs)
         return {"boxes": boxes.float(), "scores": scores.float(), "labels": labels.long()}
 
@@ -216,10 +227,13 @@ class OvRunner(Runner):
         if names != [INPUT_NAME]:
             raise GkdError(f"{self.path}: inputs are {names}; expected exactly ['{INPUT_NAME}'] (a gkd export)")
         self._outputs = {o.get_any_name(): o for o in self.compiled.outputs}
-        missing = [n for n in OUTPUT_NAMES if n not in self._outputs]
+        self._static = "num_detections" in self._outputs
+        self.graph = "static" if self._static else "torchvision"
+        self._names = list(STATIC_OUTPUTS if self._static else OUTPUT_NAMES)
+        missing = [n for n in self._names if n not in self._outputs]
         if missing:
             raise GkdError(f"{self.path}: outputs {sorted(self._outputs)} lack {missing} (a gkd export has "
-                           f"{list(OUTPUT_NAMES)})")
+                           f"{self._names})")
         self._request = self.compiled.create_infer_request()
         self.provider = f"OpenVINO {ov.__version__.split('-')[0]} CPU"
         if self.precision == "unknown":  # OpenVINO does not carry ONNX metadata_props: read them from the file
@@ -241,9 +255,11 @@ class OvRunner(Runner):
         except Exception as exc:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise GkdError(f"{self.path}: OpenVINO failed on a {list(arr.shape)} input: {msg[:300]}") from None
-        return [self._request.get_tensor(self._outputs[n]).data.copy() for n in OUTPUT_NAMES]
+        return [self._request.get_tensor(self._outputs[n]).data.copy() for n in self._names]
 
     def finish(self, outs) -> dict[str, torch.Tensor]:
+        if self._static:
+            return to_detections(outs)
         boxes, scores, labels = (torch.from_numpy(o) for o in outs)
         return {"boxes": boxes.float().reshape(-1, 4), "scores": scores.float().reshape(-1),
                 "labels": labels.long().reshape(-1)}
@@ -283,7 +299,10 @@ class TrtRunner(Runner):
         self.context = self.engine.create_execution_context()
         self.provider = f"TensorRT {trt.__version__} on {torch.cuda.get_device_name(self.device)}"
         self._allocator = _make_output_allocator(trt, self.device)
-        for name in OUTPUT_NAMES:
+        io = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
+        self._static = "num_detections" in io  # an engine of the static graph (the one gkd export builds from)
+        self._names = list(STATIC_OUTPUT_NAMES if self._static else OUTPUT_NAMES)
+        for name in self._names:
             self.context.set_output_allocator(name, self._allocator)
 
     def deactivate(self) -> None:
@@ -306,16 +325,20 @@ class TrtRunner(Runner):
 
     def finish(self, raw=None) -> dict[str, torch.Tensor]:
         out = {}
-        for name in OUTPUT_NAMES:
+        for name in self._names:
             buf, shape = self._allocator.buffers[name], self._allocator.shapes[name]
             out[name] = buf[: int(torch.tensor(shape).prod())].view(*shape).cpu() if shape else buf[:0].cpu()
+        if self._static:
+            return to_detections([out[n] for n in STATIC_OUTPUTS])
         return {"boxes": out["boxes"].float().reshape(-1, 4), "scores": out["scores"].float(),
                 "labels": out["labels"].long()}
 
 
 def _make_output_allocator(trt, device: torch.device):
     """An ``IOutputAllocator`` backed by torch tensors (grown on demand, reused across calls)."""
-    dtypes = {"boxes": torch.float32, "scores": torch.float32, "labels": torch.int64}
+    dtypes = {"boxes": torch.float32, "scores": torch.float32, "labels": torch.int64, "num_detections": torch.int32,
+              "detection_boxes": torch.float32, "detection_scores": torch.float32, "detection_classes": torch.int32,
+              "nms_converged": torch.bool}
 
     class _TorchOutputAllocator(trt.IOutputAllocator):
         def __init__(self):

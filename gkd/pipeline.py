@@ -202,16 +202,17 @@ def _data_inputs(cfg: PipelineConfig) -> dict[str, Any]:
     return {"data_root": str(Path(cfg.data_root)), "synthetic": _synth_params(cfg)}
 
 
-def _export_stage(cfg: PipelineConfig, student_ckpt: Path, out: Path, rtx_check: bool = True) -> dict[str, Any]:
-    """``gkd export`` of one student. ``rtx_check`` False skips the TensorRT-RTX parse/build check (the baseline's
-    graph is the distilled student's, checked in its own export: building it twice on a CPU costs a minute)."""
+def _export_stage(cfg: PipelineConfig, student_ckpt: Path, out: Path, shipped: bool = True) -> dict[str, Any]:
+    """``gkd export`` of one student. The shipped (distilled) student also gets the static, TensorRT-ready graph
+    and its TensorRT-RTX parse/build check; the baseline only the onnxruntime files (it is compared, not shipped,
+    and its graph is the distilled student's: building it twice on a CPU costs a minute)."""
     from gkd.export.pipeline import ExportOptions, export_checkpoint
 
     data = Path(cfg.data_root)
     manifest = export_checkpoint(ExportOptions(checkpoint=student_ckpt, out=out, precisions=tuple(cfg.precisions),
                                                calib_data=data / "train.json", val_data=data / "val.json",
                                                int8_target=cfg.gate_min_ratio or 0.99, seed=cfg.seed,
-                                               tensorrt_rtx="auto" if rtx_check else "off"),
+                                               static=shipped, tensorrt_rtx="auto" if shipped else "off"),
                                  log=log.info)
     files = {p: {"onnx": artifact(out / f["onnx"]), "verified": f["verified"]} for p, f in manifest["files"].items()}
     int8 = (manifest["files"].get("int8") or {}).get("details") or {}
@@ -219,7 +220,8 @@ def _export_stage(cfg: PipelineConfig, student_ckpt: Path, out: Path, rtx_check:
             "blocking")
     return {"dir": str(out), "outputs": {"files": files}, "parity": manifest["parity"]["results"],
             "int8": {k: int8.get(k) for k in keep} if int8 else None, "speed": manifest.get("speed"),
-            "tensorrt": manifest.get("tensorrt")}
+            "tensorrt": manifest.get("tensorrt"), "tensorrt_rtx": manifest.get("tensorrt_rtx_check"),
+            "trtexec": manifest.get("trtexec"), "tensorrt_profile": manifest.get("tensorrt_profile")}
 
 
 #: the val objects' attributes (the synthetic generator's hard cases) that the report gives AP on
@@ -282,7 +284,7 @@ def _bench_stage(cfg: PipelineConfig, models: list[tuple[str, Path, str]], evals
     timed, skipped = [], {}
     for group, path, precision in models:
         kind = model_kind(path)
-        if kind == "onnx" and precision == "fp16":
+        if kind == "onnx" and precision.endswith("fp16"):
             # onnxruntime's CPU provider has no FP16 convolution kernels on x86: it inserts casts and computes in
             # FP32, so an FP16 timing here would measure casts, not FP16 (its accuracy is measured all the same)
             skipped[f"{group}/onnxruntime-fp16"] = ("onnxruntime's CPU provider has no FP16 kernels on x86 (it "
@@ -398,10 +400,13 @@ def _run_stages(cfg: PipelineConfig, stage_cfgs: StageConfigs) -> dict[str, Any]
         group = STUDENTS[name]
         folder = "export" if group == "distilled" else "export-baseline"
         ckpt = Path(record["outputs"]["checkpoint"]["path"])
-        export_inputs = {"config": {"precisions": list(cfg.precisions), "seed": cfg.seed},
+        from gkd.export.pipeline import EXPORT_RECORD_VERSION
+
+        export_inputs = {"config": {"precisions": list(cfg.precisions), "seed": cfg.seed,
+                                    "int8_target": cfg.gate_min_ratio or 0.99}, "record": EXPORT_RECORD_VERSION,
                          "student": output_sha(record, "checkpoint"), "data": data_shas}
         followed[folder] = stage(folder, export_inputs, lambda: _export_stage(
-            cfg, ckpt, cfg.run_dir / folder, rtx_check=folder == "export"))
+            cfg, ckpt, cfg.run_dir / folder, shipped=folder == "export"))
         if not cfg.bench:
             return
         if "eval-teacher" not in followed:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["accuracy_gate", "deployment_rows", "render_report", "report_json", "summary_table", "summary_text",
+__all__ = ["accuracy_gate", "deployment_rows", "int8_lines", "tensorrt_lines", "render_report", "report_json", "summary_table", "summary_text",
            "write_plots", "STUDENTS"]
 
 #: the students gkd run ships and compares: stage name -> the group label its models carry in the bench reports
@@ -147,6 +147,58 @@ def _gate_lines(m: dict[str, Any]) -> list[str]:
     return lines
 
 
+def int8_lines(m: dict[str, Any]) -> list[str]:
+    """What the shipped INT8 file holds (read back from it by the export) and its latency against FP32."""
+    export = m["stages"].get("export") or {}
+    rec = export.get("int8")
+    if not rec:
+        return []
+    counts = rec.get("counts") or {}
+    acts, weights = rec.get("activations") or {}, rec.get("weights") or {}
+    fmt = (f"{acts.get('dtype', '?')} {'symmetric' if acts.get('symmetric') else 'asymmetric'} "
+           f"{acts.get('granularity', '')} activations, {weights.get('dtype', '?')} {weights.get('granularity', '')} "
+           f"weights, {rec.get('bias') or 'no'} bias") if acts else "no INT8 layer"
+    lines = [f"INT8 file (read back from it): {counts.get('int8', 0)} of {counts.get('weighted', 0)} weighted layers "
+             f"INT8, {_pct(rec.get('macs_int8_share'))}% of their multiply-accumulates (floor "
+             f"{_pct(rec.get('floor'))}%: {'INT8' if rec.get('is_int8') else 'NOT INT8'}); {fmt}"]
+    speed = export.get("speed")
+    if speed:
+        cpu = speed["machine"]
+        dot = ", ".join(cpu["int8_dot_product"]) or "no integer dot-product instructions"
+        lines.append(f"INT8 / FP32 latency at export, side by side: p50 {speed['p50_ms']['int8']:.1f} / "
+                     f"{speed['p50_ms']['fp32']:.1f} ms = {speed['ratio']['int8/fp32']:.2f} (onnxruntime CPU, "
+                     f"{speed['threads']} thread(s), {cpu['cpu']}, {cpu['vector']}, {dot})")
+    return lines
+
+
+def tensorrt_lines(export: dict[str, Any]) -> list[str]:
+    """What TensorRT-RTX built of the shipped student's static graph (version, precisions, build time, engine size),
+    what TensorRT proper did here, and the trtexec commands a TensorRT 10/11 user runs."""
+    lines = []
+    rtx = export.get("tensorrt_rtx") or {}
+    if rtx.get("ran"):
+        builds = []
+        for key, r in (rtx.get("results") or {}).items():
+            b = r.get("build") or {}
+            if b.get("ok"):
+                builds.append(f"{key} ({b['seconds']:.1f} s, {b['engine_bytes'] / 2**20:.1f} MB)")
+            else:
+                builds.append(f"{key}: {(rtx.get('summary') or {}).get(key, 'not built')}")
+        version = next((r.get("tensorrt_rtx") for r in rtx["results"].values() if r.get("tensorrt_rtx")), "?")
+        lines.append(f"TensorRT-RTX {version} parsed and built on the CPU (engines not run: no GPU here): "
+                     + "; ".join(builds))
+    elif rtx:
+        lines.append(f"TensorRT-RTX: not checked ({rtx.get('reason', '?')})")
+    trt = export.get("tensorrt") or {}
+    if isinstance(trt, dict) and trt.get("reason"):
+        lines.append(f"TensorRT: no engine built here ({trt['reason']})")
+    commands = export.get("trtexec") or {}
+    if commands:
+        lines += ["", "Build and time the engines with TensorRT 10/11 (on the machine that will run them):", "",
+                  "```bash"] + [f"{cmd}" for cmd in commands.values()] + ["```"]
+    return lines
+
+
 def summary_text(m: dict[str, Any]) -> str:
     """What ``gkd run`` prints at the end: the models' mAP, the deployment table, the student's speed, the gate."""
     st = m["stages"]
@@ -154,6 +206,7 @@ def summary_text(m: dict[str, Any]) -> str:
         f"{label} {_train_map(st[stage])}" for stage, label in (("teacher", "teacher"), ("baseline", "baseline"),
                                                                ("distill", "distilled")) if stage in st), ""]
     lines += summary_table(m)
+    lines += ([""] + int8_lines(m)) if int8_lines(m) else []
     speed = (st.get("bench") or {}).get("speed") or {}
     if speed:
         lines += ["", f"the distilled student is {speed['teacher_over_student_p50']:.2f}x faster than the teacher "
@@ -204,9 +257,8 @@ def render_report(m: dict[str, Any]) -> str:
             for p, f in (st.get(stage) or {}).get("outputs", {}).get("files", {}).items():
                 lines.append(f"| {student} | {p} | {f['onnx']['path']} | {'yes' if f['verified'] else 'NO'} | "
                              f"{f['onnx']['sha256'][:16]} |")
-        trt = st["export"].get("tensorrt") or {}
-        if isinstance(trt, dict) and trt.get("reason"):
-            lines += ["", f"TensorRT: not built ({trt['reason']})"]
+        lines += ([""] + [f"- {ln}" for ln in int8_lines(m)]) if int8_lines(m) else []
+        lines += [""] + tensorrt_lines(st["export"])
     if bench.get("runners"):
         lines += ["", "## Every runner (batch 1, latency and val mAP)", "",
                   "| runner | runs on | p50 ms | p90 ms | mAP |", "|---|---|---|---|---|"]

@@ -36,7 +36,7 @@ def test_train_distill_evaluate_export(world, tmp_path):
     assert metrics["bbox_mAP"] == pytest.approx(student.metrics["val/bbox_mAP"], abs=1e-9)
     assert (student.run_dir / "eval" / "model" / "metrics.json").is_file()
     manifest = export(student.checkpoint, tmp_path / "exp", val_data=world["data"]["root"] + "/val.json",
-                      parity_images=2)
+                      parity_images=2, static=False)
     assert set(manifest["files"]) == {"fp32"} and (tmp_path / "exp" / "model.fp32.onnx").is_file()
     assert json.loads((tmp_path / "exp" / "export.json").read_text())["checkpoint_sha256"]
 

@@ -74,7 +74,9 @@ def test_end_to_end_runs_every_stage_and_records_artifacts(first_run, world):
     assert stages["distill"]["method"] == "gkd"
     assert {"val/bbox_mAP", "val/bbox_mAP_50"} <= set(stages["distill"]["metrics"])
     assert stages["baseline"]["method"] == "none"
-    assert set(stages["export"]["outputs"]["files"]) == set(stages["export-baseline"]["outputs"]["files"]) == {"fp32"}
+    # the shipped student also gets the static, TensorRT-ready graph; the baseline (compared, not shipped) does not
+    assert set(stages["export"]["outputs"]["files"]) == {"fp32", "static-fp32"}
+    assert set(stages["export-baseline"]["outputs"]["files"]) == {"fp32"}
     runners = stages["bench"]["runners"]
     for name in ("teacher/pytorch-fp32", "distilled/pytorch-fp32", "distilled/onnxruntime-fp32",
                  "baseline/pytorch-fp32", "baseline/onnxruntime-fp32"):

@@ -52,6 +52,8 @@ def test_a_graph_it_supports_parses_and_builds(trained, tmp_path):
 
 
 def test_gkd_export_records_the_check_per_precision(trained, rect_data, tmp_path, capsys):
+    """gkd export checks the files TensorRT builds from (the static graph's) and records each result: the whole
+    graph parses with no rejected node and builds, at every precision exported."""
     from gkd.cli import main
 
     out = tmp_path / "exp"
@@ -59,6 +61,8 @@ def test_gkd_export_records_the_check_per_precision(trained, rect_data, tmp_path
                "--val-data", str(rect_data["val"]), "--out", str(out), "--parity-images", "2"])
     assert rc == 0
     check = json.loads((out / "export.json").read_text())["tensorrt_rtx_check"]
-    assert check["ran"] and set(check["results"]) == {"fp32", "fp16"}
-    assert all(s.startswith("rejects NonZero") for s in check["summary"].values())
-    assert "tensorrt-rtx (builds on the CPU, never runs): fp16: rejects NonZero" in capsys.readouterr().err
+    assert check["ran"] and check["graph"] == "static" and set(check["results"]) == {"static-fp32", "static-fp16"}
+    for r in check["results"].values():
+        assert r["parsed"] and not r["rejected"] and r["build"]["ok"], r
+    assert all(s.startswith("parses and builds") for s in check["summary"].values())
+    assert "tensorrt-rtx (builds on the CPU, never runs): static-fp16: parses and builds" in capsys.readouterr().err
