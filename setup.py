@@ -13,7 +13,7 @@ Build matrix (each case keeps the package installable):
 * ``GKD_NO_EXT=1`` or no sources                                             -> no extension; ``kd`` falls back to
   its pure-PyTorch implementation at run time (with a one-line warning).
 
-Workarounds for building CUDA code on a machine without a GPU (see README, "Building the extension"):
+Workarounds for building CUDA code on a machine without a GPU (see README, "Installation"):
 ``CUDA_HOME`` is pinned to the real toolkit (``/usr/local/bin/nvcc`` may be a wrapper), and the CUDA math-library
 headers that ATen includes are taken from the ``nvidia`` pip packages that ship with torch.
 """

@@ -8,7 +8,7 @@ bare, from the medians over blocks:
   round-robin rotation);
 - ``reported``: the harness's mean per-call sample against the bare loop's per-call time (what a user reads).
 
-The target is at most 1.02 (the issue's "the harness adds at most 2%"). On a shared machine the block ratios
+The target is at most 1.02: the harness adds at most 2%. On a shared machine the block ratios
 scatter by several percent either way from one pair to the next (their spread is printed), far more than the
 harness costs. So the harness's own cost is also measured directly: its bookkeeping per call (``measure`` on a
 no-op call, minus a bare loop of the same no-op, over 20 000 calls), as a fraction of the bare per-call time. That

@@ -9,8 +9,8 @@ and ``finish`` (the outputs back to CPU torch tensors: device-to-host on a GPU).
 [0, 1]}`` and the outputs are ``{"boxes": [N, 4], "scores": [N], "labels": [N]}`` torch tensors on the CPU. All
 runners get the same input and return the same outputs: resize, normalisation, padding, NMS and the mapping back to
 input pixels happen inside the model (see :mod:`gkd.export.adapters`), so no runner does any pre- or post-processing of
-its own. ``provider`` names what actually executed the model (for onnxruntime read back from the session: asking
-for CUDA silently falls back to the CPU when CUDA is unusable).
+its own. ``provider`` names what actually executed the model (for onnxruntime read back from the InferenceSession:
+asking for CUDA silently falls back to the CPU when CUDA is unusable).
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ class Runner:
     provider = "unknown"
 
     def activate(self) -> None:
-        """Load the model / create the session (called by ``__enter__``)."""
+        """Load the model / create the runtime's session or engine (called by ``__enter__``)."""
 
     def deactivate(self) -> None:
         """Release it (called by ``__exit__``)."""
@@ -151,7 +151,7 @@ class OrtRunner(Runner):
         except Exception as exc:
             msg = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise GkdError(f"{self.path}: onnxruntime cannot load this model: {msg[:300]}") from None
-        # what runs is what the session reports, never what was asked for
+        # what runs is what the InferenceSession reports, never what was asked for
         self.provider = self.session.get_providers()[0]
         self._static = "num_detections" in {o.name for o in self.session.get_outputs()}
         self.graph = "static" if self._static else "torchvision"

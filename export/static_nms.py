@@ -54,11 +54,11 @@ the per-class path (the boxes' own IoU). The remaining sources of difference: a 
 score comparisons rounded differently; keep the post-processing in FP32: it is a few N x N element-wise ops), and
 torchvision's CUDA ``nms`` (its own kernel, not compared here).
 
-Convergence on detector-like outputs (measured with ``python -m gkd.export.static_nms``): N = 600 = 100 proposals x
-6 classes per image, as a trained two-stage head emits them (most proposals jittered around 1-12 objects, per-class
-boxes regressed part of the way to the object, softmax scores falling with the distance, the rest background), IoU
-0.5, K = 100. "Not converged" is ``converged == False`` after T iterations; "wrong" is a kept set that differs from
-greedy NMS (the flag is conservative: a result can be right one iteration before it is proven):
+Convergence on detector-like outputs (measured with ``python -m gkd.export.static_nms``, commit 7a0b9a8): N = 600 =
+100 proposals x 6 classes per image, as a trained two-stage head emits them (most proposals jittered around 1-12
+objects, per-class boxes regressed part of the way to the object, softmax scores falling with the distance, the rest
+background), IoU 0.5, K = 100. "Not converged" is ``converged == False`` after T iterations; "wrong" is a kept set
+that differs from greedy NMS (the flag is conservative: a result can be right one iteration before it is proven):
 
     scene (images; mean candidates > thresh; mean kept)   not converged at T = 2 / 3 / 5 / 10   most T needed
     1-12 objects, score_thresh 0.05 (2000; 135; 41)       82.2% / 34.6% /  0.6% / 0             6
@@ -74,9 +74,9 @@ Fast NMS (T = 1) is wrong on most images; T = 10 converged on every image of all
 (exact when the M best hold the K detections): M = 300 was exact on every image at score_thresh 0.05 (M = 150 on
 74% / 70%), and on 52% at score_thresh 0.001 (the longest needed M = 598 there).
 
-Speed: onnxruntime 1.31.1, CPU execution provider, 1 thread (intra and inter op), B = 1, candidates as above, 50 runs
-round robin over the graphs, min / median ms, on an "AMD EPYC" (lscpu's model name: family 25 (Zen 3), AVX2, no
-AVX-512; a 2-core KVM guest shared with other work, so the medians carry load):
+Speed (commit 7a0b9a8): onnxruntime 1.31.1, CPU execution provider, 1 thread (intra and inter op), B = 1, candidates
+as above, 50 runs round robin over the graphs, min / median ms, on an "AMD EPYC" (lscpu's model name: family 25
+(Zen 3), AVX2, no AVX-512; a 2-core KVM guest shared with other work, so the medians carry load):
 
     graph                                                     N = 600 (134 > thresh)    N = 1000 (278 > thresh)
     static_batched_nms, T = 3                                 1.85 / 2.09               4.77 / 6.00

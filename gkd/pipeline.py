@@ -62,7 +62,7 @@ class PipelineConfig:
     baseline: bool = True
     #: train the distilled and the baseline student at the same time, in two processes of one thread each (on a
     #: machine with at least 2 free cores): two 1-thread processes get ~25% more work through 2 cores than one
-    #: 2-thread process after the other (README, "Threads"). Off: one after the other, with progress bars
+    #: 2-thread process after the other (docs/train.md, "CPU threads"). Off: one after the other, with progress bars
     side_by_side: bool = True
     #: export precisions, and whether to benchmark latency/mAP of the exports
     precisions: tuple[str, ...] = ("fp32", "fp16", "int8")

@@ -46,8 +46,8 @@ ControlKind = Literal["labels", "blind"]
 @dataclass(frozen=True)
 class StudyConfig:
     """What ``gkd study`` runs. ``teacher`` / ``student_init`` / ``student`` are overrides on top of the stage
-    configs. Design 4 (docs/study_notes.md): an independent teacher, scale-aware method settings, a positive
-    control, ablations, and a power stated in advance."""
+    configs. The default design (docs/study_notes.md): an independent teacher, scale-aware method settings, a
+    positive control, ablations, and a power stated in advance."""
 
     name: str = "study"
     runs_dir: str = "runs"
@@ -65,9 +65,9 @@ class StudyConfig:
     #: an existing teacher checkpoint to use instead of training one
     teacher_checkpoint: str = ""
     teacher: Any = field(default_factory=dict)
-    #: the paper's protocol (method.md G7): every student starts from the same student, trained once without
-    #: distillation for this many epochs with its own seed (`gkd train` with student_init_config); 0 = from random
-    #: init
+    #: the paper's protocol (docs/method.md, section 3.10): every student starts from the same student,
+    #: trained once without distillation for this many epochs with its own seed (`gkd train` with
+    #: student_init_config); 0 = from random init
     student_init_epochs: int = 2
     student_init_config: str = str(STUDY_CONFIG_DIR / "student_init.yaml")
     student_init: Any = field(default_factory=dict)
@@ -99,8 +99,9 @@ class StudyConfig:
     #: the robust-weight audit (gkd.kd.distill.audit) of each teacher at the students' start: the first N training
     #: images (0 = all)
     audit_images: int = 0
-    #: the power statement's assumption: the std over seeds of a paired mAP difference, in mAP points (design 3
-    #: measured 0.68 on 160 val images; 0.4 assumes it shrinks with the val split)
+    #: the power statement's assumption: the std over seeds of a paired mAP difference, in mAP points (the
+    #: lineage-teacher variants measured 0.68 on 160 val images, docs/study_notes.md; 0.4 assumes it shrinks with the
+    #: val split)
     design_sd: float = 0.4
     jobs: int = 2
     report: str = "docs/study.md"

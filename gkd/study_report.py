@@ -15,7 +15,8 @@ __all__ = ["SUBSETS", "PAPER_TABLES", "summarize", "render_report", "t_quantile"
 #: hard subsets: name -> annotation attribute (written by `gkd data synth`)
 SUBSETS = ("small", "occluded", "blurred")
 
-#: The authors' COCO val2017 numbers (ECCV 2022, from their README; method.md section 5.1). Theirs, not ours.
+#: The authors' COCO val2017 numbers (ECCV 2022, from their README; docs/method.md, section 4). Theirs,
+#: not ours.
 PAPER_TABLES = {
     "Faster R-CNN R101 -> R50 (2x)": [("Teacher R101", 39.8, 60.1, 43.3), ("Student R50", 38.4, 59.0, 42.0),
                                       ("FGFI", 39.3, 59.8, 42.9), ("DeFeat", 40.3, 60.9, 44.0),
@@ -151,7 +152,8 @@ def _design(study: dict[str, Any]) -> list[str]:
                                                     t.get("student_init")),
              _model_line("Control teacher (positive control, below)", t.get("control")), "",
              (f"Power: {n} paired seeds on {val or 'the'} val images. Assumed std of a paired mAP difference: "
-              f"{sd:g} mAP points (design 3 measured 0.68 on 160 val images). A two-sided 5% test over {n} seeds "
+              f"{sd:g} mAP points (0.68 measured over 13 paired seeds on 160 val images in the lineage-teacher "
+              f"variants, docs/study_notes.md). A two-sided 5% test over {n} seeds "
               f"then detects a true difference of **{mde:.2f} mAP** with 80% power "
               f"((t_0.975 + t_0.80) x sd / sqrt(n)); the paper's margin over DeFeat is 0.3-0.5 mAP on COCO."
               if n >= 2 else f"Power: one seed on {val or 'the'} val images: no test and no interval; a one-seed "
@@ -189,7 +191,7 @@ def _levels(study: dict[str, Any]) -> list[str]:
     gkd_runs = [r for r in study["runs"] if r.get("kind") == "main" and r["method"] == "gkd"]
     lines = ["## Where the instances land", "",
              f"The level rule floor(log2(side / c)) with c = {lv['canonical']:.4g} px (56 px at COCO's 800 px, "
-             f"scaled to the input), against mmdet's c = 56 px kept unscaled (designs 1-3). Ground-truth boxes of "
+             f"scaled to the input), against mmdet's c = 56 px kept unscaled. Ground-truth boxes of "
              f"the training split, positive RoIs per step (a `gkd` run's log), and the mean robust weight of the "
              f"instances on each level (`gkd` runs, each instance at its own level):", "",
              "| level | GT boxes | GT boxes at 56 px | positive RoIs per step | robust weight |",
@@ -453,8 +455,8 @@ def render_report(study: dict[str, Any]) -> str:
     verdicts = _verdicts(rows, cfg.get("design_sd", 0.4))
     lines += ["", *verdicts, *([""] if verdicts else []),
               *_levels(study), *_discrepancy(study), *_ablations(study), *_control(study), *_audit(study),
-              "What these numbers mean, why `gkd` does or does not beat `local` here, and what was tried: "
-              "docs/study_notes.md.", "",
+              "What these numbers mean, why `gkd` does or does not beat `local` here, and the other study variants "
+              "measured: docs/study_notes.md.", "",
               "## The paper's COCO numbers, for orientation (theirs, not ours)", "",
               "From the authors' README (COCO val2017, 2x schedules); not comparable in scale with the table above.",
               ""]

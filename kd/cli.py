@@ -28,7 +28,7 @@ def nproc_option(f):
     return click.option("--nproc", type=click.IntRange(1), default=None, metavar="N",
                         help="Run on N processes of this machine (N GPUs, or N CPU processes with Gloo): starts "
                              "torchrun --standalone --nproc_per_node=N. batch_size is per process. Several "
-                             "machines: run torchrun yourself (README, 'Many processes').")(f)
+                             "machines: run torchrun yourself (docs/distributed.md).")(f)
 
 
 def launch_or_run(nproc: int | None, argv: list[str], work):

@@ -1,7 +1,7 @@
 """Prototype projection: pool each instance's box from a feature level, then its cosine to every prototype.
 
-This is the per-level core of global-knowledge distillation (docs method.md 2.3 and 2.4 d). Three versions compute
-the same function:
+This is the per-level core of global-knowledge distillation (docs/method.md, sections 2.3 and 2.4 (d)). Three
+versions compute the same function:
 
 * ``prototype_project``: the public entry point. It runs the compiled operator ``torch.ops.kd.prototype_project``
   (C++ CPU kernel, CUDA kernel) when ``gkd.kd._C`` is built, else ``prototype_project_vectorized`` (one warning line).

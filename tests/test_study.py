@@ -318,12 +318,16 @@ def test_blind_labels_delete_a_seeded_share_of_one_tag_and_keep_every_image(tmp_
     assert not (tmp_path / "x.json").exists()
 
 
-@pytest.mark.parametrize("data, report", [("docs/measurements/study_design4.json", "docs/study.md"),
+@pytest.mark.parametrize("data, report", [("docs/measurements/study_default.json", "docs/study.md"),
                                           ("docs/measurements/study_control_blind.json",
-                                           "docs/measurements/study_control_blind.md")])
+                                           "docs/measurements/study_control_blind.md"),
+                                          ("docs/measurements/study_default_seed0.json",
+                                           "docs/measurements/study_default_seed0.md"),
+                                          ("docs/measurements/study_quick.json", "docs/measurements/study_quick.md")])
 def test_recorded_studies_render_to_their_committed_reports(data, report):
-    """The committed reports are what the report code makes of the recorded study.json (the label control and the
-    blind one): a change to the report shows here, and the docs are regenerated with it."""
+    """The committed reports are what the report code makes of the recorded study.json (the default study with its
+    label control, the blind control, the default design at one seed, the quick study): a change to the report shows
+    here, and the docs are regenerated with it."""
     root = Path(__file__).resolve().parent.parent
     study = json.loads((root / data).read_text())
     assert render_report(study) == (root / report).read_text()

@@ -1,1 +1,1 @@
-"""Global-knowledge distillation (see docs/method in README)."""
+"""Global-knowledge distillation: the method in docs/method.md, its use and configuration in docs/distill.md."""

@@ -1,8 +1,8 @@
 """Per-level adapters (mmrazor's "connectors"): map student FPN features into the teacher's feature space.
 
-method.md decision: one 3x3 convolution per distilled level, padding 1 (the map keeps its size, so it lines up with
-the teacher's), no activation, PyTorch's default initialisation (what the reference actually runs, its intended
-small-normal init never being applied), for both Faster R-CNN and RetinaNet.
+As docs/method.md, section 3.4 decides: one 3x3 convolution per distilled level, padding 1 (the map keeps its size,
+so it lines up with the teacher's), no activation, PyTorch's default initialisation (what the reference actually
+runs, its intended small-normal init never being applied), for both Faster R-CNN and RetinaNet.
 """
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
 """Do the robust weights single out what the teacher gets wrong? An audit of the Robust Distillation Module.
 
-The paper's claim for the robust weights (method.md 2.3) is that they filter noisy knowledge: an instance the
-teacher represents badly gets a lower weight. This audit measures it on a distillation run's own data: it builds the
-prototype bank as the run's first refresh does (same student start, teacher, PGM settings and seed), computes each
-training instance's robust weight at its own level (the one its foreground mask and soft label use), and groups the
-weights by what the teacher does with the instance, by class, by level and by difficulty tag.
+The paper's claim for the robust weights (docs/method.md, section 2.3) is that they filter noisy knowledge: an
+instance the teacher represents badly gets a lower weight. This audit measures it on a distillation run's own data:
+it builds the prototype bank as the run's first refresh does (same student start, teacher, PGM settings and seed),
+computes each training instance's robust weight at its own level (the one its foreground mask and soft label use),
+and groups the weights by what the teacher does with the instance, by class, by level and by difficulty tag.
 
 What the teacher does with a ground-truth box (:func:`teacher_outcome`): its most confident detection overlapping
 the box (IoU >= 0.5, score >= 0.05) has the box's class ("right") or another class ("confused"), or no detection

@@ -1,7 +1,7 @@
 """Configuration of a distillation run: ``DistillRunConfig`` = ``RunConfig`` + a ``distill`` section.
 
 The defaults are the values of the authors' released Faster R-CNN COCO config (see ``docs/distill.md``), with the
-project's decisions from ``method.md`` (global loss on, weight 5, attenuated). ``cfg.model`` describes the student;
+decisions of ``docs/method.md`` section 3 (global loss on, weight 5, attenuated). ``cfg.model`` describes the student;
 ``cfg.distill.teacher`` names the teacher checkpoint and, optionally, the architecture it must have.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ class TeacherConfig:
 
 @dataclass(frozen=True)
 class PGMConfig:
-    """Prototype Generation Module (method.md 2.2)."""
+    """Prototype Generation Module (docs/method.md, section 2.2)."""
 
     RANGES: ClassVar[dict] = {
         "num_prototypes": ((">=", 1),), "min_box_size": ((">=", 0),), "max_images_per_class": ((">=", 1),),
@@ -73,7 +73,7 @@ class PGMConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """Which distillation and its weights (defaults: the released config + the project's decisions)."""
+    """Which distillation and its weights (defaults: the released config + docs/method.md, section 3)."""
 
     RANGES: ClassVar[dict] = {
         "strides": ((">", 0),), "level_canonical_size": ((">", 0),), "fg_weight": ((">=", 0),), "bg_weight": ((">=", 0),), "soft_weight": ((">=", 0),),

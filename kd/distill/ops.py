@@ -1,10 +1,11 @@
 """The one import point of the prototype-projection operator for the distillation code.
 
 ``prototype_project(features [B, C, H, W], boxes [N, 5], stride, prototypes [M, C]) -> (pooled [N, C], cos [N, M])``
-is the project's operator (``gkd.kd.prototype``: C++/CUDA kernels when ``gkd.kd._C`` is built, else its vectorised PyTorch
-fallback). It pools each box (batch index, x1, y1, x2, y2 in image pixels) as the mean of its cells on one level
-(method.md 2.3, clipped to the map, never empty) and returns the cosine similarity of every pooled vector to every
-prototype. Everything in ``gkd.kd.distill`` calls it through here, so swapping the implementation is a one-line change.
+is the project's operator (``gkd.kd.prototype``: C++/CUDA kernels when ``gkd.kd._C`` is built, else its vectorised
+PyTorch fallback). It pools each box (batch index, x1, y1, x2, y2 in image pixels) as the mean of its cells on one
+level (docs/method.md, section 2.1, clipped to the map, never empty) and returns the cosine similarity of every pooled
+vector to every prototype. Everything in ``gkd.kd.distill`` calls it through here, so swapping the implementation is
+a one-line change.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Prototype Generation Module (method.md 2.2, with the project's decisions G4, G10, G11 and "Small data").
+"""Prototype Generation Module (docs/method.md, section 2.2, as decided in sections 3.5 to 3.7).
 
 Once per refresh (default: before every epoch) and without gradients:
 
@@ -8,8 +8,8 @@ Once per refresh (default: before every epoch) and without gradients:
 2. **Features**: one pass over the *union* of the sampled images (not one pass per class, as the reference),
    through the student's own transform in eval mode (deterministic resize, no flip); both backbones see the same
    tensor. Every valid box in those images (of any class: an image sampled for one class adds its other classes'
-   instances at no extra cost) is pooled (cell-mean crop, method.md 2.3) from **every** distilled level of both
-   FPNs. Teacher features are computed at the first refresh and cached (the teacher is frozen).
+   instances at no extra cost) is pooled (cell-mean crop, docs/method.md, section 2.1) from **every** distilled
+   level of both FPNs. Teacher features are computed at the first refresh and cached (the teacher is frozen).
 3. **Selection** per (class, level): L2-normalise rows, density filter in both spaces, then joint matching pursuit
    with the O(K N) closed-form error, in float32, never re-selecting a chosen atom. The output is the *raw* pooled
    features of the chosen instances in both spaces.

@@ -1,4 +1,4 @@
-"""Robust weights of the Robust Distillation Module (method.md 2.3, with the project's decisions).
+"""Robust weights of the Robust Distillation Module (docs/method.md, section 2.3, clamped as section 3.3 decides).
 
 For an instance of class c at one level, with cosine similarities to the level's prototypes in both spaces:
 
@@ -6,7 +6,7 @@ For an instance of class c at one level, with cosine similarities to the level's
 
 large when the instance relates to its class prototypes in the same way in student and teacher space. The weight is
 detached (no gradient). An instance whose class has no prototype at this level gets weight 1 (no information, so
-no down-weighting), as method.md "Small data" decides.
+no down-weighting), as docs/method.md, section 3.7 decides.
 """
 from __future__ import annotations
 

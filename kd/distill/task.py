@@ -1,6 +1,6 @@
 """``DistillationTask``: the student, its adapters and the frozen teacher as one task for ``gkd.kd.engine.fit``.
 
-One training step (method.md 2.4), for a batch of images and targets:
+One training step (docs/method.md, section 2.4), for a batch of images and targets:
 
 1. The student's transform runs once; both backbones see that same normalised, resized, padded tensor.
 2. Student: FPN, then its own detection losses computed by its own submodules (Faster R-CNN: rpn,

@@ -1,4 +1,4 @@
-"""Robust-weighted decoupled feature imitation: the "local knowledge" of method.md 2.4 (b).
+"""Robust-weighted decoupled feature imitation: the "local knowledge" of docs/method.md, section 2.4 (b).
 
 DeFeat-style (Guo et al., CVPR 2021) foreground / background split of an MSE between the adapted student map
 ``A = adapter(S)`` and the teacher map ``T``, with the foreground cells weighted by the instances' robust weights:
@@ -7,7 +7,7 @@ DeFeat-style (Guo et al., CVPR 2021) foreground / background split of an MSE bet
     L_bg = sum((A - T)^2 * (1 - [M > 0])) / max(1, 2 sum(1 - [M > 0]))
 
 Because of the normaliser, L_fg is a weighted mean: the robust weights act as relative weights between instances.
-Deviations from the reference (method.md decisions): where boxes overlap the mask takes the **max** weight (the
+Deviations from the reference (docs/method.md, section 3.3): where boxes overlap the mask takes the **max** weight (the
 reference lets the last box in the sampler's random order win), and weights are clamped to [0, 1] upstream (a
 weight <= 0 would otherwise turn a box into background).
 """

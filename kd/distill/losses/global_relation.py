@@ -1,4 +1,4 @@
-"""The global-knowledge loss: method.md 2.4 (d) (the reference's ``r2i_om_loss`` with ``use_omloss``).
+"""The global-knowledge loss: docs/method.md, section 2.4 (d) (the reference's ``r2i_om_loss`` with ``use_omloss``).
 
 Each instance is represented by its cosine similarities to **all** prototypes of the level (every class), in the
 student space and in the teacher space; the two vectors are aligned with a smooth-L1 (beta 1) averaged over N x M,

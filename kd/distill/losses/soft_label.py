@@ -1,4 +1,4 @@
-"""Robust-weighted soft-label knowledge distillation: method.md 2.4 (c).
+"""Robust-weighted soft-label knowledge distillation: docs/method.md, section 2.4 (c).
 
     KL_i = mean over classes of p_t log(p_t / p_s),   p = softmax(z / T)
     L    = mean_i(T^2 * KL_i * w_i)

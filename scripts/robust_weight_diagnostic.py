@@ -6,11 +6,13 @@ toolkit's own PrototypeGenerator from the given student and the teacher, exactly
 grouped by their difficulty tags and by whether the teacher detects them (a detection of the right class with
 IoU >= 0.5 and score >= 0.3): the paper's premise is that w is low where the teacher is wrong.
 
-    .venv/bin/python docs/measurements/robust_weight_diagnostic.py STUDENT.pt [STUDENT.pt ...]
+    .venv/bin/python scripts/robust_weight_diagnostic.py STUDENT.pt [STUDENT.pt ...]
 
-Needs the default study's teacher (runs/study/teacher, made by `gkd study`) and data (data/synth). The figures in
-robust_weight_diagnostic.json were made with the study's student initialisation and its seed-0 `local`, `robust`
-and `gkd` students (runs/study/student-init and runs/study/students/*-s0, checkpoints/model.pt).
+Needs a study's teacher (runs/study/teacher, made by `gkd study`) and its data (data/synth here). The figures in
+docs/measurements/robust_weight_diagnostic.json were made with the lineage-teacher study's student initialisation
+and its seed-0 `local`, `robust` and `gkd` students (runs/study/student-init and runs/study/students/*-s0,
+checkpoints/model.pt; docs/study_notes.md, "Other recorded variants"). `python -m gkd.kd.distill.audit` is the
+maintained tool for the same question on any run.
 """
 from __future__ import annotations
 

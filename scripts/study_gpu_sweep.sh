@@ -1,10 +1,12 @@
 #!/bin/bash
-# Run on the GPU machine from the repository root, with a pycocotools wheel for its Python in .whl/ (see docs/measurements/study_gpu_h100.md)
-# teacher-recipe sweep on the GPU machine: 12 epochs x 80 steps, eval every epoch
+# The teacher-recipe sweep of docs/measurements/study_gpu_h100.md (section 1): eight recipes side by side on one GPU,
+# 12 epochs each, evaluated every epoch. Run from the repository root on a GPU machine without network access, with a
+# pycocotools wheel for its Python in .whl/; results go to sweep/ and, packed, to $OUT (default: the current folder).
+# The recipes start from kd/configs/study/base_teacher.yaml (ResNet-50 FPN-256, SGD lr 0.02) and override it.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
 export PYTHONUNBUFFERED=1
-python3 -c 'from gkd.cli import main; main()' data synth --out data/synth --images 800 --seed 0 --size 160 --val-fraction 0.2 >/dev/null || exit 1
-run() { name=$1; shift; python3 -c 'from gkd.cli import main; main()' train kd/configs/teacher.yaml name=$name runs_dir=sweep train.epochs=12 "train.steps=[9,11]" train.threads=2 "$@" > sweep_$name.log 2>&1; echo "$name rc=$?"; }
+python3 -c 'from gkd.cli import main; main()' data synth --out data/synth --preset cluttered --images 800 --seed 0 --size 160 --val-fraction 0.2 >/dev/null || exit 1
+run() { name=$1; shift; python3 -c 'from gkd.cli import main; main()' train kd/configs/study/base_teacher.yaml name=$name runs_dir=sweep train.epochs=12 "train.steps=[9,11]" train.threads=2 "$@" > sweep_$name.log 2>&1; echo "$name rc=$?"; }
 run r50_256 &
 run r50_128 model.fpn_channels=128 model.box_head_dim=512 &
 run r50_128_adamw model.fpn_channels=128 model.box_head_dim=512 train.optimizer=adamw train.lr=0.001 train.weight_decay=0.05 &
@@ -22,4 +24,4 @@ for l in open(sys.argv[1]):
 PY
 done
 tail -n 3 sweep_*.log
-mkdir -p $OUT && tar czf $OUT/sweep.tgz sweep/*/metrics.jsonl sweep_*.log
+OUT=${OUT:-.}; mkdir -p "$OUT" && tar czf "$OUT/sweep.tgz" sweep/*/metrics.jsonl sweep_*.log
