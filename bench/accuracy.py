@@ -50,7 +50,7 @@ def label_space(spec: ModelSpec, runner: Any) -> LabelSpace:
                           contract["in_graph"]["postprocess"]["score_thresh"],
                           contract["in_graph"]["postprocess"]["detections_per_img"])
     contract: dict[str, Any] = {}
-    if spec.kind == "onnx":
+    if spec.kind in ("onnx", "openvino"):  # an ONNX file, whichever runtime runs it
         from gkd.export.onnx import read_metadata
 
         contract = read_metadata(spec.path).get("contract") or {}
@@ -97,7 +97,7 @@ def unique_names(names: Sequence[str], paths: Sequence[Path]) -> list[str]:
 def _check_labels(spec: ModelSpec, labels: LabelSpace, images) -> list[int]:
     from gkd.export.integrity import require_label_space
 
-    what = {"pytorch": "checkpoint", "onnx": "ONNX model", "tensorrt": "engine"}[spec.kind]
+    what = {"pytorch": "checkpoint", "tensorrt": "engine"}.get(spec.kind, "ONNX model")
     require_label_space(spec.path, labels.classes, labels.category_ids, what)
     ids = labels.category_ids or images.category_ids
     same_ids = [int(c) for c in ids] == [int(c) for c in images.category_ids]

@@ -130,6 +130,7 @@ def _check_options(opts: ExportOptions) -> None:
     for p in (opts.calib_data, opts.val_data):
         if p is not None and not Path(p).is_file():
             raise GkdError(f"{p}: COCO JSON file not found")
+    _rtx_wanted(opts)  # --tensorrt-rtx-check on without tensorrt-rtx: refused before any work
 
 
 def export_checkpoint(opts: ExportOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -216,6 +217,13 @@ def _export(opts, model, staging: Path, parity_set, accuracy_set, calib_set, con
         return map_comparison(ref_matches, map_matches(out, accuracy_set.gt_json, category_ids),
                               tol_for(p).min_map_ratio, seed=opts.seed)
 
+    from . import trt_rtx
+
+    # TensorRT builds the static graph where it is written (torchvision's needs NonZero, NMS and the RoiAlign plugin)
+    build_graph = "static" if opts.static else "torchvision"
+    build_profile = _static_profile(profile, opts.static_max_batch) if opts.static else profile
+    rtx_on = _rtx_wanted(opts)
+    checks: dict[str, Any] = {}
     files: dict[str, Any] = {}
     rows = []
     for graph in graphs:
@@ -259,7 +267,11 @@ def _export(opts, model, staging: Path, parity_set, accuracy_set, calib_set, con
                           "requested": p in opts.precisions, "verified": rep["passed"], "runs_on": provider,
                           "details": extra}
             log(f"{key}: parity {'PASS' if rep['passed'] else 'FAIL: ' + '; '.join(rep['failures'])}")
+            if graph == build_graph and rtx_on:  # its TensorRT-RTX build runs on the other core meanwhile
+                checks[key] = trt_rtx.BackgroundCheck(paths[key], build_profile)
 
+    rtx = _rtx_record(opts, {k: c.result() for k, c in checks.items()}, log)  # before timing: a quiet machine
+    rtx["graph"] = build_graph
     speed = None
     if "int8" in files and opts.speed_rounds > 0:
         from .speed import side_by_side
@@ -271,15 +283,10 @@ def _export(opts, model, staging: Path, parity_set, accuracy_set, calib_set, con
             f"{speed['p50_ms']['int8']:.1f} ms / FP32 {speed['p50_ms']['fp32']:.1f} ms = "
             f"{speed['ratio']['int8/fp32']:.2f}" + "".join(f"; {k} {v:.2f}" for k, v in speed["ratio"].items()
                                                            if k != "int8/fp32"))
-    # TensorRT builds the static graph where it is written (torchvision's needs NonZero, NMS and the RoiAlign plugin)
-    build_graph = "static" if opts.static else "torchvision"
     build_paths = {p: paths[_key(build_graph, p)] for p in PRECISIONS if _key(build_graph, p) in files}
-    build_profile = _static_profile(profile, opts.static_max_batch) if opts.static else profile
     engines = _engines(opts, staging, build_paths, build_profile, log,
                        check=lambda runner, p: compare_outputs(ref, collect_outputs(runner, parity_set.images),
                                                                tol_for(p), max_detections=cut))
-    rtx = _rtx_check(opts, {_key(build_graph, p): f for p, f in build_paths.items()}, build_profile, log)
-    rtx["graph"] = build_graph
     return {
         "checkpoint": str(opts.checkpoint), "checkpoint_sha256": base_meta["source_checkpoint_sha256"],
         "arch": contract["arch"], "opset": opts.opset, "exporter": EXPORTER, "contract": contract, "files": files,
@@ -396,18 +403,28 @@ def _int8(opts, fp32: Path, out: Path, calib_set, parity_set, meta, accuracy, an
     return info, level
 
 
-def _rtx_check(opts: ExportOptions, paths: dict[str, Path], profile: dict, log) -> dict[str, Any]:
-    """Parse + build each file with TensorRT-RTX where it is installed (or asked for); one log line per file."""
+def _rtx_wanted(opts: ExportOptions) -> bool:
+    """Whether to run the TensorRT-RTX parse/build check (``--tensorrt-rtx-check``; auto: where it is installed)."""
     from . import trt_rtx
 
     if opts.tensorrt_rtx == "off":
-        return {"ran": False, "reason": "--tensorrt-rtx-check off"}
+        return False
     if not trt_rtx.available():
         if opts.tensorrt_rtx == "on":
             raise GkdError("--tensorrt-rtx-check on: tensorrt_rtx is not importable (pip install tensorrt-rtx, or "
                            "the trt-rtx extra)")
+        return False
+    return True
+
+
+def _rtx_record(opts: ExportOptions, results: dict[str, Any], log) -> dict[str, Any]:
+    """The check's record (one log line per file), or why it did not run."""
+    from . import trt_rtx
+
+    if opts.tensorrt_rtx == "off":
+        return {"ran": False, "reason": "--tensorrt-rtx-check off"}
+    if not results:
         return {"ran": False, "reason": "tensorrt-rtx is not installed"}
-    results = trt_rtx.check_files(paths, profile)
     for p, r in results.items():
         log(f"tensorrt-rtx (builds on the CPU, never runs): {p}: {trt_rtx.summarize(r)}")
     return {"ran": True, "what": "TensorRT-RTX parse + build on the CPU; engines are never run",

@@ -196,6 +196,11 @@ class OvRunner(Runner):
     ``f32`` always. INT8 Q/DQ files run through OpenVINO's low-precision transformations (INT8 kernels where the
     CPU has them); FP16 files are computed in FP32 by the CPU plugin, as by onnxruntime's CPU provider.
 
+    Known hazard (OpenVINO 2026.4 with torch 2.14 on Linux): a long-lived process that has loaded OpenVINO and then
+    goes on with PyTorch work (training, many other tests) was seen to die of a segmentation fault minutes later,
+    while waiting on a subprocess. One gkd command per process is unaffected; the tests and long-lived Python
+    programs run OpenVINO in a child process.
+
     Args:
         path: the ONNX file.
         threads: ``INFERENCE_NUM_THREADS`` (0 = OpenVINO's default: all cores).

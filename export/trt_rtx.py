@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["available", "check_files", "check_file"]
+__all__ = ["available", "check_files", "check_file", "BackgroundCheck"]
 
 #: how many rejected nodes are cut out one by one to find the next (a detector has ~10-100 of them)
 MAX_CUTS = 300
@@ -35,25 +35,35 @@ def available() -> bool:
     return importlib.util.find_spec("tensorrt_rtx") is not None
 
 
+class BackgroundCheck:
+    """One file's check running in a child process (started at once; :meth:`result` waits for it), so that a caller
+    can go on with other work on another core meanwhile."""
+
+    def __init__(self, path: str | Path, profile: dict[str, dict[str, list[int]]], timeout: float = 600.0):
+        self.timeout = timeout
+        cmd = [sys.executable, "-m", "gkd.export.trt_rtx", str(path), json.dumps(profile)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def result(self) -> dict[str, Any]:
+        """:func:`check_file`'s result, or ``{"error": ...}`` when the child failed, crashed or timed out."""
+        try:
+            stdout, stderr = self.proc.communicate(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+            return {"error": f"no answer within {self.timeout:.0f} s"}
+        lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
+        if self.proc.returncode != 0 or not lines:
+            tail = (stderr.strip().splitlines() or ["no output"])[-1][:300]
+            return {"error": f"the check process exited with status {self.proc.returncode}: {tail}"}
+        return json.loads(lines[-1])
+
+
 def check_files(paths: dict[str, Path], profile: dict[str, dict[str, list[int]]], timeout: float = 600.0
                 ) -> dict[str, Any]:
-    """Check each ``{precision: onnx path}`` in a child process; returns ``{precision: result}`` (see
-    :func:`check_file`) or ``{precision: {"error": ...}}`` when the child failed or crashed."""
-    out: dict[str, Any] = {}
-    for precision, path in paths.items():
-        cmd = [sys.executable, "-m", "gkd.export.trt_rtx", str(path), json.dumps(profile)]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            out[precision] = {"error": f"no answer within {timeout:.0f} s"}
-            continue
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        if proc.returncode != 0 or not lines:
-            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
-            out[precision] = {"error": f"the check process exited with status {proc.returncode}: {tail}"}
-            continue
-        out[precision] = json.loads(lines[-1])
-    return out
+    """Check each ``{precision: onnx path}`` in a child process, one after the other; returns ``{precision:
+    result}`` (see :func:`check_file`) or ``{precision: {"error": ...}}`` when the child failed or crashed."""
+    return {precision: BackgroundCheck(path, profile, timeout).result() for precision, path in paths.items()}
 
 
 def summarize(result: dict[str, Any]) -> str:

@@ -91,8 +91,8 @@ def test_policy_rejects_impossible_bounds():
 
 
 def test_overhead_benchmark_runs_and_reports_both_ratios(tmp_path):
-    """Plumbing of gkd bench overhead on a tiny random-init ONNX model (the ratio itself is measured in the README,
-    never asserted: timing in a unit test is noise on a shared machine)."""
+    """Plumbing of gkd bench overhead on a tiny random-init ONNX model (the ratio itself is measured in
+    docs/results.md, never asserted: timing in a unit test is noise on a shared machine)."""
     import torch
 
     from gkd.bench.overhead import measure_overhead

@@ -64,8 +64,8 @@ def test_an_export_is_benchmarked_only_for_its_own_checkpoint_and_unchanged(tmp_
     train = make_rect_dataset(tmp_path / "data", 2, seed=1, name="train.json")
     val = make_rect_dataset(tmp_path / "data", 2, seed=2, name="val.json")
     out = tmp_path / "exp"
-    export = ["export", "--calib-data", str(train), "--val-data", str(val), "--out", str(out), "--calib-images", "2",
-              "--parity-images", "2", "--int8-target", "0"]
+    export = ["export", "--no-static", "--calib-data", str(train), "--val-data", str(val), "--out", str(out),
+              "--calib-images", "2", "--parity-images", "2", "--int8-target", "0"]
     assert main([*export[:1], str(ckpts[0]), *export[1:], "--precision", "fp32,int8"]) in (0, 1)
     bench = ["bench", "latency", "--data", str(val), "--export-dir", str(out), "--warmup", "0", "--iterations", "2",
              "--latency-images", "1"]

@@ -2,7 +2,7 @@
 
 The detectors (ResNet-18 Faster R-CNN and RetinaNet at 64 px) are trained until they find every box of the parity
 images at a score with a margin over the parity floor, not for a fixed number of steps: see tests/detectors.py for
-why, and for the criterion. ``trained`` fails the session, naming the numbers, if either does not get there.
+why, and for the criterion. ``trained`` fails the test run, naming the numbers, if either does not get there.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ def test_export_all_precisions(trained, rect_data, tmp_path, capsys):
     out = tmp_path / "exp"
     rc, stdout, err = _run([trained["retinanet"]["checkpoint"], "--precision", "fp32,fp16,int8",
                             "--calib-data", rect_data["train"], "--val-data", rect_data["val"], "--out", out,
-                            "--calib-images", 4, "--parity-images", 4], capsys)
+                            "--calib-images", 4, "--parity-images", 4, "--tensorrt-rtx-check", "off"], capsys)
     assert rc == 0, err
     assert "verified against PyTorch" in stdout
     assert "tensorrt: skipped" in err or "tensorrt" in err
@@ -30,6 +30,9 @@ def test_export_all_precisions(trained, rect_data, tmp_path, capsys):
         assert man["files"][p]["verified"] is True and man["files"][p]["runs_on"] == "CPUExecutionProvider"
         level = man["parity"]["results"][p]["map"]
         assert level["images"] == 6 and level["ci95"][0] <= level["delta"] <= level["ci95"][1] and level["passed"]
+        # the static, TensorRT-ready graph beside it (its TensorRT-RTX build is tested in test_trt_rtx.py)
+        assert man["files"][f"static-{p}"]["verified"] is True and (out / f"model.static-{p}.onnx").is_file()
+    assert man["tensorrt_rtx_check"] == {"ran": False, "reason": "--tensorrt-rtx-check off", "graph": "static"}
     int8 = man["files"]["int8"]["details"]
     assert int8["request"]["calibration_images"] == 4
     search = int8["search"]
@@ -52,7 +55,7 @@ def test_export_all_precisions(trained, rect_data, tmp_path, capsys):
 
 def _args(trained, rect_data, out, *extra):
     return [trained["retinanet"]["checkpoint"], "--val-data", rect_data["val"], "--out", out, "--parity-images", 2,
-            *extra]
+            "--no-static", *extra]
 
 
 def test_export_never_replaces_files_it_did_not_make(trained, rect_data, tmp_path, capsys):
@@ -96,8 +99,8 @@ def test_a_killed_export_leaves_no_file_without_its_record(trained, rect_data, t
 def test_failed_parity_exits_1(trained, rect_data, tmp_path, capsys):
     out = tmp_path / "exp"
     rc, _, err = _run([trained["retinanet"]["checkpoint"], "--val-data", rect_data["val"], "--out", out,
-                       "--parity-images", 2, "--atol", 0, "--rtol", 0, "--score-floor", 0.0, "--min-recall", 1.0,
-                       "--min-map-ratio", 1.0], capsys)
+                       "--parity-images", 2, "--no-static", "--atol", 0, "--rtol", 0, "--score-floor", 0.0,
+                       "--min-recall", 1.0, "--min-map-ratio", 1.0], capsys)
     man = json.loads((out / "export.json").read_text())
     if man["files"]["fp32"]["verified"]:
         pytest.skip("FP32 happened to be bit-exact on these images; nothing to fail")
