@@ -128,10 +128,13 @@ def open_runner(spec: ModelSpec, *, device: str = "cpu", provider: str | None = 
         runner.precision = "fp32"
         runner.info = info
         return runner.__enter__(), ""
+    if spec.kind in ("onnx", "openvino"):
+        from gkd.export.integrity import check_unchanged_since_export
+
+        check_unchanged_since_export(spec.path)  # a file its export folder no longer vouches for is refused
     if spec.kind == "openvino":
         import importlib.util
 
-        from gkd.export.integrity import check_unchanged_since_export
         from gkd.export.runtime import OvRunner
 
         if importlib.util.find_spec("openvino") is None:
@@ -139,12 +142,8 @@ def open_runner(spec: ModelSpec, *, device: str = "cpu", provider: str | None = 
                               f"'gkd[openvino]'); it is not installed here")
         if device == "cuda":
             raise Unavailable(f"{spec.path}: gkd runs OpenVINO on the CPU only; --device cuda asked for")
-        check_unchanged_since_export(spec.path)
         return OvRunner(spec.path, threads=threads).__enter__(), ""
     if spec.kind == "onnx":
-        from gkd.export.integrity import check_unchanged_since_export
-
-        check_unchanged_since_export(spec.path)  # a file its export folder no longer vouches for is refused
         key = provider or ("cuda" if device == "cuda" else "cpu")
         asked = ORT_PROVIDERS[key]
         runner = OrtRunner(spec.path, providers=asked, threads=threads).__enter__()

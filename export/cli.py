@@ -93,14 +93,14 @@ def export(checkpoint, precisions, calib_data, val_data, out, opset, calib_image
     \b
     Each file is run with onnxruntime on real images and compared with the PyTorch checkpoint (tensors and
     matched detections on --parity-images, mAP with its noise on up to --accuracy-images); export.json marks it
-    verified only if parity passes, and the command exits with status 1 when any requested precision fails. What
-    an INT8 file holds (INT8 and float layers, formats, share of MACs at INT8) is read back from the file.
+    verified only if parity passes, and the command exits with status 1 when any requested file fails (the static
+    graph's too). What an INT8 file holds (INT8 and float layers, formats, share of MACs at INT8) is read back from the file.
     \b
     Example:
       gkd export runs/student/checkpoints/model.pt --precision fp32,fp16,int8 \\
           --calib-data data/synth/train.json --val-data data/synth/val.json --out runs/student/export
     """
-    from .pipeline import ExportOptions, export_checkpoint
+    from .pipeline import ExportOptions, export_checkpoint, unverified_files
     from .trt import parse_shapes
 
     # shape syntax errors before the slow work (min <= opt <= max needs the model: checked before the engine build)
@@ -114,11 +114,11 @@ def export(checkpoint, precisions, calib_data, val_data, out, opset, calib_image
                          max_shapes=max_shapes, tolerance_overrides={k: v for k, v in overrides.items()
                                                                      if v is not None},
                          int8_target=int8_target, int8_floor=int8_floor, int8_format=int8_format.lower(),
-                         accuracy_images=accuracy_images, static=static, speed_rounds=speed_rounds, tensorrt=tensorrt.lower(),
-                         workspace_gib=workspace_gib, tensorrt_rtx=tensorrt_rtx_check.lower(), threads=threads, seed=seed)
+                         accuracy_images=accuracy_images, static=static, speed_rounds=speed_rounds,
+                         tensorrt=tensorrt.lower(), workspace_gib=workspace_gib,
+                         tensorrt_rtx=tensorrt_rtx_check.lower(), threads=threads, seed=seed)
     manifest = export_checkpoint(opts, log=lambda s: click.echo(s, err=True))
-    failed = [p for p in precisions if not manifest["files"][p]["verified"]]
-    failed += [f"{p} engine" for p, e in manifest["tensorrt"].get("engines", {}).items() if not e["good"]]
+    failed = unverified_files(manifest)
     if failed:
         click.echo(f"gkd export: parity FAILED for {', '.join(failed)}: these files are NOT verified "
                    f"(details in {out / 'parity.json'})", err=True)

@@ -33,8 +33,8 @@ from .onnx import DEFAULT_OPSET, EXPORTER, export_onnx, file_sha256, load_onnx, 
 from .parity import (DEFAULT_TOLERANCES, Tolerances, collect_outputs, compare_outputs, format_table, map_comparison,
                      map_matches)
 
-__all__ = ["ExportOptions", "export_checkpoint", "PRECISIONS", "EXPORT_RECORD_VERSION", "check_output_dir", "check_label_space",
-           "OUTPUT_NAMES_WRITTEN"]
+__all__ = ["ExportOptions", "export_checkpoint", "PRECISIONS", "EXPORT_RECORD_VERSION", "check_output_dir",
+           "check_label_space", "unverified_files", "OUTPUT_NAMES_WRITTEN"]
 
 PRECISIONS = ("fp32", "fp16", "int8")
 #: the version of what an export records (export.json, the files' metadata): 2 = the INT8 record read back from the
@@ -170,8 +170,8 @@ def export_checkpoint(opts: ExportOptions, log: Callable[[str], None] = print) -
 
     # validated here, before anything is written, even where no engine will be built
     profile = compute_profile(contract, opts.min_shapes, opts.opt_shapes, opts.max_shapes)
-    base_meta = {"gkd_export_version": EXPORT_RECORD_VERSION, "contract": contract, "opset": opts.opset, "exporter": EXPORTER,
-                 "source_checkpoint_sha256": file_sha256(opts.checkpoint)}
+    base_meta = {"gkd_export_version": EXPORT_RECORD_VERSION, "contract": contract, "opset": opts.opset,
+                 "exporter": EXPORTER, "source_checkpoint_sha256": file_sha256(opts.checkpoint)}
     staging = opts.out / f"{_STAGING}{os.getpid()}"
     staging.mkdir()
     try:
@@ -299,6 +299,14 @@ def _export(opts, model, staging: Path, parity_set, accuracy_set, calib_set, con
         "trtexec": _trtexec_commands(build_paths, build_profile) if opts.static else None, "versions": _versions(),
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(opts).items()},
     }
+
+
+def unverified_files(manifest: dict[str, Any]) -> list[str]:
+    """The requested files of an export that failed parity: every graph's (``int8``, ``static-int8``), and the
+    TensorRT engines that failed theirs (``fp16 engine``)."""
+    failed = [k for k, f in manifest["files"].items() if f["requested"] and not f["verified"]]
+    return failed + [f"{p} engine" for p, e in (manifest.get("tensorrt") or {}).get("engines", {}).items()
+                     if not e["good"]]
 
 
 def _static_profile(profile: dict, max_batch: int) -> dict:

@@ -32,6 +32,14 @@ STATIC_OUTPUTS = STATIC_OUTPUT_NAMES[:4]
 __all__ = ["Runner", "TorchRunner", "OrtRunner", "OvRunner", "TrtRunner"]
 
 
+def _graph_outputs(names) -> tuple[str, list[str]]:
+    """Which graph a model with outputs ``names`` is (``static``: the TensorRT-ready one, else ``torchvision``) and
+    the outputs a runner reads from it to make its detections."""
+    if "num_detections" in names:
+        return "static", list(STATIC_OUTPUTS)
+    return "torchvision", list(OUTPUT_NAMES)
+
+
 class Runner:
     """Base class. Subclasses set ``name``, ``precision`` and ``provider`` and implement ``prepare``, ``compute`` and ``finish``."""
 
@@ -153,9 +161,7 @@ class OrtRunner(Runner):
             raise GkdError(f"{self.path}: onnxruntime cannot load this model: {msg[:300]}") from None
         # what runs is what the InferenceSession reports, never what was asked for
         self.provider = self.session.get_providers()[0]
-        self._static = "num_detections" in {o.name for o in self.session.get_outputs()}
-        self.graph = "static" if self._static else "torchvision"
-        self._output_names = list(STATIC_OUTPUTS if self._static else OUTPUT_NAMES)
+        self.graph, self._output_names = _graph_outputs({o.name for o in self.session.get_outputs()})
         names = [i.name for i in self.session.get_inputs()]
         if names != [INPUT_NAME]:
             raise GkdError(f"{self.path}: inputs are {names}; expected exactly ['{INPUT_NAME}'] (a gkd export)")
@@ -182,7 +188,7 @@ class OrtRunner(Runner):
             raise GkdError(f"{self.path}: onnxruntime failed on a {list(arr.shape)} input: {msg[:300]}") from None
 
     def finish(self, outs) -> dict[str, torch.Tensor]:
-        if self._static:
+        if self.graph == "static":
             return to_detections(outs)
         boxes, scores, labels = (torch.from_numpy(o.copy()) for o in outs)
         return {"boxes": boxes.float(), "scores": scores.float(), "labels": labels.long()}
@@ -232,9 +238,7 @@ class OvRunner(Runner):
         if names != [INPUT_NAME]:
             raise GkdError(f"{self.path}: inputs are {names}; expected exactly ['{INPUT_NAME}'] (a gkd export)")
         self._outputs = {o.get_any_name(): o for o in self.compiled.outputs}
-        self._static = "num_detections" in self._outputs
-        self.graph = "static" if self._static else "torchvision"
-        self._names = list(STATIC_OUTPUTS if self._static else OUTPUT_NAMES)
+        self.graph, self._names = _graph_outputs(self._outputs)
         missing = [n for n in self._names if n not in self._outputs]
         if missing:
             raise GkdError(f"{self.path}: outputs {sorted(self._outputs)} lack {missing} (a gkd export has "
@@ -263,7 +267,7 @@ class OvRunner(Runner):
         return [self._request.get_tensor(self._outputs[n]).data.copy() for n in self._names]
 
     def finish(self, outs) -> dict[str, torch.Tensor]:
-        if self._static:
+        if self.graph == "static":
             return to_detections(outs)
         boxes, scores, labels = (torch.from_numpy(o) for o in outs)
         return {"boxes": boxes.float().reshape(-1, 4), "scores": scores.float().reshape(-1),
@@ -305,8 +309,9 @@ class TrtRunner(Runner):
         self.provider = f"TensorRT {trt.__version__} on {torch.cuda.get_device_name(self.device)}"
         self._allocator = _make_output_allocator(trt, self.device)
         io = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
-        self._static = "num_detections" in io  # an engine of the static graph (the one gkd export builds from)
-        self._names = list(STATIC_OUTPUT_NAMES if self._static else OUTPUT_NAMES)
+        self.graph, _ = _graph_outputs(io)  # gkd export builds engines from the static graph
+        # every output gets an allocator, the static graph's NMS flag included
+        self._names = list(STATIC_OUTPUT_NAMES if self.graph == "static" else OUTPUT_NAMES)
         for name in self._names:
             self.context.set_output_allocator(name, self._allocator)
 
@@ -333,7 +338,7 @@ class TrtRunner(Runner):
         for name in self._names:
             buf, shape = self._allocator.buffers[name], self._allocator.shapes[name]
             out[name] = buf[: int(torch.tensor(shape).prod())].view(*shape).cpu() if shape else buf[:0].cpu()
-        if self._static:
+        if self.graph == "static":
             return to_detections([out[n] for n in STATIC_OUTPUTS])
         return {"boxes": out["boxes"].float().reshape(-1, 4), "scores": out["scores"].float(),
                 "labels": out["labels"].long()}
