@@ -91,6 +91,15 @@ def test_end_to_end_runs_every_stage_and_records_artifacts(first_run, world):
     assert "| distill | ran | not run before |" in report and "## Accuracy" in report
     assert "## Deployment: what distillation bought, per exported precision" in report
     assert "| precision | baseline mAP | distilled mAP | gain | p50 ms | p90 ms | verified |" in report
+    # the TensorRT line says what TensorRT-RTX built of the shipped static file (or why it did not run), and the
+    # trtexec command that builds it with TensorRT 10/11
+    from gkd.export import trt_rtx
+
+    if trt_rtx.available():
+        assert "parsed and built on the CPU (engines not run: no GPU here): static-fp32 (" in report
+    else:
+        assert "TensorRT-RTX: not checked (tensorrt-rtx is not installed)" in report
+    assert "trtexec --onnx=model.static-fp32.onnx --saveEngine=model.static-fp32.engine" in report
     summary = json.loads((run_dir / "report.json").read_text())
     [row] = summary["deployment"]
     assert row["precision"] == "fp32"
