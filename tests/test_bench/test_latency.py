@@ -23,7 +23,8 @@ def test_small_real_run(tmp_path, capsys):
     val = make_rect_dataset(tmp_path / "data", 2, seed=2, name="val.json")
     out = tmp_path / "exp"
     rc = main(["export", str(ckpt), "--precision", "fp32,int8", "--calib-data", str(train), "--val-data", str(val),
-               "--out", str(out), "--calib-images", "2", "--parity-images", "2", "--int8-target", "0", "--no-static"])
+               "--out", str(out), "--calib-images", "2", "--parity-images", "2", "--int8-target", "0", "--no-static",
+               "--speed-rounds", "0"])
     # random weights give near-tied scores, so tensor-level parity may fail (exit 1); the files exist either way
     assert rc in (0, 1) and (out / "export.json").is_file()
     rc = main(["bench", "latency", str(ckpt), "--data", str(val),
@@ -65,7 +66,7 @@ def test_an_export_is_benchmarked_only_for_its_own_checkpoint_and_unchanged(tmp_
     val = make_rect_dataset(tmp_path / "data", 2, seed=2, name="val.json")
     out = tmp_path / "exp"
     export = ["export", "--no-static", "--calib-data", str(train), "--val-data", str(val), "--out", str(out),
-              "--calib-images", "2", "--parity-images", "2", "--int8-target", "0"]
+              "--calib-images", "2", "--parity-images", "2", "--int8-target", "0", "--speed-rounds", "0"]
     assert main([*export[:1], str(ckpts[0]), *export[1:], "--precision", "fp32,int8"]) in (0, 1)
     bench = ["bench", "latency", "--data", str(val), "--export-dir", str(out), "--warmup", "0", "--iterations", "2",
              "--latency-images", "1"]

@@ -52,7 +52,7 @@ def test_export_all_precisions(trained, rect_data, tmp_path, capsys):
 
 def _args(trained, rect_data, out, *extra):
     return [trained["retinanet"]["checkpoint"], "--val-data", rect_data["val"], "--out", out, "--parity-images", 2,
-            "--no-static", *extra]
+            "--no-static", "--speed-rounds", 0, *extra]
 
 
 def test_export_never_replaces_files_it_did_not_make(trained, rect_data, tmp_path, capsys):
