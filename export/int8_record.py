@@ -27,7 +27,7 @@ import torch
 from ._lazy import lazy_import
 from .adapters import INPUT_NAME
 
-__all__ = ["read_int8_record", "weighted_layers", "layer_macs", "WEIGHTED_OPS", "INT8_MAC_FLOOR"]
+__all__ = ["activation_qparams", "read_int8_record", "weighted_layers", "layer_macs", "WEIGHTED_OPS", "INT8_MAC_FLOOR"]
 
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
 #: the share of Conv/Gemm multiply-accumulates that must run in INT8 for a file to be called INT8
@@ -147,6 +147,21 @@ def _format(layers: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
             "zero_points": zps if len(zps) <= 4 else f"{len(zps)} distinct values",
             "granularity": "per-channel" if all(per_channel) else ("per-tensor" if not any(per_channel) else "mixed"),
             "axes": sorted({i["axis"] for i, pc in zip(infos, per_channel) if pc})}
+
+
+def activation_qparams(model) -> dict[str, tuple[float, int]]:
+    """``{tensor: (scale, zero point)}`` of every activation the file quantizes (a QuantizeLinear whose input is not a
+    weight), read from its initializers."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    out = {}
+    for n in model.graph.node:
+        if n.op_type == "QuantizeLinear" and n.input[0] not in inits:
+            scale = float(numpy_helper.to_array(inits[n.input[1]]).reshape(-1)[0])
+            zp = int(numpy_helper.to_array(inits[n.input[2]]).reshape(-1)[0]) if len(n.input) > 2 else 0
+            out[n.input[0]] = (scale, zp)
+    return out
 
 
 def read_int8_record(model, image: torch.Tensor | None = None, floor: float = INT8_MAC_FLOOR) -> dict[str, Any]:

@@ -193,13 +193,32 @@ def _export(opts, model, staging: Path, parity_set, accuracy_set, calib_set, con
     paths = {_key(g, p): staging / f"model.{_key(g, p)}.onnx" for g in graphs for p in PRECISIONS}
     sample = parity_set.images[0][1].unsqueeze(0)
 
+    from gkd.kd.fake_quant import fake_quant_disabled, fake_quant_state
+
     torch.set_num_threads(max(1, opts.threads))
+    qat = fake_quant_state(model)  # a quantization-aware student: INT8 files are compared with it as it trained
     torch_runner = TorchRunner(model)
-    ref = collect_outputs(torch_runner, parity_set.images)
-    ref_matches = None
+
+    def reference(images, quantized: bool):
+        if quantized:
+            return collect_outputs(torch_runner, images)
+        with fake_quant_disabled(model):
+            return collect_outputs(torch_runner, images)
+
+    refs = {False: reference(parity_set.images, False)}
+    matches: dict[bool, Any] = {False: None}
     if accuracy_set is not None:
-        ref_matches = map_matches(collect_outputs(torch_runner, accuracy_set.images), accuracy_set.gt_json,
-                                  category_ids)
+        matches[False] = map_matches(reference(accuracy_set.images, False), accuracy_set.gt_json, category_ids)
+    if qat is not None and "int8" in opts.precisions:
+        refs[True] = reference(parity_set.images, True)
+        if accuracy_set is not None:
+            matches[True] = map_matches(reference(accuracy_set.images, True), accuracy_set.gt_json, category_ids)
+
+    def against(p: str) -> bool:
+        """Whether precision ``p`` is compared with the fake-quantized student (else the float network)."""
+        return p == "int8" and True in refs
+
+    ref_matches = matches[False]
     cut = contract["in_graph"]["postprocess"]["detections_per_img"]  # top-k cut: near-tie swaps there are no error
 
     def tol_for(p: str) -> Tolerances:
@@ -214,7 +233,7 @@ def _export(opts, model, staging: Path, parity_set, accuracy_set, calib_set, con
             return None
         with OrtRunner(path, threads=opts.threads) as r:
             out = collect_outputs(r, accuracy_set.images)
-        return map_comparison(ref_matches, map_matches(out, accuracy_set.gt_json, category_ids),
+        return map_comparison(matches[against(p)], map_matches(out, accuracy_set.gt_json, category_ids),
                               tol_for(p).min_map_ratio, seed=opts.seed)
 
     from . import trt_rtx
@@ -232,7 +251,8 @@ def _export(opts, model, staging: Path, parity_set, accuracy_set, calib_set, con
         if static:
             from .static_graph import StaticDetector
 
-            meta["static"] = StaticDetector(model).describe()
+            with fake_quant_disabled(model):
+                meta["static"] = StaticDetector(model).describe()
         for p in PRECISIONS:
             if p not in opts.precisions and not (p == "fp32"):
                 continue
@@ -241,8 +261,9 @@ def _export(opts, model, staging: Path, parity_set, accuracy_set, calib_set, con
             level = None
             if p == "fp32":
                 log(f"exporting FP32 ONNX ({graph} graph, opset {opts.opset}) -> {opts.out / paths[key].name}")
-                export_onnx(model, paths[key], sample, opset=opts.opset, metadata={**meta, "precision": "fp32"},
-                            static=static)
+                with fake_quant_disabled(model):  # the float network: INT8 is made from it
+                    export_onnx(model, paths[key], sample, opset=opts.opset,
+                                metadata={**meta, "precision": "fp32"}, static=static)
             elif p == "fp16":
                 from .fp16 import convert_fp16, count_tensor_types
 
@@ -250,14 +271,18 @@ def _export(opts, model, staging: Path, parity_set, accuracy_set, calib_set, con
                 extra = {**extra, "initializer_types": count_tensor_types(m16)}
                 save_onnx(m16, paths[key], {**meta, "precision": "fp16"})
             else:
-                fmt = "tensorrt" if static else opts.int8_format
+                fmt = "tensorrt" if static else (qat.fmt.name if qat is not None else opts.int8_format)
+                if qat is not None and not static and fmt != opts.int8_format:
+                    log(f"int8: the student trained with fake INT8 in the {fmt} format; its file is written in it "
+                        f"(not --int8-format {opts.int8_format})")
+                learned = model if qat is not None and qat.fmt.name == fmt else None
                 extra, level = _int8(opts, paths[_key(graph, "fp32")], paths[key], calib_set, parity_set, meta,
-                                     accuracy, ref_matches is not None, log, fmt, static)
+                                     accuracy, ref_matches is not None, log, fmt, static, learned)
             if level is None:
                 level = accuracy(paths[key], p)
             with OrtRunner(paths[key], threads=opts.threads) as r:
                 out, provider = collect_outputs(r, parity_set.images), r.provider
-            rep = compare_outputs(ref, out, tol_for(p), max_detections=cut, map_level=level)
+            rep = compare_outputs(refs[against(p)], out, tol_for(p), max_detections=cut, map_level=level)
             if p == "int8" and not extra["is_int8"]:
                 rep["passed"] = False
                 rep["failures"].append(_not_int8(extra))
@@ -285,12 +310,15 @@ def _export(opts, model, staging: Path, parity_set, accuracy_set, calib_set, con
                                                            if k != "int8/fp32"))
     build_paths = {p: paths[_key(build_graph, p)] for p in PRECISIONS if _key(build_graph, p) in files}
     engines = _engines(opts, staging, build_paths, build_profile, log,
-                       check=lambda runner, p: compare_outputs(ref, collect_outputs(runner, parity_set.images),
+                       check=lambda runner, p: compare_outputs(refs[against(p)],
+                                                               collect_outputs(runner, parity_set.images),
                                                                tol_for(p), max_detections=cut))
     return {
         "checkpoint": str(opts.checkpoint), "checkpoint_sha256": base_meta["source_checkpoint_sha256"],
         "arch": contract["arch"], "opset": opts.opset, "exporter": EXPORTER, "contract": contract, "files": files,
-        "parity": {"reference": "pytorch fp32 (eager, CPU)", "images": len(parity_set.images),
+        "parity": {"reference": "pytorch fp32 (eager, CPU)" + (
+                       "; INT8 files: the fake-quantized student as it trained (eager, CPU)" if True in refs else ""),
+                   "images": len(parity_set.images),
                    "source": str(parity_set.path), "annotated": accuracy_set is not None,
                    "map_images": len(accuracy_set.images) if accuracy_set is not None else 0,
                    "results": {r["precision"]: r["parity"] for r in rows}},
@@ -388,10 +416,13 @@ def check_label_space(src: Path, images, classes: list[str] | None, category_ids
 
 
 def _int8(opts, fp32: Path, out: Path, calib_set, parity_set, meta, accuracy, annotated: bool, log,
-          int8_format: str, static: bool) -> tuple[dict[str, Any], dict | None]:
+          int8_format: str, static: bool, learned=None) -> tuple[dict[str, Any], dict | None]:
     """Quantize ``fp32`` into ``out``; with annotations, keep layers in float only while INT8 loses accuracy beyond
     chance. Returns the INT8 record (read back from the file) and the file's mAP level (the search's last verdict)
-    if one was made."""
+    if one was made.
+
+    With ``learned`` (a quantization-aware student) the file takes the scales it learned and every layer it trained
+    in INT8 is INT8: no calibration and no search (keeping a trained layer float would undo its training)."""
     from .quantize import quantize_int8, search_int8
 
     calib = [im for _, im in calib_set.images]
@@ -401,6 +432,9 @@ def _int8(opts, fp32: Path, out: Path, calib_set, parity_set, meta, accuracy, an
         from .static_graph import static_head_outputs
 
         kw["head_outputs"] = static_head_outputs(load_onnx(fp32))
+    if learned is not None:
+        log(f"int8: the learned scales of the quantization-aware student ({int8_format} format), no calibration")
+        return quantize_int8(fp32, out, calib, learned_from=learned, **kw), None
     if not annotated or opts.int8_target <= 0:
         if not annotated:
             log("int8: no annotations on the parity source, so no accuracy-driven layer search (give --val-data)")

@@ -28,10 +28,11 @@ from gkd.kd.errors import GkdError
 
 from ._lazy import lazy_import
 from .adapters import INPUT_NAME, NETWORK_SCOPES
-from .int8_record import INT8_MAC_FLOOR, read_int8_record
+from .int8_record import INT8_MAC_FLOOR, activation_qparams, read_int8_record
 from .onnx import load_onnx, read_metadata, save_onnx
 
-__all__ = ["quantize_int8", "search_int8", "rank_sensitivity", "quantizable_nodes", "head_output_nodes", "count_qdq",
+__all__ = ["quantize_int8", "search_int8", "learned_scales", "rank_sensitivity", "quantizable_nodes",
+           "head_output_nodes", "count_qdq",
            "CALIB_METHODS", "INT8_OPS", "INT8_FORMATS"]
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
@@ -123,8 +124,8 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_images: Seq
                   cache_path: str | Path | None = None, metadata: dict[str, Any] | None = None,
                   keep_head_outputs: bool = True, int8_format: str = "onnxruntime",
                   count_image: torch.Tensor | None = None, floor: float = INT8_MAC_FLOOR,
-                  scopes: tuple[str, ...] = NETWORK_SCOPES, head_outputs: Sequence[str] | None = None
-                  ) -> dict[str, Any]:
+                  scopes: tuple[str, ...] = NETWORK_SCOPES, head_outputs: Sequence[str] | None = None,
+                  learned_from=None) -> dict[str, Any]:
     """Write an explicit Q/DQ INT8 ONNX of ``fp32_path`` (atomically) and return what the written file holds.
 
     Args:
@@ -144,6 +145,10 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_images: Seq
         scopes: node-name prefixes of the learned layers (the static graph's are
             :data:`gkd.export.static_graph.STATIC_SCOPES`).
         head_outputs: the head-output layers to keep float (None: found by :func:`head_output_nodes`).
+        learned_from: a quantization-aware detector (:mod:`gkd.kd.fake_quant`): the file takes the activation scales
+            it learned (:func:`learned_scales`), not calibrated ones, and only its quantized layers' inputs are
+            quantized (no Q/DQ on layer outputs), which is the arithmetic it trained with. ``calib_images`` then
+            only satisfy onnxruntime's API (its ranges are replaced; one image is used).
 
     Returns:
         The request (calibration, format, excluded layers) under ``"request"`` and everything else read back from the
@@ -164,6 +169,12 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_images: Seq
     heads = (list(head_outputs) if head_outputs is not None else head_output_nodes(model, scopes)
              ) if keep_head_outputs else []
     nodes = [n for n in quantizable_nodes(model, scopes) if n not in set(exclude) and n not in set(heads)]
+    learned = None
+    extra = {}
+    if learned_from is not None:
+        learned = learned_scales(model, learned_from, nodes)
+        extra = {"OpTypesToExcludeOutputQuantization": list(INT8_OPS)}
+        calib_images = list(calib_images)[:1]
     calib = {"minmax": ort_q.CalibrationMethod.MinMax, "entropy": ort_q.CalibrationMethod.Entropy,
              "percentile": ort_q.CalibrationMethod.Percentile}[method]
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -184,7 +195,7 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_images: Seq
                     activation_type=getattr(ort_q.QuantType, fmt["activation_type"]),
                     weight_type=ort_q.QuantType.QInt8, nodes_to_quantize=nodes, calibrate_method=calib,
                     extra_options={"WeightSymmetric": True, "ActivationSymmetric": fmt["activation_symmetric"],
-                                   "QuantizeBias": fmt["quantize_bias"]},
+                                   "QuantizeBias": fmt["quantize_bias"], **extra},
                     calibration_cache_path=str(cache_path) if cache_path else None)
             except GkdError:
                 raise
@@ -197,10 +208,23 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_images: Seq
             finally:
                 quiet.setLevel(level)
             qmodel = onnx.load(str(tmp_out))
+            if learned is not None:
+                _apply_learned(qmodel, learned)
     image = count_image if count_image is not None else list(calib_images)[0]
     record = read_int8_record(qmodel, image, floor=floor)
-    request = {"format": "QDQ", "int8_format": int8_format, "calibration_method": method,
-               "calibration_images": len(calib_images), "per_channel": per_channel, "excluded": sorted(exclude),
+    if learned is not None:  # read back: the file holds the trained scales, nothing recalibrated
+        written = activation_qparams(qmodel)
+        diff = max((abs(written[t][0] - s) / s + abs(written[t][1] - z) for t, (s, z) in learned.items()
+                    if t in written), default=0.0)
+        if set(written) != set(learned) or diff > 1e-6:
+            raise GkdError(f"{out_path}: the written INT8 file does not hold the learned scales (tensors "
+                           f"{len(written)} vs {len(learned)}, largest relative difference {diff:.2g})")
+        record["learned_scales"] = {"tensors": len(written), "max_relative_difference": diff}
+    request = {"format": "QDQ", "int8_format": int8_format,
+               "scales": "learned in quantization-aware training" if learned is not None else "calibrated",
+               "calibration_method": None if learned is not None else method,
+               "calibration_images": 0 if learned is not None else len(calib_images), "per_channel": per_channel,
+               "excluded": sorted(exclude),
                "head_outputs_fp32": heads, "asked_to_quantize": len(nodes)}
     info = {**record, "request": request}
     meta = dict(metadata if metadata is not None else read_metadata(model))
@@ -208,6 +232,82 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_images: Seq
                                                                           if k != "layer_macs"})
     save_onnx(qmodel, out_path, meta)
     return info
+
+
+def learned_scales(model, detector, nodes: Sequence[str]) -> dict[str, tuple[float, int]]:
+    """The activation scales a quantization-aware detector learned, by the ONNX tensor each applies to.
+
+    Each node of ``nodes`` (quantizable layers of the exported ``model``) is traced back to its detector layer and
+    call (:func:`gkd.kd.fake_quant.resolve_onnx_layer`); its input tensor gets that point's ``(scale, zero point)``.
+
+    Raises:
+        GkdError: a node the training did not quantize, a tensor two trained scales claim, or a trained point that no
+            node of the file reads (the file would not compute what the student trained to compute).
+    """
+    from gkd.kd.fake_quant import fake_quant_state, resolve_onnx_layer
+
+    state = fake_quant_state(detector)
+    if state is None:
+        raise GkdError("learned INT8 scales: the checkpoint is not a quantization-aware student")
+    by_name = {n.name: n for n in model.graph.node}
+    out: dict[str, tuple[float, int]] = {}
+    owner: dict[str, int] = {}
+    used = set()
+    for name in nodes:
+        point = resolve_onnx_layer(name, detector)
+        i = state.index.get(point)
+        if i is None:
+            raise GkdError(f"learned INT8 scales: ONNX node {name} ({point[0]}, call {point[1]}) was not quantized in "
+                           f"training")
+        tensor = by_name[name].input[0]
+        if owner.setdefault(tensor, i) != i:
+            raise GkdError(f"learned INT8 scales: tensor {tensor} is read by layers trained with different scales")
+        out[tensor] = (float(state.scale[i].detach()), int(state.zero_point[i]))
+        used.add(i)
+    missing = [state.points[i][0] for i in range(len(state.points)) if i not in used]
+    if missing:
+        raise GkdError(f"learned INT8 scales: {len(missing)} trained point(s) have no layer in the file, e.g. "
+                       f"{missing[0][0]} call {missing[0][1]}")
+    return out
+
+
+def _apply_learned(qmodel, learned: dict[str, tuple[float, int]]) -> None:
+    """Set every activation QuantizeLinear / DequantizeLinear pair of ``qmodel`` to the learned scale and zero point
+    of its tensor, and route the readers of the dequantized tensor that are not quantized layers back to the float
+    tensor (training quantized a layer's input for that layer only)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in qmodel.graph.initializer}
+    prod = {o: n for n in qmodel.graph.node for o in n.output}
+    qlayers = set()
+    for n in qmodel.graph.node:
+        if n.op_type in INT8_OPS and n.input and n.input[0] in prod and prod[n.input[0]].op_type == "DequantizeLinear":
+            qlayers.add(n.name)
+    done = set()
+    for q in list(qmodel.graph.node):
+        if q.op_type != "QuantizeLinear" or q.input[0] in inits:
+            continue
+        tensor = q.input[0]
+        if tensor not in learned:
+            raise GkdError(f"learned INT8 scales: the quantizer put a Q/DQ pair on tensor {tensor}, which no trained "
+                           f"layer reads")
+        scale, zp = learned[tensor]
+        for name, value in ((q.input[1], np.float32(scale)), (q.input[2], zp)):
+            old = numpy_helper.to_array(inits[name])
+            new = numpy_helper.from_array(np.asarray(value, dtype=old.dtype).reshape(old.shape), name)
+            inits[name].CopyFrom(new)
+        done.add(tensor)
+        for dq in [n for n in qmodel.graph.node if n.op_type == "DequantizeLinear" and q.output[0] in n.input]:
+            for reader in qmodel.graph.node:
+                if reader.name in qlayers:
+                    continue
+                for k, inp in enumerate(reader.input):
+                    if inp == dq.output[0]:
+                        reader.input[k] = tensor
+    missing = sorted(set(learned) - done)
+    if missing:
+        raise GkdError(f"learned INT8 scales: {len(missing)} trained tensor(s) were not quantized, e.g. {missing[0]}")
 
 
 def _with_outputs(model, names: Sequence[str]):

@@ -460,6 +460,8 @@ def training_inputs(run_cfg, **inputs: Any) -> dict[str, Any]:
     for dotted in UNKEYED:
         section, key = dotted.split(".")
         config.get(section, {}).pop(key, None)
+    if config.get("quant", {}).get("int8_format", None) is None:
+        config.pop("quant", None)  # a float student: keyed as before quantization-aware training existed
     return {"config": config, **inputs}
 
 

@@ -8,6 +8,8 @@ A gkd checkpoint is a dict of tensors and plain Python values::
      "classes": ["circle", ...],         # class names, index i -> label i + 1
      "category_ids": [1, 2, ...],        # COCO category id of each class (same order)
      "model": state_dict,
+     "fake_quant": {"format": ..., "points": [...]},  # a quantization-aware student only (gkd.kd.fake_quant):
+                                        # its learned scales are in "model" under gkd_fake_quant.*
      # training state, present in run checkpoints only:
      "epoch": int, "optimizer": ..., "scheduler": ..., "scaler": ..., "rng": {...}, "config": {...},
      "metrics": {...}, "extra": {...},   # extra: stage-specific state (e.g. distillation adapters, prototypes)
@@ -41,10 +43,16 @@ VERSION = 1
 def detector_checkpoint(model: nn.Module, model_cfg: ModelConfig, classes: list[str],
                         category_ids: list[int]) -> dict[str, Any]:
     """The minimal checkpoint of a bare detector (what eval/export need)."""
+    from .fake_quant import fake_quant_state
+
     cfg = dataclasses.replace(model_cfg, num_classes=len(classes), weights=None)
-    return {"format": FORMAT, "version": VERSION, "kind": "detector", "model_config": to_dict(cfg),
+    ckpt = {"format": FORMAT, "version": VERSION, "kind": "detector", "model_config": to_dict(cfg),
             "classes": list(classes), "category_ids": [int(c) for c in category_ids],
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    state = fake_quant_state(model)
+    if state is not None:
+        ckpt["fake_quant"] = state.layout()
+    return ckpt
 
 
 def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> Path:
@@ -125,10 +133,13 @@ def _check_gkd_content(ckpt: dict, path: Path, need: str | None) -> None:
 def detector_weights(ckpt: dict, path: str | Path) -> dict[str, torch.Tensor]:
     """The detector's state dict inside a checkpoint: a gkd checkpoint's ``model``, or the file itself (or its
     ``model`` entry) when it is a plain state dict; a one-line GkdError when it is not a dict of tensors."""
+    from .fake_quant import STATE_NAME
+
     state = ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt
     if not state or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise GkdError(f"{path}: not a state dict of tensors (and not a gkd checkpoint holding one)")
-    return state
+    # a quantization-aware student's weights initialise a float detector; its scales belong to its own layout
+    return {k: v for k, v in state.items() if not k.startswith(STATE_NAME + ".")}
 
 
 def is_gkd_checkpoint(obj: dict) -> bool:
@@ -215,6 +226,10 @@ def load_detector(path: str | Path, model_cfg: ModelConfig | None = None,
             # sizes and thresholds may legitimately differ (e.g. evaluate at another size)
             cfg = dataclasses.replace(model_cfg, num_classes=cfg.num_classes, weights=None)
         model = build_detector(cfg)
+        if ckpt.get("fake_quant"):  # the student as it trained: fake INT8 with its learned scales
+            from .fake_quant import install_fake_quant
+
+            install_fake_quant(model, ckpt["fake_quant"])
         load_state_into(model, ckpt["model"], str(path), cfg.arch)
         info = {"model_config": cfg, "classes": ckpt.get("classes"), "category_ids": ckpt.get("category_ids"),
                 "checkpoint": ckpt}

@@ -12,8 +12,8 @@ from typing import ClassVar, Literal, Optional
 
 from ..config import Arch, Backbone, RunConfig
 
-__all__ = ["METHODS", "TeacherConfig", "PGMConfig", "DistillConfig", "DistillRunConfig", "method_parts",
-           "resolve_scale", "uses_prototypes"]
+__all__ = ["METHODS", "TeacherConfig", "PGMConfig", "DistillConfig", "QuantConfig", "DistillRunConfig",
+           "method_parts", "resolve_scale", "uses_prototypes"]
 
 #: the method menu (``distill.method``): one definition for the field's type and the tuple
 Method = Literal["none", "local", "robust", "gkd", "pkd", "pkd+global"]
@@ -109,11 +109,29 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class QuantConfig:
+    """Quantization-aware training of the student (``gkd.kd.fake_quant``): off when ``int8_format`` is null.
+
+    With a format, the student (usually ``model.weights=`` a trained FP32 student) is calibrated as post-training
+    quantization would be (MinMax on ``calib_images`` training images), then trains with fake INT8 in that format:
+    with a teacher this is quantization-aware distillation (QAD), with ``distill.method=none`` plain QAT. Its
+    checkpoints carry the learned scales; ``gkd export`` writes the INT8 file from them, without recalibration.
+    """
+
+    RANGES: ClassVar[dict] = {"calib_images": ((">=", 1),)}
+
+    int8_format: Optional[Literal["tensorrt", "onnxruntime"]] = None
+    calib_images: int = 64
+
+
+@dataclass(frozen=True)
 class DistillRunConfig(RunConfig):
-    """A ``gkd distill`` run: the student in ``model``, the teacher and method in ``distill``."""
+    """A ``gkd distill`` run: the student in ``model``, the teacher and method in ``distill``, quantization-aware
+    training in ``quant``."""
 
     name: str = "distill"
     distill: DistillConfig = field(default_factory=DistillConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
 
 
 @dataclass(frozen=True)

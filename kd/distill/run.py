@@ -52,7 +52,7 @@ def load_teacher(tcfg: TeacherConfig, classes: Sequence[str], student_cfg: Model
         if saved is not None and list(saved) != list(classes):
             raise GkdError(f"{path}: the teacher was trained on classes {list(saved)}, the dataset has "
                            f"{list(classes)}; teacher and student must share the label space (same names, same order)")
-        source = ckpt["model"]
+        source = detector_weights(ckpt, path)
     else:
         if tcfg.arch is None or tcfg.backbone is None:
             raise GkdError(f"{path}: a plain state dict records no architecture; set distill.teacher.arch and "
@@ -112,6 +112,22 @@ def build_task(cfg: DistillRunConfig, student: nn.Module, teacher: nn.Module | N
     return task
 
 
+def _make_quantization_aware(student: nn.Module, cfg: DistillRunConfig, train_index) -> None:
+    """Fake INT8 in ``cfg.quant.int8_format``, its scales those of post-training calibration on a seeded subset of
+    the training split (the same on ``--resume``, whose checkpoint then restores the learned ones); BatchNorm frozen."""
+    from ..data import CocoDetection
+    from ..fake_quant import calibrate_fake_quant, freeze_batchnorm
+
+    images = CocoDetection(train_index, train=False, min_size=cfg.model.min_size, max_size=cfg.model.max_size)
+    n = min(cfg.quant.calib_images, len(images))
+    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed))[:n].tolist()
+    state = calibrate_fake_quant(student, (images[i][0] for i in pick), cfg.quant.int8_format)
+    frozen = freeze_batchnorm(student)
+    log.info("quantization-aware: fake INT8 (%s format) on %d tensors of %d layers, scales calibrated on %d "
+             "training images; %d BatchNorm layers frozen", cfg.quant.int8_format, len(state.points),
+             len({name for name, _ in state.index}), n, frozen)
+
+
 def run_distillation(cfg: DistillRunConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train the student of ``cfg`` with ``cfg.distill.method``; writes ``cfg.run_dir`` (see ``gkd.kd.engine.fit``).
 
@@ -139,6 +155,8 @@ def _run_distillation(cfg: DistillRunConfig, resume: bool, progress: bool) -> di
     teacher = load_teacher(cfg.distill.teacher, train_index.classes, cfg.model) if needs_teacher else None
     seed_everything(cfg.seed)  # the student's init is the same as `gkd train` with this seed, whatever the method
     student = build_model(cfg, k, train_index.classes)
+    if cfg.quant.int8_format:
+        _make_quantization_aware(student, cfg, train_index)
     task = build_task(cfg, student, teacher, train_index)
     if teacher is not None:  # checked on --resume: the teacher read on the run's behalf must be the same file
         from ..io import file_sha256
