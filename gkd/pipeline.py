@@ -15,7 +15,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, Optional
 
 import click
 from gkd.kd import CONFIG_DIR
@@ -24,7 +24,7 @@ from gkd.stages import (Job, Manifest, StageRunner, artifact, data_stage, free_c
                         train_student, train_teacher_processes, training_inputs, training_work, with_threads)
 from gkd.report import STUDENTS, accuracy_gate, render_report, report_json, summary_text, write_plots
 
-__all__ = ["PipelineConfig", "run_pipeline", "resolve_stage_configs", "run", "QUICK"]
+__all__ = ["PipelineConfig", "run_pipeline", "resolve_stage_configs", "run", "QUICK", "QAD_SCHEDULE"]
 
 log = logging.getLogger("gkd")
 
@@ -64,6 +64,13 @@ class PipelineConfig:
     #: machine with at least 2 free cores): two 1-thread processes get ~25% more work through 2 cores than one
     #: 2-thread process after the other (docs/train.md, "CPU threads"). Off: one after the other, with progress bars
     side_by_side: bool = True
+    #: also ship a quantization-aware distilled student (QAD): the distilled student fine-tuned with fake INT8 in
+    #: this format (tensorrt or onnxruntime) against the teacher, with the distillation method of ``student``, for
+    #: ``qad_student``'s schedule (default :data:`QAD_SCHEDULE`); exported from its learned scales and shown as
+    #: "int8 (QAD)" beside the post-training INT8 in the deployment table. null: off
+    qad: Optional[Literal["tensorrt", "onnxruntime"]] = None
+    #: nested keys merged over the QAD stage's config (after ``student``), e.g. {"train": {"epochs": 2}}
+    qad_student: dict = field(default_factory=dict)
     #: export precisions, and whether to benchmark latency/mAP of the exports
     precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
     bench: bool = True
@@ -88,6 +95,12 @@ class PipelineConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.name
+
+
+#: the QAD stage's schedule (under ``qad_student``): a short fine-tune of the trained distilled student at a
+#: twentieth of its learning rate, BatchNorm frozen, scales starting from post-training calibration
+QAD_SCHEDULE: dict[str, Any] = {"train": {"epochs": 1, "lr": 0.0001, "warmup_iters": 0, "eval_interval": 1},
+                                "quant": {"calib_images": 64}}
 
 
 #: the --quick preset: a small dataset and short schedules (the user's keys are applied over it)
@@ -115,6 +128,7 @@ class StageConfigs:
     teacher: Any
     distill: Any
     baseline: Any
+    qad: Any = None
 
 
 def _stage_updates(cfg: PipelineConfig, stage: str, section: dict, prefix: str) -> dict:
@@ -183,8 +197,25 @@ def resolve_stage_configs(cfg: PipelineConfig) -> StageConfigs:
             updates = merge_dicts(updates, {"distill": {"method": method}})
         return load_config(cfg.student_config, cls=DistillRunConfig, key_prefix="student.", updates=updates)
 
+    qad = None
+    if cfg.qad:
+        distilled = str(cfg.run_dir / "distill" / "checkpoints" / "model.pt")
+        section_qad = merge_dicts(merge_dicts(section, QAD_SCHEDULE), {
+            "model": {"weights": distilled}, "quant": {"int8_format": cfg.qad}})
+        updates = merge_dicts(merge_dicts(_stage_updates(cfg, "qad", section_qad, "student."), teacher_keys),
+                              _checked_section(cfg.qad_student, "qad_student."))
+        qad = load_config(cfg.student_config, cls=DistillRunConfig, key_prefix="qad_student.", updates=updates)
     return StageConfigs(teacher=teacher, distill=student("distill", None),
-                        baseline=student("baseline", "none") if cfg.baseline else None)
+                        baseline=student("baseline", "none") if cfg.baseline else None, qad=qad)
+
+
+def _checked_section(section: dict, prefix: str) -> dict:
+    from gkd.kd.errors import GkdError
+
+    for key in ("name", "runs_dir"):
+        if key in section:
+            raise GkdError(f"{prefix}{key}: set by gkd run (runs/<name>/<stage>/); use {key}=... for the whole run")
+    return section
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -202,14 +233,16 @@ def _data_inputs(cfg: PipelineConfig) -> dict[str, Any]:
     return {"data_root": str(Path(cfg.data_root)), "synthetic": _synth_params(cfg)}
 
 
-def _export_stage(cfg: PipelineConfig, student_ckpt: Path, out: Path, shipped: bool = True) -> dict[str, Any]:
+def _export_stage(cfg: PipelineConfig, student_ckpt: Path, out: Path, shipped: bool = True,
+                  precisions: tuple[str, ...] | None = None) -> dict[str, Any]:
     """``gkd export`` of one student. The shipped (distilled) student also gets the static, TensorRT-ready graph
     and its TensorRT-RTX parse/build check; the baseline only the onnxruntime files (it is compared, not shipped,
     and its graph is the distilled student's: building it twice on a CPU costs a minute)."""
     from gkd.export.pipeline import ExportOptions, export_checkpoint
 
     data = Path(cfg.data_root)
-    manifest = export_checkpoint(ExportOptions(checkpoint=student_ckpt, out=out, precisions=tuple(cfg.precisions),
+    manifest = export_checkpoint(ExportOptions(checkpoint=student_ckpt, out=out,
+                                               precisions=tuple(precisions or cfg.precisions),
                                                calib_data=data / "train.json", val_data=data / "val.json",
                                                int8_target=cfg.gate_min_ratio or 0.99, seed=cfg.seed,
                                                static=shipped, tensorrt_rtx="auto" if shipped else "off"),
@@ -338,6 +371,27 @@ def _bench_stage(cfg: PipelineConfig, models: list[tuple[str, Path, str]], evals
             "samples_ms": {n: r["raw_times_ms"] for n, r in lat["runners"].items()}}
 
 
+def _qad_stages(cfg: PipelineConfig, run_cfg, stage, data_shas: dict, teacher_sha: str, distilled: dict,
+                n_train: int | None) -> dict[str, Any] | None:
+    """The quantization-aware distillation stage (the distilled student fine-tuned with fake INT8) and its export
+    (FP32 and INT8 from the learned scales, the static graph and its TensorRT-RTX check); returns the export's
+    record, or None when ``qad`` is off."""
+    if run_cfg is None:
+        return None
+    from gkd.export.pipeline import EXPORT_RECORD_VERSION
+
+    record = stage("qad", training_inputs(run_cfg, data=data_shas, teacher=teacher_sha,
+                                          student=output_sha(distilled, "checkpoint")),
+                   lambda: train_student(run_cfg), "qad_student.", training_work(run_cfg, n_train))
+    if not cfg.precisions or "int8" not in cfg.precisions:
+        return None
+    ckpt = Path(record["outputs"]["checkpoint"]["path"])
+    inputs = {"config": {"precisions": ["fp32", "int8"], "seed": cfg.seed}, "record": EXPORT_RECORD_VERSION,
+              "student": output_sha(record, "checkpoint"), "data": data_shas}
+    return stage("export-qad", inputs, lambda: _export_stage(cfg, ckpt, cfg.run_dir / "export-qad",
+                                                             precisions=("fp32", "int8")))
+
+
 def _has_attributes(val: Path) -> bool:
     from gkd.kd.data.coco import load_coco
 
@@ -365,9 +419,9 @@ def _run_stages(cfg: PipelineConfig, stage_cfgs: StageConfigs) -> dict[str, Any]
     from gkd.kd.io import atomic_write_json, atomic_write_text
 
     manifest = Manifest(cfg.run_dir / "manifest.json", to_dict(cfg))
-    planned = ["data", "teacher", "distill"] + (["baseline"] if cfg.baseline else [])
+    planned = ["data", "teacher", "distill"] + (["baseline"] if cfg.baseline else []) + (["qad"] if cfg.qad else [])
     if cfg.precisions:
-        planned += ["export"] + (["export-baseline"] if cfg.baseline else [])
+        planned += ["export"] + (["export-baseline"] if cfg.baseline else []) + (["export-qad"] if cfg.qad else [])
         planned += (["eval-teacher"] + (["eval-baseline"] if cfg.baseline else []) + ["bench"]) if cfg.bench else []
     runner = StageRunner(manifest, planned)
     stage = runner.run
@@ -436,10 +490,14 @@ def _run_stages(cfg: PipelineConfig, stage_cfgs: StageConfigs) -> dict[str, Any]
     for name, _ in students:  # what did not run beside the other student's training
         if ("export" if name == "distill" else "export-baseline") not in followed:
             follow_up(name, manifest.stages[name])
+    qad = _qad_stages(cfg, stage_cfgs.qad, stage, data_shas, teacher_sha, manifest.stages["distill"], n_train)
     if cfg.precisions and cfg.bench:
         exported = {g: followed["export" if g == "distilled" else "export-baseline"] for g in trained}
         models = _bench_models(teacher_ckpt, {g: (Path(trained[g]["outputs"]["checkpoint"]["path"]), exported[g])
                                               for g in trained})
+        if qad is not None:  # its INT8 file beside the post-training one (its float network is the distilled one's)
+            models.append(("qad", Path(qad["outputs"]["files"]["int8"]["onnx"]["path"]), "int8"))
+            exported["qad"] = qad
         evals = [followed[s] for s in ("eval-teacher", "eval-baseline") if s in followed]
         bench_inputs = {"config": {"bench_iterations": cfg.bench_iterations, "bench_images": cfg.bench_images},
                         "teacher": teacher_sha,
@@ -451,7 +509,7 @@ def _run_stages(cfg: PipelineConfig, stage_cfgs: StageConfigs) -> dict[str, Any]
     manifest.data["invocation"] = runner.invocation()
     manifest.data["gate"] = accuracy_gate(manifest.stages.get("bench") if cfg.precisions and cfg.bench else None,
                                           cfg.gate_min_ratio, manifest.stages.get("export"),
-                                          cfg.gate_max_int8_latency_ratio)
+                                          cfg.gate_max_int8_latency_ratio, manifest.stages.get("export-qad"))
     manifest.data["plots"] = write_plots(manifest.data, cfg.run_dir) if cfg.plots else {}
     manifest.save()
     atomic_write_text(cfg.run_dir / "report.md", render_report(manifest.data))

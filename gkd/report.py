@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["accuracy_gate", "deployment_rows", "int8_lines", "tensorrt_lines", "render_report", "report_json", "summary_table", "summary_text",
-           "write_plots", "STUDENTS"]
+__all__ = ["accuracy_gate", "deployment_rows", "int8_lines", "tensorrt_lines", "render_report", "report_json",
+           "summary_table", "summary_text", "write_plots", "STUDENTS", "ROW_LABELS"]
 
 #: the students gkd run ships and compares: stage name -> the group label its models carry in the bench reports
 STUDENTS = {"distill": "distilled", "baseline": "baseline"}
@@ -46,11 +46,20 @@ def deployment_rows(bench: dict[str, Any] | None, precisions: tuple[str, ...] | 
                      "p50_ms": dist.get("p50_ms"), "p90_ms": dist.get("p90_ms"),
                      "baseline_p50_ms": base.get("p50_ms"), "verified": dist.get("verified"),
                      "latency_note": skipped.get(f"distilled/{name}", "")})
+    qad = runners.get("qad/onnxruntime-int8")
+    if qad is not None:  # the quantization-aware distilled student's INT8 file (gkd run qad=...)
+        rows.append({"precision": "int8-qad", "baseline_mAP": None, "distilled_mAP": qad.get("bbox_mAP"),
+                     "gain": None, "p50_ms": qad.get("p50_ms"), "p90_ms": qad.get("p90_ms"), "baseline_p50_ms": None,
+                     "verified": qad.get("verified"), "latency_note": skipped.get("qad/onnxruntime-int8", "")})
     return rows
 
 
+#: how the deployment table names a row's precision
+ROW_LABELS = {"int8": "int8 (PTQ)", "int8-qad": "int8 (QAD)"}
+
+
 def accuracy_gate(bench: dict[str, Any] | None, min_ratio: float, export: dict[str, Any] | None = None,
-                  max_int8_latency_ratio: float = 0.0) -> dict[str, Any]:
+                  max_int8_latency_ratio: float = 0.0, qad_export: dict[str, Any] | None = None) -> dict[str, Any]:
     """The deployment gate on the shipped (distilled) student, from the bench and export stages' records.
 
     Checks, each stated in ``checked`` (and, when it fails, in ``failures``):
@@ -60,7 +69,8 @@ def accuracy_gate(bench: dict[str, Any] | None, min_ratio: float, export: dict[s
     * its INT8 file is INT8 (at least the export's floor of multiply-accumulates at INT8, read from the file) and
       its mAP verdict against FP32 passed: at most ``1 - min_ratio`` of FP32's mAP lost beyond chance, judged by
       the export on the whole val split with a paired bootstrap (the numbers, images and interval are quoted);
-    * with ``max_int8_latency_ratio`` > 0: INT8 p50 <= that x FP32 p50 (bench stage, side by side, one run).
+    * with ``max_int8_latency_ratio`` > 0: INT8 p50 <= that x FP32 p50 (bench stage, side by side, one run);
+    * with a quantization-aware student (``qad_export``): its files verified, its INT8 file INT8.
 
     Returns ``{"min_ratio", "max_int8_latency_ratio", "passed": True | False | None (not checked), "checked",
     "failures"}``. ``min_ratio`` 0 turns the gate off.
@@ -100,6 +110,16 @@ def accuracy_gate(bench: dict[str, Any] | None, min_ratio: float, export: dict[s
     if level:
         check(bool(level["passed"]), f"distilled int8 vs fp32 (gate_min_ratio={min_ratio:g}): {level['summary']}",
               f"distilled int8 loses more than {1 - min_ratio:.1%} of fp32's mAP beyond chance: {level['summary']}")
+    qad_files = ((qad_export or {}).get("outputs") or {}).get("files") or {}
+    for p, f in qad_files.items():  # a shipped quantization-aware student: its files are verified too
+        fails = (((qad_export or {}).get("parity") or {}).get(p) or {}).get("failures") or []
+        check(bool(f.get("verified")), f"qad {p} export verified against the fake-quantized PyTorch student",
+              f"qad {p} export is NOT verified: {'; '.join(fails) or 'parity failed'}")
+    qad_record = (qad_export or {}).get("int8") or {}
+    if qad_record:
+        check(bool(qad_record.get("is_int8")), f"qad int8 file is INT8: {_pct(qad_record.get('macs_int8_share'))}% "
+              "of its Conv/Gemm MACs", f"qad int8 file is not INT8: {_pct(qad_record.get('macs_int8_share'))}% of "
+              "its MACs")
     if max_int8_latency_ratio > 0:
         fp32, int8 = (runners.get(f"distilled/onnxruntime-{p}") or {} for p in ("fp32", "int8"))
         if fp32.get("p50_ms") and int8.get("p50_ms"):
@@ -127,7 +147,9 @@ def summary_table(m: dict[str, Any]) -> list[str]:
     for r in rows:
         latency = (_ms(r["p50_ms"]), _ms(r["p90_ms"])) if r["p50_ms"] is not None else ("not timed", "")
         verified = {True: "yes", False: "NO", None: "-"}[r["verified"]]
-        lines.append(f"| {r['precision']} | {_pct(r['baseline_mAP'])} | {_pct(r['distilled_mAP'])} | "
+        label = ROW_LABELS.get(r["precision"], r["precision"]) if "int8-qad" in {x["precision"] for x in rows} \
+            else r["precision"]
+        lines.append(f"| {label} | {_pct(r['baseline_mAP'])} | {_pct(r['distilled_mAP'])} | "
                      f"{_pct(r['gain'], signed=True)} | {latency[0]} | {latency[1]} | {verified} |")
     notes = sorted({r["latency_note"] for r in rows if r["latency_note"]})
     lines += [f"\nNot timed: {n}" for n in notes]
@@ -204,7 +226,8 @@ def summary_text(m: dict[str, Any]) -> str:
     st = m["stages"]
     lines = ["val mAP after training: " + ", ".join(
         f"{label} {_train_map(st[stage])}" for stage, label in (("teacher", "teacher"), ("baseline", "baseline"),
-                                                               ("distill", "distilled")) if stage in st), ""]
+                                                               ("distill", "distilled"), ("qad", "qad (fake INT8)"))
+        if stage in st), ""]
     lines += summary_table(m)
     lines += ([""] + int8_lines(m)) if int8_lines(m) else []
     speed = (st.get("bench") or {}).get("speed") or {}
@@ -237,7 +260,8 @@ def render_report(m: dict[str, Any]) -> str:
     lines += ["", "## Accuracy during training (COCO bbox AP %, val split, PyTorch)", "",
               "| model | mAP | AP50 | AP75 |", "|---|---|---|---|"]
     for stage, label in (("teacher", "teacher"), ("baseline", "student, no distillation (baseline)"),
-                         ("distill", "student, global-knowledge distillation (shipped)")):
+                         ("distill", "student, global-knowledge distillation (shipped)"),
+                         ("qad", "student, quantization-aware distillation (fake INT8)")):
         if stage in st:
             lines.append(f"| {label} | {_train_map(st[stage])} | {_train_map(st[stage], 'val/bbox_mAP_50')} "
                          f"| {_train_map(st[stage], 'val/bbox_mAP_75')} |")
@@ -253,7 +277,7 @@ def render_report(m: dict[str, Any]) -> str:
     if "export" in st:
         lines += ["", "## Exports (parity against the PyTorch student on real val images)", "",
                   "| student | precision | file | verified | sha256 |", "|---|---|---|---|---|"]
-        for stage, student in (("export", "distilled"), ("export-baseline", "baseline")):
+        for stage, student in (("export", "distilled"), ("export-baseline", "baseline"), ("export-qad", "qad")):
             for p, f in (st.get(stage) or {}).get("outputs", {}).get("files", {}).items():
                 lines.append(f"| {student} | {p} | {f['onnx']['path']} | {'yes' if f['verified'] else 'NO'} | "
                              f"{f['onnx']['sha256'][:16]} |")
@@ -280,7 +304,7 @@ def report_json(m: dict[str, Any]) -> dict[str, Any]:
     return {"format": "gkd-run-report", "version": 1, "name": m["config"]["name"],
             "deployment": deployment_rows(bench, m["config"].get("precisions") or ()) if bench else [],
             "speed": bench.get("speed") or {}, "gate": m.get("gate"),
-            "training": {s: st[s].get("metrics", {}) for s in ("teacher", "baseline", "distill") if s in st},
+            "training": {s: st[s].get("metrics", {}) for s in ("teacher", "baseline", "distill", "qad") if s in st},
             "hard_cases": bench.get("subsets") or {}, "per_class_AP": bench.get("per_class") or {},
             "runners": bench.get("runners") or {}, "plots": m.get("plots") or {},
             "invocation": m.get("invocation", [])}

@@ -181,6 +181,35 @@ def test_teacher_in_two_processes_is_recorded_and_reused(world):
     assert "resuming" not in (cfg.run_dir / "distill" / "log.txt").read_text()
 
 
+def test_qad_ships_a_quantization_aware_student_beside_post_training_int8(world):
+    """qad=tensorrt: the distilled student is fine-tuned with fake INT8 (its own stage, keyed on the distilled
+    checkpoint), exported from its learned scales, benchmarked, and shown as "int8 (QAD)" beside "int8 (PTQ)";
+    a rerun reuses it and a changed QAD schedule reruns it alone."""
+    cfg = config(world, "qad", "qad=tensorrt", "precisions=[fp32,int8]", "baseline=false")
+    first = run_pipeline(cfg)
+    st = first["stages"]
+    assert actions(first)["qad"] == ("ran", "not run before") and actions(first)["export-qad"][0] == "ran"
+    qad_cfg = st["qad"]["inputs"]["config"]
+    assert qad_cfg["quant"]["int8_format"] == "tensorrt" and qad_cfg["train"]["lr"] == 0.0001
+    assert qad_cfg["model"]["weights"].endswith("distill/checkpoints/model.pt")
+    ckpt = load_checkpoint(st["qad"]["outputs"]["checkpoint"]["path"])
+    assert ckpt["fake_quant"]["format"] == "tensorrt" and "gkd_fake_quant.scale" in ckpt["model"]
+    files = st["export-qad"]["outputs"]["files"]
+    assert {"fp32", "int8", "static-fp32", "static-int8"} <= set(files)
+    assert st["export-qad"]["int8"]["activations"]["dtype"] == "int8"
+    assert "qad/onnxruntime-int8" in st["bench"]["runners"]
+    report = (cfg.run_dir / "report.md").read_text()
+    assert "| int8 (PTQ) |" in report and "| int8 (QAD) |" in report
+    assert any(c.startswith("qad int8 export verified") or c.startswith("qad int8 file is INT8")
+               for c in first["gate"]["checked"])
+    again = run_pipeline(cfg)
+    assert actions(again)["qad"] == ("reused", "unchanged") and actions(again)["export-qad"][0] == "reused"
+    changed = run_pipeline(config(world, "qad", "qad=tensorrt", "precisions=[fp32,int8]", "baseline=false",
+                                  "qad_student.train.lr=0.0002"))
+    assert actions(changed)["distill"] == ("reused", "unchanged")
+    assert actions(changed)["qad"] == ("ran", "changed: qad_student.train.lr 0.0001 -> 0.0002")
+
+
 def test_teacher_processes_auto_follows_the_cores(monkeypatch):
     """teacher_processes=0 (the default): 2 processes where the machine has 2 or more cores, 1 on one core (the
     batch is split only then); an explicit count is kept."""
@@ -404,6 +433,22 @@ def test_deployment_table_on_hand_made_numbers():
     assert (fp32["gain"], fp32["p50_ms"], fp32["p90_ms"], fp32["baseline_p50_ms"]) == (pytest.approx(0.05), 40, 44, 41)
     assert fp16["gain"] == pytest.approx(0.03) and fp16["p50_ms"] is None and fp16["latency_note"] == "no FP16 kernels"
     assert int8["distilled_mAP"] is None and int8["gain"] is None  # not exported: no number is made up
+
+
+def test_deployment_table_shows_qad_beside_ptq():
+    from gkd.report import deployment_rows, summary_table
+
+    bench = {"runners": {"distilled/onnxruntime-fp32": {"bbox_mAP": 0.30, "p50_ms": 40.0, "p90_ms": 44.0},
+                         "distilled/onnxruntime-int8": {"bbox_mAP": 0.27, "p50_ms": 30.0, "p90_ms": 33.0},
+                         "qad/onnxruntime-int8": {"bbox_mAP": 0.295, "p50_ms": 29.0, "p90_ms": 32.0,
+                                                  "verified": True}}, "skipped": {}}
+    rows = deployment_rows(bench, ["fp32", "int8"])
+    assert [r["precision"] for r in rows] == ["fp32", "int8", "int8-qad"]
+    assert rows[2]["distilled_mAP"] == 0.295 and rows[2]["baseline_mAP"] is None and rows[2]["p50_ms"] == 29.0
+    table = "\n".join(summary_table({"stages": {"bench": bench}, "config": {"precisions": ["fp32", "int8"]}}))
+    assert "| int8 (PTQ) | - | 27.0 |" in table and "| int8 (QAD) | - | 29.5 |" in table
+    plain = "\n".join(summary_table({"stages": {"bench": {"runners": {}}}, "config": {"precisions": ["int8"]}}))
+    assert "| int8 |" in plain and "QAD" not in plain
 
 
 def test_pareto_front():
