@@ -2,6 +2,8 @@
 
 * ``needs_cuda`` tests skip with a reason when no CUDA device is present (these machines and CI have none).
 * Exit status 5 ("no tests collected") is turned into 0, only as a guard: the suite always has CPU tests.
+* The suite runs on two pytest-xdist workers (setup.cfg); each module's tests run on one worker, the export tests
+  all on one.
 * Tests use one torch thread by default: on two shared cores, two OpenMP threads make small ops up to 100x slower
   (measured). ``GKD_TEST_THREADS=N`` sets another count (scripts/test_matrix.sh runs the suite with 1 and 2).
 * torch.compile's inductor cache gets a folder per ATen CPU capability (unless ``TORCHINDUCTOR_CACHE_DIR`` is set):
@@ -29,6 +31,11 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    # pytest-xdist (setup.cfg): a module's tests stay on one worker (its module fixtures are made once), and the
+    # export tests all on one (their shared trained tiny detectors take ~100 s to make)
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group("export" if path.startswith("tests/test_export/") else path))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False on this machine")

@@ -37,12 +37,24 @@ def export(path, rect_data, out, *extra):
                  "--parity-images", "6", "--speed-rounds", "0", *extra])
 
 
-@pytest.mark.parametrize("arch,fmt,static", [("faster_rcnn", "tensorrt", True), ("retinanet", "onnxruntime", False)])
-def test_int8_file_holds_learned_scales_and_matches_the_fake_quantized_student(trained, rect_data, tmp_path, arch,
-                                                                                fmt, static):
-    model, state, ckpt = quantization_aware(trained, rect_data, arch, fmt, tmp_path)
-    out = tmp_path / "exp"
-    assert export(ckpt, rect_data, out, *(["--tensorrt-rtx-check", RTX] if static else ["--no-static"])) == 0
+@pytest.fixture(scope="module")
+def qad_exports(trained, rect_data, tmp_path_factory):
+    """``gkd export`` of two quantization-aware students: the tiny Faster R-CNN in TensorRT's format with the static
+    graph (and its TensorRT-RTX build where installed), the tiny RetinaNet in onnxruntime's format."""
+    out = {}
+    for arch, fmt, static in (("faster_rcnn", "tensorrt", True), ("retinanet", "onnxruntime", False)):
+        tmp = tmp_path_factory.mktemp(f"qad-{arch}")
+        model, state, ckpt = quantization_aware(trained, rect_data, arch, fmt, tmp)
+        rc = export(ckpt, rect_data, tmp / "exp", *(["--tensorrt-rtx-check", RTX] if static else ["--no-static"]))
+        out[arch] = {"rc": rc, "model": model, "state": state, "fmt": fmt, "static": static, "dir": tmp / "exp"}
+    return out
+
+
+@pytest.mark.parametrize("arch", ["faster_rcnn", "retinanet"])
+def test_int8_file_holds_learned_scales_and_matches_the_fake_quantized_student(qad_exports, arch):
+    e = qad_exports[arch]
+    model, state, fmt, static, out = e["model"], e["state"], e["fmt"], e["static"], e["dir"]
+    assert e["rc"] == 0
     man = json.loads((out / "export.json").read_text())
     assert "fake-quantized student" in man["parity"]["reference"]
     graphs = ["int8", "static-int8"] if static else ["int8"]
@@ -60,11 +72,11 @@ def test_int8_file_holds_learned_scales_and_matches_the_fake_quantized_student(t
         # recalibration), and all trained layers are INT8
         written = activation_qparams(qmodel)
         by_name = {n.name: n for n in qmodel.graph.node}
+        prod = {o: n for n in qmodel.graph.node for o in n.output}
         int8_layers = details["layers"]["int8"]
         assert {resolve_onnx_layer(n, model) for n in int8_layers} == set(state.index)
         for node in int8_layers:
             i = state.index[resolve_onnx_layer(node, model)]
-            prod = {o: n for n in qmodel.graph.node for o in n.output}
             tensor = prod[prod[by_name[node].input[0]].input[0]].input[0]
             assert written[tensor] == pytest.approx((float(state.scale[i]), int(state.zero_point[i])), rel=1e-6)
         # only the trained layers read a quantized tensor; the residual Add, Resize and RoiAlign read float
@@ -73,12 +85,16 @@ def test_int8_file_holds_learned_scales_and_matches_the_fake_quantized_student(t
         assert readers <= {"Conv", "Gemm", "MatMul"}, readers
     level = man["parity"]["results"]["int8"]
     assert level["detection"]["recall"] >= 0.9 and level["detection"]["matched"] > 0
+    # the FP32 file is the float network (no fake quantization traced into it), verified against it
+    assert man["files"]["fp32"]["verified"] is True
+    ops = {n.op_type for n in load_onnx(out / "model.fp32.onnx").graph.node}
+    assert "QuantizeLinear" not in ops and "Round" not in ops
     if static and RTX == "on":  # TensorRT-RTX parses and builds the learned-scale static INT8 file
         check = man["tensorrt_rtx_check"]["results"]["static-int8"]
         assert check["parsed"] and not check["rejected"] and check["build"]["ok"], check
 
 
-def test_the_quantized_input_of_the_first_layer_is_the_fake_quantized_one(trained, rect_data, tmp_path):
+def test_the_quantized_input_of_the_first_layer_is_the_fake_quantized_one(qad_exports, rect_data):
     """Tensor level, where no upstream rounding can differ: the file's dequantized input of the stem convolution
     equals the student's fake-quantized input element for element (deeper layers differ by a step where PyTorch's
     and onnxruntime's float sums round differently across a level boundary)."""
@@ -86,10 +102,9 @@ def test_the_quantized_input_of_the_first_layer_is_the_fake_quantized_one(traine
 
     from gkd.export.quantize import _with_outputs
 
-    model, state, ckpt = quantization_aware(trained, rect_data, "faster_rcnn", "tensorrt", tmp_path)
-    out = tmp_path / "exp"
-    assert export(ckpt, rect_data, out, "--no-static", "--tensorrt-rtx-check", "off") == 0
-    qmodel = load_onnx(out / "model.int8.onnx")
+    e = qad_exports["faster_rcnn"]
+    model, state = e["model"], e["state"]
+    qmodel = load_onnx(e["dir"] / "model.int8.onnx")
     prod = {o: n for n in qmodel.graph.node for o in n.output}
     conv = next(n for n in qmodel.graph.node if n.name.endswith("/backbone/body/conv1/Conv"))
     dq = prod[conv.input[0]]
@@ -106,16 +121,4 @@ def test_the_quantized_input_of_the_first_layer_is_the_fake_quantized_one(traine
     want = activation_fake_quant(seen["x"], state.scale[i].detach(), state.zero_point[i], state.fmt).numpy()
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
-
-
-def test_the_float_file_of_a_quantization_aware_student_is_its_float_network(trained, rect_data, tmp_path):
-    model, state, ckpt = quantization_aware(trained, rect_data, "retinanet", "tensorrt", tmp_path)
-    out = tmp_path / "exp"
-    assert main(["export", str(ckpt), "--precision", "fp32", "--calib-data", str(rect_data["train"]),
-                 "--val-data", str(rect_data["val"]), "--out", str(out), "--no-static", "--speed-rounds", "0",
-                 "--tensorrt-rtx-check", "off"]) == 0
-    man = json.loads((out / "export.json").read_text())
-    assert man["files"]["fp32"]["verified"] is True
-    ops = {n.op_type for n in load_onnx(out / "model.fp32.onnx").graph.node}
-    assert "QuantizeLinear" not in ops and "Round" not in ops
-    assert fake_quant_state(model) is not None
+    assert fake_quant_state(model) is state

@@ -179,3 +179,34 @@ def test_resume_with_another_teacher_file_is_refused(world, tmp_path, capsys):
     assert distill(cfg, "--resume", f"distill.teacher.checkpoint={teacher}") == 2
     err = capsys.readouterr().err
     assert "is not the file this run started with" in err and "Traceback" not in err
+
+
+def test_quantization_aware_student_from_a_trained_one(world):
+    """quant.int8_format: the student starts from model.weights with post-training scales, trains with fake INT8
+    against the teacher (QAD; method none is QAT, the same code without the teacher), keeps BatchNorm statistics,
+    and its checkpoints carry the learned scales; --resume continues it exactly."""
+    method, fmt = "gkd", "tensorrt"
+    base = write_config(world, "fp32", method="none")
+    assert distill(base) == 0
+    fp32 = world["root"] / "runs" / "fp32" / "checkpoints" / "model.pt"
+    keys = [f"model.weights={fp32}", f"quant.int8_format={fmt}", "quant.calib_images=4"]
+    cfg = write_config(world, "qat", method=method, epochs=2)
+    assert distill(cfg, *keys) == 0
+    ckpt = load_checkpoint(world["root"] / "runs" / "qat" / "checkpoints" / "model.pt")
+    assert ckpt["fake_quant"]["format"] == fmt
+    start = load_checkpoint(fp32)["model"]
+    bn = [k for k in start if k.endswith("running_mean")]
+    assert bn and all(torch.equal(start[k], ckpt["model"][k]) for k in bn)  # frozen BatchNorm statistics
+    scales = ckpt["model"]["gkd_fake_quant.scale"]
+    assert scales.numel() == len(ckpt["fake_quant"]["points"]) and bool((scales > 0).all())
+    model, _ = load_detector(world["root"] / "runs" / "qat" / "checkpoints" / "model.pt")
+    from gkd.kd.fake_quant import fake_quant_state
+
+    assert fake_quant_state(model) is not None and torch.equal(fake_quant_state(model).scale.detach(), scales)
+    part = write_config(world, "qat_part", method=method, epochs=2)
+    assert distill(part, *keys, "train.epochs=1") == 0
+    assert distill(part, *keys, "--resume") == 0
+    a = load_checkpoint(world["root"] / "runs" / "qat" / "checkpoints" / "last.pt")
+    b = load_checkpoint(world["root"] / "runs" / "qat_part" / "checkpoints" / "last.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
