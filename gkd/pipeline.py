@@ -199,9 +199,14 @@ def resolve_stage_configs(cfg: PipelineConfig) -> StageConfigs:
 
     qad = None
     if cfg.qad:
-        distilled = str(cfg.run_dir / "distill" / "checkpoints" / "model.pt")
+        from gkd.kd.distill.config import method_parts
+
+        ckpts = cfg.run_dir / "distill" / "checkpoints"
+        quant = {"int8_format": cfg.qad}
+        if method_parts(section["distill"]["method"]).local:  # the distilled run's adapters, not fresh ones
+            quant["adapters_from"] = str(ckpts / "last.pt")
         section_qad = merge_dicts(merge_dicts(section, QAD_SCHEDULE), {
-            "model": {"weights": distilled}, "quant": {"int8_format": cfg.qad}})
+            "model": {"weights": str(ckpts / "model.pt")}, "quant": quant})
         updates = merge_dicts(merge_dicts(_stage_updates(cfg, "qad", section_qad, "student."), teacher_keys),
                               _checked_section(cfg.qad_student, "qad_student."))
         qad = load_config(cfg.student_config, cls=DistillRunConfig, key_prefix="qad_student.", updates=updates)

@@ -122,6 +122,9 @@ class QuantConfig:
 
     int8_format: Optional[Literal["tensorrt", "onnxruntime"]] = None
     calib_images: int = 64
+    #: a distillation run's ``last.pt`` (usually the FP32 student's own) whose adapters start this run's, so that a
+    #: short quantization-aware fine-tune is not driven by freshly initialised adapters; null: new adapters
+    adapters_from: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,23 @@ def build_task(cfg: DistillRunConfig, student: nn.Module, teacher: nn.Module | N
     return task
 
 
+def _load_adapters(task, path: str) -> None:
+    """Start ``task``'s adapters from the adapters of the distillation run checkpoint ``path``."""
+    from ..checkpoint import load_checkpoint
+
+    state = load_checkpoint(path, need="run").get("extra") or {}
+    if getattr(task, "adapters", None) is None:
+        raise GkdError(f"quant.adapters_from: distill.method '{task.cfg.method}' has no adapters to start")
+    if "adapters" not in state:
+        raise GkdError(f"quant.adapters_from: {path} holds no adapters (not a distillation run with adapters)")
+    try:
+        task.adapters.load_state_dict(state["adapters"])
+    except RuntimeError as exc:
+        raise GkdError(f"quant.adapters_from: {path}: its adapters do not fit this student and teacher "
+                       f"({str(exc).splitlines()[0][:200]})") from None
+    log.info("adapters initialised from %s", path)
+
+
 def _make_quantization_aware(student: nn.Module, cfg: DistillRunConfig, train_index) -> None:
     """Fake INT8 in ``cfg.quant.int8_format``, its scales those of post-training calibration on a seeded subset of
     the training split (the same on ``--resume``, whose checkpoint then restores the learned ones); BatchNorm frozen."""
@@ -158,6 +175,8 @@ def _run_distillation(cfg: DistillRunConfig, resume: bool, progress: bool) -> di
     if cfg.quant.int8_format:
         _make_quantization_aware(student, cfg, train_index)
     task = build_task(cfg, student, teacher, train_index)
+    if cfg.quant.adapters_from and not resume:
+        _load_adapters(task, cfg.quant.adapters_from)
     if teacher is not None:  # checked on --resume: the teacher read on the run's behalf must be the same file
         from ..io import file_sha256
 

@@ -181,17 +181,21 @@ def test_resume_with_another_teacher_file_is_refused(world, tmp_path, capsys):
     assert "is not the file this run started with" in err and "Traceback" not in err
 
 
-def test_quantization_aware_student_from_a_trained_one(world):
+def test_quantization_aware_student_from_a_trained_one(world, capfd):
     """quant.int8_format: the student starts from model.weights with post-training scales, trains with fake INT8
     against the teacher (QAD; method none is QAT, the same code without the teacher), keeps BatchNorm statistics,
     and its checkpoints carry the learned scales; --resume continues it exactly."""
     method, fmt = "gkd", "tensorrt"
-    base = write_config(world, "fp32", method="none")
+    base = write_config(world, "fp32")
     assert distill(base) == 0
     fp32 = world["root"] / "runs" / "fp32" / "checkpoints" / "model.pt"
-    keys = [f"model.weights={fp32}", f"quant.int8_format={fmt}", "quant.calib_images=4"]
+    keys = [f"model.weights={fp32}", f"quant.int8_format={fmt}", "quant.calib_images=4",
+            f"quant.adapters_from={fp32.parent / 'last.pt'}"]
     cfg = write_config(world, "qat", method=method, epochs=2)
+    capfd.readouterr()
     assert distill(cfg, *keys) == 0
+    err = capfd.readouterr().err
+    assert "adapters initialised from" in err and "quantization-aware: fake INT8 (tensorrt format)" in err
     ckpt = load_checkpoint(world["root"] / "runs" / "qat" / "checkpoints" / "model.pt")
     assert ckpt["fake_quant"]["format"] == fmt
     start = load_checkpoint(fp32)["model"]
