@@ -400,7 +400,7 @@ def _audit(study: dict[str, Any]) -> list[str]:
         cos_key = f"teacher cos: {key}"
         if all(a["within_level"].get(cos_key) is not None for a in audits.values()):
             lines.append("In the teacher's own features (the teacher's best cosine to its class's prototypes, one of "
-                         f"the two terms the weight compares; others - part within a level): " + "; ".join(
+                         "the two terms the weight compares; others - part within a level): " + "; ".join(
                              f"{names.get(kind, kind)} {d(a['within_level'][cos_key])}" for kind, a in audits.items())
                          + ".")
         lines.append("")
