@@ -349,12 +349,16 @@ def format_report(rep: dict[str, Any], view: str | None = None) -> str:
     return "\n".join(lines)
 
 
+#: the first columns of the CSV report (how a CSV gkd wrote is recognised before it is replaced)
+CSV_HEADER = "view,runner,path,provider,precision,headline_ms,headline"
+
+
 def report_csv(rep: dict[str, Any]) -> str:
     """One row per (view, runner): the statistics and the headline."""
     buf = io.StringIO()
     cols = ["count", "mean", "std", "min", "p50", "p90", "p95", "p99", "max", "cov", "throughput_ips"]
     w = csv.writer(buf)
-    w.writerow(["view", "runner", "path", "provider", "precision", "headline_ms", "headline", *cols])
+    w.writerow(CSV_HEADER.split(",") + cols)
     for view, runners in rep["views"].items():
         for name, r in runners.items():
             w.writerow([view, name, r["path"], r["provider"], r["precision"], f"{r['headline']['value']:.6g}",
@@ -362,21 +366,16 @@ def report_csv(rep: dict[str, Any]) -> str:
     return buf.getvalue()
 
 
-def _check_report_path(path: Path, named: bool) -> None:
-    """Before the timing: the report's folder is writable, and a report at a path gkd chose (``latency.json``) does
-    not replace a file of that name gkd did not write (a path the user named is theirs to overwrite)."""
-    from gkd.kd.io import ensure_writable_folder
+def _check_report_path(path: Path, option: str) -> None:
+    """Before the timing: the report's folder is writable, and an existing file there is replaced only if it is a
+    gkd latency report (JSON) or CSV (a file of the user's is never replaced, named or not)."""
+    from gkd.kd.io import ensure_writable_folder, json_field_is, refuse_foreign_file
 
     ensure_writable_folder(path.parent if str(path.parent) else Path("."), "the report's folder")
-    if named or not path.exists():
-        return
-    try:
-        ours = json.loads(path.read_text(encoding="utf-8")).get("benchmark") == "latency"
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-        ours = False
-    if not ours:
-        raise GkdError(f"{path}: exists and is not a gkd latency report; it is left as it is: give --out for the "
-                       f"report")
+    if option == "--csv":
+        refuse_foreign_file(path, option, lambda p: p.read_text(encoding="utf-8").startswith(CSV_HEADER))
+    else:
+        refuse_foreign_file(path, option, json_field_is("benchmark", "latency"))
 
 
 @click.command("latency", context_settings={"max_content_width": 110})
@@ -437,9 +436,9 @@ def latency(models, data, export_dir, calib_data, view, device, provider, thread
     log = lambda s: click.echo(s, err=True)  # noqa: E731
     specs = [ModelSpec(Path(m), model_kind(m)) for m in models]
     path = out or (export_dir / "latency.json" if export_dir is not None else Path("latency.json"))
-    _check_report_path(path, named=out is not None)
+    _check_report_path(path, "--out")
     if csv_path is not None:
-        _check_report_path(csv_path, named=True)
+        _check_report_path(csv_path, "--csv")
     if export_dir is not None:
         ckpts = [s for s in specs if s.kind == "pytorch"]
         if len(ckpts) != 1 or len(specs) != 1:

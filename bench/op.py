@@ -154,7 +154,8 @@ def run_op_benchmark(*, device: str = "cpu", threads: int = 2, batch: int = 2, c
     # Well beyond the last-level cache, about the size of what the operator moves, 64..256 MB.
     bw = copy_bandwidth(dev, mbytes=int(min(256, max(64, 2 * feature_bytes / 2**20))))
     return {
-        "device": str(dev), "threads": threads, "torch": torch.__version__, "backend": _ops.backend_summary(),
+        "benchmark": "op", "device": str(dev), "threads": threads, "torch": torch.__version__,
+        "backend": _ops.backend_summary(),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
         "load_average_1min": [load_before, os.getloadavg()[0]],
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
@@ -249,6 +250,10 @@ def op(device, threads, batch, channels, image_size, strides, instances, prototy
     if not _ops.has_ops():
         raise GkdError(f"gkd.kd._C: {_ops.backend_summary()}; expected the built extension (see docs/operator.md)")
 
+    if json_path is not None:  # before the timing: a file of the user's is never replaced
+        from gkd.kd.io import json_field_is, refuse_foreign_file
+
+        refuse_foreign_file(json_path, "--json", json_field_is("benchmark", "op"))
     if device == "cuda" and not torch.cuda.is_available():
         raise GkdError("--device cuda: torch sees no CUDA device here; expected a machine with a GPU")
     if device == "cpu" and dtype in ("float16", "bfloat16"):

@@ -203,6 +203,11 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_images: Seq
                 raise GkdError(f"{out_path}: INT8 quantization could not write its files: {exc.strerror or exc}"
                                ) from None
             except Exception as exc:
+                from gkd.kd.io import nearly_full
+
+                if nearly_full(out_path.parent):  # onnxruntime reports a truncated write as a corrupt protobuf
+                    raise GkdError(f"{out_path}: No space left on device during INT8 quantization (nothing was "
+                                   f"kept); free some space and run the command again") from None
                 msg = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise GkdError(f"{out_path}: INT8 quantization failed: {msg[:300]}") from None
             finally:

@@ -413,6 +413,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     stage_cfgs = resolve_stage_configs(cfg)  # before anything runs: a bad key costs nothing
     if cfg.teacher_checkpoint and not Path(cfg.teacher_checkpoint).is_file():
         raise GkdError(f"teacher_checkpoint: {cfg.teacher_checkpoint}: file not found")
+    made_by_training = [p for p in ("config.yaml", "checkpoints", "metrics.jsonl") if (cfg.run_dir / p).exists()]
+    if made_by_training and not (cfg.run_dir / "manifest.json").is_file():
+        raise GkdError(f"{cfg.run_dir}: holds a training run ({', '.join(made_by_training)}) that gkd run did not "
+                       f"make; choose another name=... or runs_dir=...")
     from gkd.kd.io import RunLock
 
     with RunLock(cfg.run_dir):  # one gkd run per run folder at a time

@@ -72,8 +72,8 @@ def accuracy_gate(bench: dict[str, Any] | None, min_ratio: float, export: dict[s
     * with ``max_int8_latency_ratio`` > 0: INT8 p50 <= that x FP32 p50 (bench stage, side by side, one run);
     * with a quantization-aware student (``qad_export``): its files verified, its INT8 file INT8.
 
-    Returns ``{"min_ratio", "max_int8_latency_ratio", "passed": True | False | None (not checked), "checked",
-    "failures"}``. ``min_ratio`` 0 turns the gate off.
+    Returns ``{"min_ratio", "max_int8_latency_ratio", "passed": True | False | None (not checked), "checked" (the
+    checks that passed), "failures"}``. ``min_ratio`` 0 turns the gate off.
     """
     out: dict[str, Any] = {"min_ratio": min_ratio, "max_int8_latency_ratio": max_int8_latency_ratio,
                            "passed": None, "checked": [], "failures": []}
@@ -88,8 +88,10 @@ def accuracy_gate(bench: dict[str, Any] | None, min_ratio: float, export: dict[s
         return out
 
     def check(ok: bool, what: str, failure: str) -> None:
-        out["checked"].append(what)
-        if not ok:
+        """A passed check is listed under ``checked``, a failed one under ``failures`` only (never both)."""
+        if ok:
+            out["checked"].append(what)
+        else:
             out["failures"].append(failure)
 
     check(ref > 0, f"{ref_name} detects (mAP {ref:.4f})",
@@ -162,7 +164,7 @@ def _gate_lines(m: dict[str, Any]) -> list[str]:
         return []
     verdict = {True: "PASS", False: "FAILED", None: "not checked"}[gate.get("passed")]
     lines = [f"## Accuracy gate: {verdict}", ""]
-    lines += [f"- checked: {c}" for c in gate.get("checked", [])]
+    lines += [f"- passed: {c}" for c in gate.get("checked", [])]
     lines += [f"- **failed**: {f}" for f in gate.get("failures", [])]
     if gate.get("reason"):
         lines.append(f"- {gate['reason']}")

@@ -317,6 +317,22 @@ def _strip(record: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if k not in ("inputs", "command")}
 
 
+def _check_grid(cfg: StudyConfig) -> None:
+    """Refuse, before anything runs, a grid with an unknown method or without a seed."""
+    from gkd.kd.distill.config import METHODS
+    from gkd.kd.errors import GkdError
+
+    known = list(METHODS) + list(STUDY_METHODS)
+    for key in ("methods", "control_methods"):
+        bad = [m for m in getattr(cfg, key) if m not in known]
+        if bad:
+            raise GkdError(f"{key}: unknown method '{bad[0]}'; expected some of {', '.join(known)}")
+    if not cfg.methods:
+        raise GkdError("methods: empty; expected at least one method, e.g. methods=[none,gkd]")
+    if not cfg.seeds:
+        raise GkdError("seeds: empty; expected at least one seed, e.g. seeds=[0]")
+
+
 def run_study(cfg: StudyConfig, command: str = "") -> dict[str, Any]:
     """Data -> (teacher, control teacher, student initialisation: side by side) -> every student run -> report.
 
@@ -335,6 +351,7 @@ def run_study(cfg: StudyConfig, command: str = "") -> dict[str, Any]:
     if cfg.synth_val_images >= cfg.synth_images:
         raise GkdError(f"synth_val_images is {cfg.synth_val_images}; expected fewer than synth_images "
                        f"({cfg.synth_images}): the rest is the training split")
+    _check_grid(cfg)
     fixed = {"runs_dir": str(cfg.run_dir), "data": {"root": cfg.data_root}}
     tcfg = None if cfg.teacher_checkpoint else load_config(
         cfg.teacher_config, key_prefix="teacher.", updates=merge_dicts(cfg.teacher, {**fixed, "name": "teacher"}))

@@ -13,8 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save",
-           "append_jsonl", "read_json"]
+__all__ = ["nearly_full", "refuse_foreign_file", "json_field_is", "atomic_write", "atomic_write_bytes",
+           "atomic_write_text", "atomic_write_json", "atomic_torch_save", "append_jsonl", "read_json"]
 
 
 def _current_umask() -> int:
@@ -71,7 +71,8 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None]) -> Pat
         tmp_path.unlink(missing_ok=True)
         if full:
             raise GkdError(f"{path}: No space left on device while writing it (the previous version, if any, is "
-                           f"unchanged); free some space and run the same command again") from None
+                           f"unchanged); free some space and run the command again (a training run: with --resume, "
+                           f"from its last finished epoch)") from None
         if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise GkdError(f"{path}: cannot write here ({exc.strerror})") from None
         raise
@@ -81,6 +82,45 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None]) -> Pat
 #: what torch.save's zip writer says when a write fails (a RuntimeError without errno): "file write failed",
 #: "basic_ios::clear: iostream error", "[enforce fail at inline_container.cc] . unexpected pos N vs M"
 _TORCH_WRITE_ERRORS = ("write failed", "iostream error", "basic_ios", "unexpected pos")
+
+
+def refuse_foreign_file(path: str | Path, option: str, ours: Callable[[Path], bool]) -> None:
+    """Before any work: an output file that exists is replaced only if gkd wrote it (``ours(path)``: its content
+    carries gkd's mark); a file the user made is never replaced. Raises a one-line GkdError otherwise."""
+    from .errors import GkdError
+
+    path = Path(path)
+    if not path.exists():
+        return
+    try:
+        mine = path.is_file() and ours(path)
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, TypeError):
+        mine = False
+    if not mine:
+        raise GkdError(f"{path}: exists and was not written by gkd ({option}); it is left as it is: choose another "
+                       f"{option} path or remove the file")
+
+
+def json_field_is(key: str, value: Any) -> Callable[[Path], bool]:
+    """``ours`` for :func:`refuse_foreign_file`: the file is a JSON object whose ``key`` is ``value``."""
+    def check(path: Path) -> bool:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        node: Any = data
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node == value if not callable(value) else bool(value(node))
+    return check
+
+
+def nearly_full(folder: str | Path, below: int = 64 * 2 ** 20) -> bool:
+    """Whether the file system of ``folder`` has less than ``below`` bytes free (False when it cannot be asked):
+    what a writer that reports no errno (onnxruntime's protobuf, torch's zip writer) failed on."""
+    import shutil
+
+    try:
+        return shutil.disk_usage(folder).free < below
+    except OSError:
+        return False
 
 
 def _out_of_space(exc: BaseException, path: Path) -> bool:

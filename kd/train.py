@@ -28,6 +28,9 @@ def load_splits(cfg: RunConfig, train: bool = True):
     if not train:
         return None, val_index
     train_index = load_coco(cfg.data.path("train"), image_root=image_root)
+    if not any(a.get("iscrowd", 0) == 0 for anns in train_index.anns_by_image.values() for a in anns):
+        raise GkdError(f"{cfg.data.path('train')}: holds no annotated object ({len(train_index.anns_by_image)} "
+                       f"images, 0 boxes to learn from); expected a training split with labelled boxes")
     if train_index.category_ids != val_index.category_ids or train_index.classes != val_index.classes:
         raise GkdError(f"{cfg.data.path('val')}: categories differ from {cfg.data.path('train')} "
                        f"({val_index.classes} vs {train_index.classes}); both splits need the same category list")

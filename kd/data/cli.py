@@ -120,6 +120,7 @@ def convert_voc(voc_root: Path | None, annotations_dir: Path | None, images_dir:
     setup_console_logging()
     if voc_root is None and (annotations_dir is None or images_dir is None):
         raise GkdError("gkd data convert voc: give VOC_ROOT, or both --annotations and --images")
+    _check_out(out)
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     coco = voc_to_coco(voc_root, split=split, classes=names, difficult=difficult.lower(),
                        annotations_dir=annotations_dir, images_dir=images_dir)
@@ -148,9 +149,18 @@ def convert_yolo(images_dir: Path, labels_dir: Path, names: Path, out: Path) -> 
     from .convert import yolo_to_coco
 
     setup_console_logging()
+    _check_out(out)
     coco = yolo_to_coco(images_dir, labels_dir, names=names)
     atomic_write_json(out, coco, indent=None)
     _after_convert(out, images_dir)
+
+
+def _check_out(out: Path) -> None:
+    """An existing --out is replaced only if gkd data convert wrote it (its info says "converted from ...")."""
+    from ..io import json_field_is, refuse_foreign_file
+
+    refuse_foreign_file(out, "--out", json_field_is(
+        "info.description", lambda d: isinstance(d, str) and d.startswith("converted from ")))
 
 
 def _after_convert(out: Path, image_root: Path) -> None:
@@ -231,6 +241,9 @@ def check(file: Path, images: Path | None, no_images: bool) -> None:
         check_image_files(index)
     click.echo(format_summary(index))
     click.echo("images: " + ("all present, decodable and of the stated size" if not no_images else "not checked"))
+    objects = sum(a.get("iscrowd", 0) == 0 for anns in index.anns_by_image.values() for a in anns)
+    if not objects:  # usable as images to predict on, not to train or evaluate on
+        click.echo("warning: no annotated object: nothing to train on or to measure mAP against")
     click.echo("ok")
 
 

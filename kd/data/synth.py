@@ -449,6 +449,25 @@ def _check_args(out_dir: Path, n_images: int, seed: int, image_size: int, val_fr
     return n_val
 
 
+def _drop_previous(folder: Path) -> None:
+    """Before a new dataset is generated where this generator made one: remove the old one's files (its JSON and
+    its images, which the generator named), so that no image of the old dataset stays beside the new one's; the
+    user is told which dataset is replaced."""
+    import json
+
+    try:
+        old = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError):
+        old = {}
+    log.info("replacing the synthetic dataset in %s (made by gkd data synth: %s images, seed %s, %s px)", folder,
+             old.get("n_images", "?"), old.get("seed", "?"), old.get("image_size", "?"))
+    (folder / "train.json").unlink(missing_ok=True)  # first: the folder no longer claims a complete dataset
+    for name in ("val.json", "README.txt"):
+        (folder / name).unlink(missing_ok=True)
+    for png in (folder / "images").glob("[0-9][0-9][0-9][0-9][0-9][0-9].png"):
+        png.unlink()
+
+
 def _generator_owned(folder: Path) -> bool:
     """Whether ``folder`` holds a dataset written by this generator (its meta.json says so)."""
     import json
@@ -487,6 +506,8 @@ def generate_synthetic(out_dir: str | os.PathLike, *, n_images: int = 800, seed:
     _preset(preset)
     n_val = _check_args(out_dir, n_images, seed, image_size, val_fraction)
     n_train = n_images - n_val
+    if _generator_owned(out_dir):
+        _drop_previous(out_dir)
     t0 = time.perf_counter()
     images, anns = [], []
     iterator = range(n_images)

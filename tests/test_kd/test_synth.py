@@ -180,3 +180,16 @@ def test_every_config_preset_is_a_world_and_the_quick_world_is_easy(tmp_path):
     objects = [o for i in range(30) for o in render_image(0, i, 96, preset="quick")[1]]
     assert not any(o[k] for o in objects for k in ("small", "blurred", "noisy", "low_contrast"))
     assert {o["label"] for o in objects} == {0, 1, 2}
+
+
+def test_regenerating_replaces_the_previous_dataset_entirely(tmp_path):
+    """A smaller dataset generated where a larger one was: no image of the old one stays beside the new one's."""
+    from gkd.kd.data import generate_synthetic
+
+    generate_synthetic(tmp_path, n_images=12, seed=0, image_size=64)
+    generate_synthetic(tmp_path, n_images=4, seed=1, image_size=64)
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [f"{i:06d}.png" for i in range(4)]
+    again = tmp_path.parent / f"{tmp_path.name}-fresh"
+    generate_synthetic(again, n_images=4, seed=1, image_size=64)
+    for name in ("train.json", "val.json", "images/000003.png"):
+        assert (tmp_path / name).read_bytes() == (again / name).read_bytes(), name
