@@ -32,9 +32,13 @@ def quantization_aware(trained, rect_data, arch: str, fmt: str, tmp_path, factor
 
 
 def export(path, rect_data, out, *extra):
+    """``gkd export`` at FP32 and INT8. Detections are compared from score 0.5 up: the tiny detectors find every box
+    at 0.6 or more (tests/detectors.py), while their weak detections near the default floor (0.3) cross it in either
+    direction where one INT8 level rounds differently in PyTorch and onnxruntime (how often depends on the CPU's
+    float path: measured 3 of 24 on one, none on another)."""
     return main(["export", str(path), "--precision", "fp32,int8", "--calib-data", str(rect_data["train"]),
                  "--val-data", str(rect_data["val"]), "--out", str(out), "--calib-images", "4",
-                 "--parity-images", "6", "--speed-rounds", "0", *extra])
+                 "--parity-images", "6", "--speed-rounds", "0", "--score-floor", "0.5", *extra])
 
 
 @pytest.fixture(scope="module")

@@ -183,7 +183,9 @@ def test_latency_never_replaces_a_latency_json_of_the_users_own(exported, rect_d
     # a path the user names is protected the same way, the CSV too: nothing is timed, nothing replaced
     for option, name in (("--out", "mine.json"), ("--csv", "mine.csv")):
         (tmp_path / name).write_text("my own numbers")
-        rc = main(["bench", "latency", str(exported[ARCH]["fp32"]), "--data", str(rect_data["val"]), option, name])
+        fresh = ["--out", "fresh.json"] if option == "--csv" else []
+        rc = main(["bench", "latency", str(exported[ARCH]["fp32"]), "--data", str(rect_data["val"]), option, name,
+                   *fresh])
         err = capsys.readouterr().err
         assert rc == 2 and f"{name}: exists and was not written by gkd ({option})" in err, err
         assert (tmp_path / name).read_text() == "my own numbers"
