@@ -134,11 +134,8 @@ class StageConfigs:
 def _stage_updates(cfg: PipelineConfig, stage: str, section: dict, prefix: str) -> dict:
     """The user's ``teacher.*`` / ``student.*`` section under this run's fixed keys (stage folder, data, seed)."""
     from gkd.kd.config import merge_dicts
-    from gkd.kd.errors import GkdError
 
-    for key in ("name", "runs_dir"):
-        if key in section:
-            raise GkdError(f"{prefix}{key}: set by gkd run (runs/<name>/<stage>/); use {key}=... for the whole run")
+    _checked_section(section, prefix)
     seed = cfg.teacher_seed if stage == "teacher" else cfg.seed
     fixed = {"runs_dir": str(cfg.run_dir), "name": stage, "seed": seed, "data": {"root": cfg.data_root}}
     return merge_dicts(fixed, section)
@@ -215,6 +212,7 @@ def resolve_stage_configs(cfg: PipelineConfig) -> StageConfigs:
 
 
 def _checked_section(section: dict, prefix: str) -> dict:
+    """``section`` (a stage's user keys), refused when it sets what gkd run sets for every stage."""
     from gkd.kd.errors import GkdError
 
     for key in ("name", "runs_dir"):

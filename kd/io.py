@@ -135,12 +135,7 @@ def _out_of_space(exc: BaseException, path: Path) -> bool:
         return True
     if not any(isinstance(e, RuntimeError) and any(m in str(e) for m in _TORCH_WRITE_ERRORS) for e in chain):
         return False
-    import shutil
-
-    try:
-        return shutil.disk_usage(path.parent).free < 64 * 2 ** 20
-    except OSError:
-        return False
+    return nearly_full(path.parent)
 
 
 def ensure_writable_folder(folder: str | os.PathLike, what: str = "output folder") -> Path:
