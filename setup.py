@@ -26,7 +26,7 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("kd", "csrc")
 #: repository folder -> import name
-PARTS = {"kd": "gkd.kd", "export": "gkd.export", "bench": "gkd.bench"}
+PARTS = {"core": "gkd.core", "kd": "gkd.kd", "export": "gkd.export", "bench": "gkd.bench"}
 
 
 def _packages() -> tuple[list[str], dict[str, str]]:

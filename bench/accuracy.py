@@ -23,10 +23,10 @@ from typing import Any, Callable, Sequence
 
 import click
 
-from gkd.kd.errors import GkdError
+from gkd.core.errors import GkdError
 
-from .artifacts import (ModelSpec, Unavailable, check_device_request, check_distinct_files, model_kind,
-                        open_runner, runner_label)
+from .artifacts import (ModelSpec, Unavailable, check_device_request, check_distinct_files, model_kind, open_runner,
+                        runner_label)
 
 __all__ = ["evaluate_models", "label_space", "format_eval_table", "evaluate", "unique_names"]
 
@@ -254,7 +254,7 @@ def check_eval_out(out: Path) -> set[str]:
     Raises:
         GkdError: naming the first file of the user's own that the evaluation would replace.
     """
-    from gkd.kd.io import ensure_writable_folder
+    from gkd.core.io import ensure_writable_folder
 
     ensure_writable_folder(out, "--out folder")
     earlier = _earlier_eval_files(out)
@@ -271,7 +271,7 @@ def write_eval_outputs(rep: dict[str, Any], first: Path, data: Path, out: Path |
     """metrics.json + detections.json of the reference (the single-model layout), detections.<i>.<file>.json of
     the others, eval.json (everything but detections, and the files written) and eval.md; returns the folder.
     Files an earlier evaluation wrote there and this one does not are removed (two evaluations never mix)."""
-    from gkd.kd.io import atomic_write_json, atomic_write_text
+    from gkd.core.io import atomic_write_json, atomic_write_text
 
     out = Path(out) if out is not None else default_eval_dir(Path(first))
     earlier = check_eval_out(out)
@@ -347,8 +347,8 @@ def evaluate(models, data, images, out, max_dets, device, provider, threads, min
     """
     import torch
 
+    from gkd.core.logs import setup_console_logging
     from gkd.kd.evaluation import STAT_NAMES
-    from gkd.kd.logs import setup_console_logging
 
     setup_console_logging()
     if device == "auto":

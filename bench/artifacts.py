@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from gkd.kd.errors import GkdError
+from gkd.core.errors import GkdError
 
 __all__ = ["KINDS", "ModelSpec", "model_kind", "open_runner", "ORT_PROVIDERS", "Unavailable", "check_distinct_files",
            "check_device_request"]

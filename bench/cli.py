@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from gkd.kd.lazy_cli import LazyGroup
+from gkd.core.cli import LazyGroup
 
 __all__ = ["bench"]
 

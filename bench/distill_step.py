@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import click
 import torch
+
 from gkd.kd import CONFIG_DIR
 
 from .harness import sync
@@ -147,7 +148,8 @@ def run_distill_benchmark(cfg, *, teacher_path: Path | None = None, methods: tup
         A dict: ``steps`` (per variant: median/mean/min seconds per step), ``ratios``, ``breakdown_s`` (parts of
         one instrumented gkd step), ``refresh`` (first and later refresh times, epoch time, fractions), settings.
     """
-    from gkd.kd.engine import build_optimizer, seed_everything, select_device
+    from gkd.kd.distributed import select_device
+    from gkd.kd.engine import build_optimizer, seed_everything
     from gkd.kd.train import build_model
 
     device = select_device(cfg.train.device)
@@ -338,11 +340,11 @@ def distill_step(config: Path | None, overrides: tuple[str, ...], teacher: Path 
       gkd data synth --out data/synth
       gkd bench distill --methods local,robust,gkd,pkd,pkd+global --out runs/bench/distill_step.json
     """
-    from gkd.kd.cli import split_config_and_overrides
+    from gkd.core.cli import split_config_and_overrides
+    from gkd.core.errors import GkdError
+    from gkd.core.io import atomic_write_json
     from gkd.kd.config import load_config
     from gkd.kd.distill.config import METHODS, DistillRunConfig
-    from gkd.kd.errors import GkdError
-    from gkd.kd.io import atomic_write_json
 
     wanted = tuple(m.strip() for m in methods.split(",") if m.strip())
     bad = [m for m in wanted if m not in METHODS]

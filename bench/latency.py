@@ -34,13 +34,13 @@ from typing import Any, Callable, Sequence
 import click
 import torch
 
-from gkd.kd.errors import GkdError
+from gkd.core.errors import GkdError
 
-from .artifacts import (ModelSpec, Unavailable, check_device_request, check_distinct_files, model_kind,
-                        open_runner, runner_label)
-from .harness import Timings, TimingPolicy, measure
-from .stats import COV_WARN_THRESHOLD, headline, latency_stats
+from .artifacts import (ModelSpec, Unavailable, check_device_request, check_distinct_files, model_kind, open_runner,
+                        runner_label)
+from .harness import TimingPolicy, Timings, measure
 from .stamp import machine_stamp, throttle_warnings
+from .stats import COV_WARN_THRESHOLD, headline, latency_stats
 
 __all__ = ["latency", "latency_stats", "benchmark_models", "run_latency_benchmark", "format_report",
            "trtexec_times", "compute_call", "e2e_call"]
@@ -369,7 +369,7 @@ def report_csv(rep: dict[str, Any]) -> str:
 def _check_report_path(path: Path, option: str) -> None:
     """Before the timing: the report's folder is writable, and an existing file there is replaced only if it is a
     gkd latency report (JSON) or CSV (a file of the user's is never replaced, named or not)."""
-    from gkd.kd.io import ensure_writable_folder, json_field_is, refuse_foreign_file
+    from gkd.core.io import ensure_writable_folder, json_field_is, refuse_foreign_file
 
     ensure_writable_folder(path.parent if str(path.parent) else Path("."), "the report's folder")
     if option == "--csv":
@@ -424,7 +424,7 @@ def latency(models, data, export_dir, calib_data, view, device, provider, thread
       gkd bench latency runs/student/checkpoints/model.pt --export-dir runs/student/export --data val.json
       gkd bench latency a.onnx b.onnx --data val.json --view both --duration 10 --csv lat.csv
     """
-    from gkd.kd.io import atomic_write_json, atomic_write_text
+    from gkd.core.io import atomic_write_json, atomic_write_text
 
     if max_iterations is not None and max_iterations < iterations:
         raise GkdError(f"--max-iterations {max_iterations} is below --iterations {iterations}")

@@ -125,10 +125,9 @@ def run_op_benchmark(*, device: str = "cpu", threads: int = 2, batch: int = 2, c
                      reference_repeats: int = 1, warmup: int = 1, prototype_grad: bool = False,
                      seed: int = 0) -> dict:
     """Time the extension, the vectorised and the per-instance versions; returns a JSON-able dict."""
+    from gkd.core.errors import GkdError
     from gkd.kd import _ops
     from gkd.kd.prototype import prototype_project_reference, prototype_project_vectorized
-
-    from gkd.kd.errors import GkdError
 
     if instances < 1:  # no box: no output depends on the features, so there is no backward to time
         raise GkdError(f"instances: {instances}; expected at least 1 box per step")
@@ -243,15 +242,15 @@ def _ints(ctx: click.Context | None, param: click.Parameter | None, text: str) -
 def op(device, threads, batch, channels, image_size, strides, instances, prototypes, dtype, repeats,
        reference_repeats, prototype_grad, seed, json_path):
     """Time kd::prototype_project against the vectorised and per-instance PyTorch versions (forward, fwd+bwd)."""
+    from gkd.core.errors import GkdError
+    from gkd.core.io import atomic_write_json
     from gkd.kd import _ops
-    from gkd.kd.errors import GkdError
-    from gkd.kd.io import atomic_write_json
 
     if not _ops.has_ops():
         raise GkdError(f"gkd.kd._C: {_ops.backend_summary()}; expected the built extension (see docs/operator.md)")
 
     if json_path is not None:  # before the timing: a file of the user's is never replaced
-        from gkd.kd.io import json_field_is, refuse_foreign_file
+        from gkd.core.io import json_field_is, refuse_foreign_file
 
         refuse_foreign_file(json_path, "--json", json_field_is("benchmark", "op"))
     if device == "cuda" and not torch.cuda.is_available():

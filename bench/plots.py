@@ -25,7 +25,7 @@ def _pyplot():
 def _save(fig, path: Path) -> Path:
     import io
 
-    from gkd.kd.io import atomic_write_bytes
+    from gkd.core.io import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")

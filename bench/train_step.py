@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 import torch
+
 from gkd.kd import CONFIG_DIR
 
 __all__ = ["train_step", "run_train_benchmark"]
@@ -120,7 +121,7 @@ def train_step(overrides, teacher_cfg, student_cfg, steps, infer_images, threads
 
     KEY=VALUE overrides apply to both configs (e.g. data.root=data/mine). Needs the dataset (gkd data synth).
     """
-    from gkd.kd.io import atomic_write_json
+    from gkd.core.io import atomic_write_json
 
     rep = run_train_benchmark({"teacher": teacher_cfg, "student": student_cfg}, list(overrides), steps,
                               infer_images, threads)

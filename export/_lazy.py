@@ -9,7 +9,7 @@ import importlib
 import importlib.util
 from types import ModuleType
 
-from gkd.kd.errors import GkdError
+from gkd.core.errors import GkdError
 
 __all__ = ["lazy_import", "has_module"]
 

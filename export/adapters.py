@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gkd.kd.errors import GkdError
+from gkd.core.errors import GkdError
 
 __all__ = ["ExportWrapper", "INPUT_NAME", "OUTPUT_NAMES", "NETWORK_SCOPES", "detector_kind", "preprocess_contract",
            "CONTRACT_VERSION"]

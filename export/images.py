@@ -82,8 +82,8 @@ def load_image_set(json_path: str | Path, *, limit: int | None = None, seed: int
         lazy: ``images`` decodes each image when it is accessed (:class:`LazyImages`), for large sets of large
             photos; an unreadable image then fails when it is reached.
     """
+    from gkd.core.errors import GkdError
     from gkd.kd.data.coco import load_coco
-    from gkd.kd.errors import GkdError
 
     index = load_coco(json_path, image_root=image_root)
     entries = list(index.images)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gkd.kd.errors import GkdError
+from gkd.core.errors import GkdError
 
 __all__ = ["check_unchanged_since_export", "require_label_space"]
 
@@ -21,7 +21,7 @@ def check_unchanged_since_export(path: str | Path) -> None:
     Raises:
         GkdError: the file changed since it was exported (or the manifest lists it and it is unreadable).
     """
-    from gkd.kd.io import file_sha256
+    from gkd.core.io import file_sha256
 
     from .manifest import MANIFEST_NAME, load_export_manifest
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gkd.kd.errors import GkdError
+from gkd.core.errors import GkdError
 
 __all__ = ["ExportedFile", "ExportManifest", "load_export_manifest", "parity_verdict", "MANIFEST_NAME"]
 
@@ -43,7 +43,7 @@ class ExportManifest:
     def check_matches(self, checkpoint: Path) -> None:
         """Refuse an export made from another checkpoint, or whose files changed since it was verified (by content:
         SHA-256), instead of measuring the wrong model without a word."""
-        from gkd.kd.io import file_sha256
+        from gkd.core.io import file_sha256
 
         have = file_sha256(checkpoint)
         if self.checkpoint_sha256 != have:
@@ -59,7 +59,7 @@ class ExportManifest:
 
     def entry_for(self, path: Path) -> ExportedFile | None:
         """The entry of ``path`` if this manifest lists that very file (same name and SHA-256), else None."""
-        from gkd.kd.io import file_sha256
+        from gkd.core.io import file_sha256
 
         path = Path(path)
         for f in self.files.values():
@@ -96,7 +96,7 @@ def load_export_manifest(export_dir: str | Path) -> ExportManifest:
 def parity_verdict(path: str | Path) -> bool | None:
     """An ONNX file's parity verdict from the export.json next to it, if that manifest lists this very file (by
     SHA-256); None when nothing vouches for it (no manifest, an unreadable one, or another file of that name)."""
-    from gkd.kd.errors import GkdError
+    from gkd.core.errors import GkdError
 
     path = Path(path)
     if not (path.parent / MANIFEST_NAME).is_file():

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from gkd.kd.errors import GkdError
-from gkd.kd.io import atomic_write, file_sha256
+from gkd.core.errors import GkdError
+from gkd.core.io import atomic_write, file_sha256
 
 from ._lazy import lazy_import
 from .adapters import INPUT_NAME, OUTPUT_NAMES, ExportWrapper
@@ -117,9 +117,8 @@ def _row_scatters_as_scatternd(model) -> int:
     them one by one (a third of Faster R-CNN's time at 1000 proposals). Every index along the other axes is the same,
     so it is a row scatter: ``ScatterND(zeros, Reshape(idx, [-1, 1]), pooled)`` is equal and copies whole rows.
     """
-    from onnx import helper, numpy_helper
-
     import numpy as np
+    from onnx import helper, numpy_helper
 
     g = model.graph
     prod = {o: n for n in g.node for o in n.output}

@@ -24,8 +24,8 @@ from typing import Any, Callable
 
 import torch
 
-from gkd.kd.errors import GkdError
-from gkd.kd.io import atomic_write_json, atomic_write_text
+from gkd.core.errors import GkdError
+from gkd.core.io import atomic_write_json, atomic_write_text
 
 from ._lazy import has_module
 from .adapters import preprocess_contract
@@ -88,7 +88,7 @@ class ExportOptions:
 def check_output_dir(out: Path) -> None:
     """Fail early (before any work) when ``out`` cannot hold files or holds files gkd did not make; creates it if
     needed and removes what a killed export left (hidden staging and calibration folders)."""
-    from gkd.kd.io import ensure_writable_folder
+    from gkd.core.io import ensure_writable_folder
 
     ensure_writable_folder(out, "output folder")
     if not (out / "export.json").is_file():

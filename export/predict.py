@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import click
 
-from gkd.kd.errors import GkdError
+from gkd.core.errors import GkdError
 
 __all__ = ["predict", "predict_images", "IMAGE_SUFFIXES"]
 
@@ -156,7 +156,7 @@ def _earlier_outputs(out: Path) -> set[str] | None:
 def _check_outputs(out: Path, names: Sequence[str]) -> set[str]:
     """Before any work: ``out`` is writable and nothing this prediction writes would replace a file gkd predict did
     not make there. Returns the earlier prediction's files (replaced or removed when this one is put in place)."""
-    from gkd.kd.io import ensure_writable_folder
+    from gkd.core.io import ensure_writable_folder
 
     ensure_writable_folder(out, "--out folder")
     earlier = _earlier_outputs(out)
@@ -177,7 +177,7 @@ def _check_outputs(out: Path, names: Sequence[str]) -> set[str]:
 def _remove_abandoned_staging(out: Path) -> None:
     """Staging folders of predictions killed before they finished (their process is gone): ours, never put in
     place."""
-    from gkd.kd.io import process_alive
+    from gkd.core.io import process_alive
 
     for folder in out.glob(f"{_STAGING}*"):
         pid = folder.name[len(_STAGING):].split("-", 1)[0]
@@ -211,7 +211,7 @@ def predict_images(model: str | Path, inputs: Sequence[str | Path], out: str | P
     """
     import tempfile
 
-    from gkd.kd.io import file_sha256
+    from gkd.core.io import file_sha256
 
     model, out = Path(model), Path(out)
     files, passed_over = _images([Path(p) for p in inputs])
@@ -237,7 +237,7 @@ def predict_images(model: str | Path, inputs: Sequence[str | Path], out: str | P
 
 
 def _write_json(path: Path, obj: Any, indent: int | None) -> None:
-    from gkd.kd.io import atomic_write_json
+    from gkd.core.io import atomic_write_json
 
     atomic_write_json(path, obj, indent=indent)
 
@@ -286,7 +286,7 @@ def _draw(pil, boxes, scores, labels, classes, path: Path) -> Path:
     """The image with each box, its class name and score drawn; written atomically."""
     from PIL import ImageDraw
 
-    from gkd.kd.io import atomic_write
+    from gkd.core.io import atomic_write
 
     canvas = pil.convert("RGB").copy()
     pen = ImageDraw.Draw(canvas)

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from gkd.kd.errors import GkdError
+from gkd.core.errors import GkdError
 
 from ._lazy import lazy_import
 from .adapters import INPUT_NAME, NETWORK_SCOPES
@@ -203,7 +203,7 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib_images: Seq
                 raise GkdError(f"{out_path}: INT8 quantization could not write its files: {exc.strerror or exc}"
                                ) from None
             except Exception as exc:
-                from gkd.kd.io import nearly_full
+                from gkd.core.io import nearly_full
 
                 if nearly_full(out_path.parent):  # onnxruntime reports a truncated write as a corrupt protobuf
                     raise GkdError(f"{out_path}: No space left on device during INT8 quantization (nothing was "

@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from gkd.kd.errors import GkdError
+from gkd.core.errors import GkdError
 
 from ._lazy import lazy_import
 from .adapters import INPUT_NAME, OUTPUT_NAMES, ExportWrapper

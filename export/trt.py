@@ -21,8 +21,8 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-from gkd.kd.errors import GkdError
-from gkd.kd.io import atomic_write_bytes, atomic_write_json, read_json
+from gkd.core.errors import GkdError
+from gkd.core.io import atomic_write_bytes, atomic_write_json, read_json
 
 from ._lazy import lazy_import
 from .adapters import INPUT_NAME

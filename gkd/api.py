@@ -2,7 +2,7 @@
 
 Every function takes a config the way the command does (a YAML path, or a mapping, or nothing for the defaults)
 plus overrides (``["train.epochs=2"]`` as on the command line, or a nested mapping merged as data), and returns
-paths and metrics. Errors a user can cause raise :class:`gkd.kd.errors.GkdError` with a one-line message.
+paths and metrics. Errors a user can cause raise :class:`gkd.core.errors.GkdError` with a one-line message.
 
 Example::
 
@@ -50,7 +50,8 @@ class RunResult:
 
 def _load(config, overrides, cls, preset: Mapping[str, Any] | None = None):
     """The resolved config: ``preset``, then the YAML file or mapping ``config``, then ``overrides``."""
-    from gkd.kd.config import load_config, merge_dicts
+    from gkd.core.config import merge_dicts
+    from gkd.kd.config import load_config
 
     path, updates = (None, dict(config)) if isinstance(config, Mapping) else (config, {})
     updates = merge_dicts(dict(preset or {}), updates)

@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from gkd.kd.lazy_cli import LazyGroup
+from gkd.core.cli import LazyGroup
 
 __all__ = ["cli", "main", "interrupt_hint"]
 
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     import signal
     import threading
 
-    from gkd.kd.errors import GkdError
+    from gkd.core.errors import GkdError
 
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_terminated)

@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional
 
 import click
+
 from gkd.kd import CONFIG_DIR
 from gkd.kd.config import SynthPreset
+from gkd.report import STUDENTS, accuracy_gate, render_report, report_json, summary_text, write_plots
 from gkd.stages import (Job, Manifest, StageRunner, artifact, data_stage, free_cores, output_sha, train_images,
                         train_student, train_teacher_processes, training_inputs, training_work, with_threads)
-from gkd.report import STUDENTS, accuracy_gate, render_report, report_json, summary_text, write_plots
 
 __all__ = ["PipelineConfig", "run_pipeline", "resolve_stage_configs", "run", "QUICK", "QAD_SCHEDULE"]
 
@@ -133,7 +134,7 @@ class StageConfigs:
 
 def _stage_updates(cfg: PipelineConfig, stage: str, section: dict, prefix: str) -> dict:
     """The user's ``teacher.*`` / ``student.*`` section under this run's fixed keys (stage folder, data, seed)."""
-    from gkd.kd.config import merge_dicts
+    from gkd.core.config import merge_dicts
 
     _checked_section(section, prefix)
     seed = cfg.teacher_seed if stage == "teacher" else cfg.seed
@@ -152,7 +153,7 @@ def teacher_processes(cfg: PipelineConfig) -> int:
 def _split_batch(run_cfg, processes: int):
     """The teacher's config per process: ``train.batch_size`` split between ``processes`` (the global batch, and so
     the lr's meaning, stay the config's), one thread each."""
-    from gkd.kd.errors import GkdError
+    from gkd.core.errors import GkdError
 
     if processes <= 1:
         return run_cfg
@@ -166,10 +167,11 @@ def _split_batch(run_cfg, processes: int):
 
 def resolve_stage_configs(cfg: PipelineConfig) -> StageConfigs:
     """Validate and resolve every training stage's config before any stage runs (one-line errors name the key)."""
+    from gkd.core.config import merge_dicts
+    from gkd.core.errors import GkdError
     from gkd.export.pipeline import PRECISIONS
-    from gkd.kd.config import RunConfig, load_config, merge_dicts
+    from gkd.kd.config import RunConfig, load_config
     from gkd.kd.distill.config import DistillRunConfig
-    from gkd.kd.errors import GkdError
 
     bad = [p for p in cfg.precisions if p not in PRECISIONS]
     if bad:
@@ -213,7 +215,7 @@ def resolve_stage_configs(cfg: PipelineConfig) -> StageConfigs:
 
 def _checked_section(section: dict, prefix: str) -> dict:
     """``section`` (a stage's user keys), refused when it sets what gkd run sets for every stage."""
-    from gkd.kd.errors import GkdError
+    from gkd.core.errors import GkdError
 
     for key in ("name", "runs_dir"):
         if key in section:
@@ -282,8 +284,8 @@ def _eval_stage(cfg: PipelineConfig, models: list[tuple[str, Path]], name: str) 
     """Val mAP of ``(group, path)`` models (overall, per class, on the hard subsets): ``runs/<name>/bench/
     accuracy-<name>.json``. A model outside the data's label space (a given COCO teacher) is skipped with why."""
     from gkd.bench.accuracy import evaluate_models
-    from gkd.kd.errors import GkdError
-    from gkd.kd.io import atomic_write_json
+    from gkd.core.errors import GkdError
+    from gkd.core.io import atomic_write_json
 
     val = Path(cfg.data_root) / "val.json"
     subsets = HARD_SUBSETS if _has_attributes(val) else ()
@@ -312,8 +314,8 @@ def _bench_stage(cfg: PipelineConfig, models: list[tuple[str, Path, str]], evals
     from gkd.bench.artifacts import ModelSpec, model_kind
     from gkd.bench.harness import TimingPolicy
     from gkd.bench.latency import benchmark_models
+    from gkd.core.io import atomic_write_json
     from gkd.export.manifest import parity_verdict
-    from gkd.kd.io import atomic_write_json
 
     out = cfg.run_dir / "bench"
     val = Path(cfg.data_root) / "val.json"
@@ -406,7 +408,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
 
     ``manifest["invocation"]`` lists what each stage did this time (reused / ran / resumed, and why).
     """
-    from gkd.kd.errors import GkdError
+    from gkd.core.errors import GkdError
 
     stage_cfgs = resolve_stage_configs(cfg)  # before anything runs: a bad key costs nothing
     if cfg.teacher_checkpoint and not Path(cfg.teacher_checkpoint).is_file():
@@ -415,15 +417,15 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     if made_by_training and not (cfg.run_dir / "manifest.json").is_file():
         raise GkdError(f"{cfg.run_dir}: holds a training run ({', '.join(made_by_training)}) that gkd run did not "
                        f"make; choose another name=... or runs_dir=...")
-    from gkd.kd.io import RunLock
+    from gkd.core.io import RunLock
 
     with RunLock(cfg.run_dir):  # one gkd run per run folder at a time
         return _run_stages(cfg, stage_cfgs)
 
 
 def _run_stages(cfg: PipelineConfig, stage_cfgs: StageConfigs) -> dict[str, Any]:
-    from gkd.kd.config import to_dict
-    from gkd.kd.io import atomic_write_json, atomic_write_text
+    from gkd.core.config import to_dict
+    from gkd.core.io import atomic_write_json, atomic_write_text
 
     manifest = Manifest(cfg.run_dir / "manifest.json", to_dict(cfg))
     planned = ["data", "teacher", "distill"] + (["baseline"] if cfg.baseline else []) + (["qad"] if cfg.qad else [])
@@ -575,8 +577,8 @@ def run(config: Path | None, overrides: tuple[str, ...], quick: bool) -> None:
       gkd run teacher.train.epochs=4 student.model.backbone=resnet34 baseline=false
       gkd run teacher_checkpoint=my_teacher.pt data_root=data/mine
     """
-    from gkd.kd.cli import split_config_and_overrides
-    from gkd.kd.logs import setup_console_logging
+    from gkd.core.cli import split_config_and_overrides
+    from gkd.core.logs import setup_console_logging
 
     setup_console_logging()
     config, overrides = split_config_and_overrides(config, overrides)

@@ -74,7 +74,7 @@ def versions() -> dict[str, str]:
 
 def artifact(path: Path) -> dict[str, str]:
     """``{"path", "sha256"}`` of a file a stage made or read: what later stages key on."""
-    from gkd.kd.io import file_sha256
+    from gkd.core.io import file_sha256
 
     return {"path": str(path), "sha256": file_sha256(path)}
 
@@ -120,7 +120,7 @@ class Manifest:
     VERSION = 2
 
     def __init__(self, path: Path, config: dict[str, Any]):
-        from gkd.kd.io import read_json
+        from gkd.core.io import read_json
 
         self.path = path
         old = read_json(path, "manifest") if path.exists() else {}
@@ -139,13 +139,13 @@ class Manifest:
         self.save()
 
     def save(self) -> None:
-        from gkd.kd.io import atomic_write_json
+        from gkd.core.io import atomic_write_json
 
         atomic_write_json(self.path, self.data)
 
 
 def _config_changes(old: dict, inputs: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    from gkd.kd.config import config_differences
+    from gkd.core.config import config_differences
 
     return config_differences(old.get("inputs", {}), inputs)
 
@@ -154,7 +154,7 @@ def _why_run(old: dict | None, key: str, inputs: dict[str, Any], prefix: str = "
     """Why a stage must run (None: its recorded result can be reused).
 
     ``prefix`` is how the user spells the stage's config keys (``student.`` for ``student.train.lr``)."""
-    from gkd.kd.io import file_sha256
+    from gkd.core.io import file_sha256
 
     if not old:
         return "not run before"
@@ -264,7 +264,7 @@ class StageRunner:
     def plan(self, stage: str, inputs: dict[str, Any], prefix: str = "") -> _Pending:
         """Key ``stage`` by its inputs and decide whether it runs (a reused stage is logged and counted here)."""
         from gkd import __version__
-        from gkd.kd.errors import GkdError
+        from gkd.core.errors import GkdError
 
         inputs = {**inputs, "gkd": __version__}
         key = content_key(inputs)
@@ -384,7 +384,7 @@ def _worker_init() -> None:
     import ctypes
     import signal
 
-    from gkd.kd.logs import setup_console_logging
+    from gkd.core.logs import setup_console_logging
 
     setup_console_logging()
     try:  # Linux: SIGTERM this process when its parent dies
@@ -412,8 +412,8 @@ def _generated_here(root: Path) -> dict | None:
 def data_stage(root: Path, synthetic: dict[str, Any]) -> dict[str, Any]:
     """Generate the synthetic dataset (``synthetic``: :func:`gkd.kd.data.generate_synthetic`'s keyword arguments)
     into ``root`` when it holds none; otherwise use what is there. Outputs: train.json and val.json."""
+    from gkd.core.errors import GkdError
     from gkd.kd.data import generate_synthetic
-    from gkd.kd.errors import GkdError
 
     if not (root / "train.json").is_file():
         generate_synthetic(root, **synthetic, progress=True)
@@ -429,8 +429,8 @@ def data_stage(root: Path, synthetic: dict[str, Any]) -> dict[str, Any]:
 
 def train_images(train_json: Path) -> int | None:
     """How many images the training split holds (None when it cannot be read: the stage itself says why)."""
+    from gkd.core.errors import GkdError
     from gkd.kd.data.coco import load_coco
-    from gkd.kd.errors import GkdError
 
     try:
         return len(load_coco(train_json).images)
@@ -454,7 +454,7 @@ def training_work(run_cfg, n_images: int | None, processes: int = 1) -> str:
 
 def training_inputs(run_cfg, **inputs: Any) -> dict[str, Any]:
     """A training stage's key inputs: its resolved config less :data:`UNKEYED`, and ``inputs`` (files' SHA-256)."""
-    from gkd.kd.config import to_dict
+    from gkd.core.config import to_dict
 
     config = to_dict(run_cfg)
     for dotted in UNKEYED:
@@ -478,9 +478,9 @@ def _prepare_run_dir(run_cfg) -> bool:
     Anything else in the folder (another key, or no finished epoch) belongs to a superseded result of this same
     stage: it is removed, so that the stage starts clean, and the folder is marked with the key it now runs for.
     """
+    from gkd.core.config import config_differences, to_dict
+    from gkd.core.io import atomic_write_text
     from gkd.kd.checkpoint import load_checkpoint
-    from gkd.kd.config import config_differences, to_dict
-    from gkd.kd.io import atomic_write_text
 
     key = _STAGE_KEY.get()
     last = run_cfg.run_dir / "checkpoints" / "last.pt"
@@ -510,7 +510,7 @@ def _refuse_foreign_folder(run_dir: Path, marked: Path) -> None:
     """A stage replaces only a folder a stage made (marked with :data:`KEY_FILE` before anything else is written
     there). Anything else in its place, e.g. the user's own ``gkd train`` run under the same ``runs_dir``, stays:
     a one-line error instead of deleting it."""
-    from gkd.kd.errors import GkdError
+    from gkd.core.errors import GkdError
 
     if not run_dir.is_dir() or marked.is_file():
         return
@@ -547,9 +547,9 @@ def train_teacher_processes(run_cfg, processes: int) -> dict[str, Any]:
     import signal
     import subprocess
 
-    from gkd.kd.config import dump_config
+    from gkd.core.config import dump_config
+    from gkd.core.errors import GkdError
     from gkd.kd.distributed import torchrun_command
-    from gkd.kd.errors import GkdError
 
     resume = _prepare_run_dir(run_cfg)
     run_cfg = with_threads(run_cfg, 1)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import click
+
 from gkd.kd import CONFIG_DIR
 from gkd.kd.config import SynthPreset
 from gkd.study_report import PAPER_TABLES, SUBSETS, portable_paths, render_report
@@ -192,7 +193,7 @@ def study_student(run_cfg: Any, val_json: Path, meta: dict[str, Any], progress: 
 def study_teacher(run_cfg: Any, val_json: Path, meta: dict[str, Any], progress: bool = False) -> dict[str, Any]:
     """A detector trained without a teacher (the teacher, the control teacher, the student initialisation), then
     evaluated (runs in a worker process, or in this one)."""
-    from gkd.kd.config import to_dict
+    from gkd.core.config import to_dict
     from gkd.stages import train_teacher
 
     return {**_trained(train_teacher, run_cfg, val_json, {**meta, "config": to_dict(run_cfg)}, progress),
@@ -215,8 +216,8 @@ def corrupt_labels(train_json: Path, out_json: Path, class_name: str, fraction: 
     every image is as in ``train_json``. Writes ``out_json`` atomically; returns what was changed."""
     import random
 
-    from gkd.kd.errors import GkdError
-    from gkd.kd.io import atomic_write_json
+    from gkd.core.errors import GkdError
+    from gkd.core.io import atomic_write_json
 
     data = json.loads(train_json.read_text())
     cats = data["categories"]
@@ -242,8 +243,8 @@ def blind_labels(train_json: Path, out_json: Path, tag: str, fraction: float, se
     returns what was changed (``images_left_empty``: images that lost every box and now teach background only)."""
     import random
 
-    from gkd.kd.errors import GkdError
-    from gkd.kd.io import atomic_write_json
+    from gkd.core.errors import GkdError
+    from gkd.core.io import atomic_write_json
 
     data = json.loads(train_json.read_text())
     anns = data["annotations"]
@@ -271,7 +272,8 @@ def _student_runs(cfg: StudyConfig, teacher_ckpt: Path, init_ckpt: Path | None,
                   control_ckpt: Path | None) -> list[tuple[str, Any, dict]]:
     """``(stage name, resolved run config, meta)`` of every student run: the main grid, the ablations, then the
     positive control's runs (the control teacher)."""
-    from gkd.kd.config import load_config, merge_dicts
+    from gkd.core.config import merge_dicts
+    from gkd.kd.config import load_config
     from gkd.kd.distill.config import DistillRunConfig
 
     def teacher(path: Path) -> dict:
@@ -319,8 +321,8 @@ def _strip(record: dict[str, Any]) -> dict[str, Any]:
 
 def _check_grid(cfg: StudyConfig) -> None:
     """Refuse, before anything runs, a grid with an unknown method or without a seed."""
+    from gkd.core.errors import GkdError
     from gkd.kd.distill.config import METHODS
-    from gkd.kd.errors import GkdError
 
     known = list(METHODS) + list(STUDY_METHODS)
     for key in ("methods", "control_methods"):
@@ -339,11 +341,12 @@ def run_study(cfg: StudyConfig, command: str = "") -> dict[str, Any]:
     The stages are gkd run's (:mod:`gkd.stages`), in ``runs/<name>/manifest.json``: a rerun reuses every stage
     whose key is unchanged and resumes an interrupted one; a stage whose key changed is refused with a one-line
     error (a new design gets a new name). Returns study.json."""
-    from gkd.kd.config import load_config, merge_dicts, to_dict
-    from gkd.kd.errors import GkdError
-    from gkd.kd.io import atomic_write_json, atomic_write_text
-    from gkd.stages import Job, Manifest, StageRunner, artifact, data_stage, output_sha, train_images, \
-        training_inputs, training_work, with_threads
+    from gkd.core.config import merge_dicts, to_dict
+    from gkd.core.errors import GkdError
+    from gkd.core.io import atomic_write_json, atomic_write_text
+    from gkd.kd.config import load_config
+    from gkd.stages import (Job, Manifest, StageRunner, artifact, data_stage, output_sha, train_images, training_inputs,
+                            training_work, with_threads)
 
     t_start = time.perf_counter()
     root = Path(cfg.data_root)
@@ -529,9 +532,9 @@ def study(config: Path | None, overrides: tuple[str, ...], quick: bool) -> None:
       gkd study methods=[none,gkd] seeds=[0] teacher_checkpoint=runs/teacher/checkpoints/best.pt
       gkd study name=study-blind control=blind control_fraction=1   # a control teacher blind to blurred objects
     """
-    from gkd.kd.cli import split_config_and_overrides
+    from gkd.core.cli import split_config_and_overrides
+    from gkd.core.logs import setup_console_logging
     from gkd.kd.config import load_config
-    from gkd.kd.logs import setup_console_logging
 
     setup_console_logging()
     config, rest = split_config_and_overrides(config, overrides)

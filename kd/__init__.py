@@ -6,8 +6,9 @@ of the optional backends (tensorrt, pycuda, onnxruntime, pycocotools), and never
 """
 from pathlib import Path
 
+from gkd.core.errors import GkdError
+
 from .. import __version__
-from .errors import GkdError
 
 __all__ = ["GkdError", "__version__", "CONFIG_DIR"]
 

@@ -29,9 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ModelConfig, from_dict, to_dict
-from .errors import GkdError
-from .io import atomic_torch_save
+from gkd.core.config import from_dict, to_dict
+from gkd.core.errors import GkdError
+from gkd.core.io import atomic_torch_save
+
+from .config import ModelConfig
 
 __all__ = ["FORMAT", "VERSION", "save_checkpoint", "load_checkpoint", "load_detector", "load_state_into",
            "detector_checkpoint", "detector_weights", "is_gkd_checkpoint"]

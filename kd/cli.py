@@ -5,24 +5,10 @@ from pathlib import Path
 
 import click
 
-__all__ = ["train", "config_overrides_argument", "split_config_and_overrides", "nproc_option", "launch_or_run",
+from gkd.core.cli import config_overrides_argument, split_config_and_overrides
+
+__all__ = ["train", "nproc_option", "launch_or_run",
            "command_argv", "echo_on_rank0", "run_summary"]
-
-OVERRIDES_HELP = ("Override any config key as key=value (dotted for nested sections), e.g. train.epochs=2 "
-                  "model.backbone=resnet18 data.root=data/mine. Values are parsed as YAML.")
-
-
-def config_overrides_argument(f):
-    return click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")(f)
-
-
-def split_config_and_overrides(config: Path | None, overrides: tuple[str, ...]) -> tuple[Path | None, list[str]]:
-    """CONFIG is optional: when the first argument looks like KEY=VALUE (and is no file), it is an override."""
-    text = str(config) if config is not None else ""
-    if "=" in text and "/" not in text.split("=", 1)[0] and not config.exists():
-        return None, [text, *overrides]
-    return config, list(overrides)
-
 
 def nproc_option(f):
     return click.option("--nproc", type=click.IntRange(1), default=None, metavar="N",
@@ -77,8 +63,9 @@ def train(config: Path | None, overrides: tuple[str, ...], resume: bool, no_prog
       gkd train kd/configs/teacher.yaml --resume      # after a kill: continues where it stopped
       gkd train kd/configs/teacher.yaml --nproc 4     # 4 GPUs of this machine (torchrun)
     """
+    from gkd.core.logs import setup_console_logging
+
     from .config import load_config
-    from .logs import setup_console_logging
     from .train import train_detector
 
     setup_console_logging(verbose)

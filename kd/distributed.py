@@ -29,9 +29,9 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .errors import GkdError
+from gkd.core.errors import GkdError
 
-__all__ = ["DistContext", "SharedRankError", "current_context", "launched_by_torchrun", "process_group",
+__all__ = ["DistContext", "select_device", "SharedRankError", "current_context", "launched_by_torchrun", "process_group",
            "select_rank_device", "run_on_main", "broadcast_object", "gather_objects", "all_gather_objects",
            "all_reduce_sums", "any_rank", "sync_buffers", "TrainableView", "wrap_trainable", "shard_batches",
            "ShardedBatchSampler", "state_sha256", "verify_identical", "torchrun_command", "relaunch",
@@ -112,10 +112,18 @@ def _backend(tcfg) -> str:
     return want
 
 
+def select_device(name: str, option: str = "train.device") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU. Asking for ``cuda`` without a GPU is a user error naming
+    ``option`` (the key or command-line option the user set)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise GkdError(f"{option}: 'cuda' requested but torch sees no CUDA GPU on this machine; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
 def select_rank_device(name: str, ctx: DistContext, option: str = "train.device") -> torch.device:
     """The device of this rank: ``cuda:<LOCAL_RANK>`` (made current) when the run uses CUDA, else the CPU."""
-    from .engine import select_device
-
     device = select_device(name, option)
     if not ctx.enabled or device.type != "cuda":
         return device

@@ -32,12 +32,16 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .checkpoint import detector_checkpoint, load_checkpoint, save_checkpoint
-from .config import RunConfig, config_differences, dump_config, to_dict
-from .errors import GkdError
-from .io import append_jsonl, atomic_write_text
+from gkd.core.config import config_differences, dump_config, to_dict
+from gkd.core.errors import GkdError
+from gkd.core.io import append_jsonl, atomic_write_text
 
-__all__ = ["fit", "select_device", "seed_everything", "EpochSampler", "build_optimizer", "build_lr_lambda",
+from .checkpoint import detector_checkpoint, load_checkpoint, save_checkpoint
+from .config import RunConfig
+from .distributed import (DistContext, ShardedBatchSampler, SharedRankError, any_rank, current_context,
+                          run_on_main)
+
+__all__ = ["fit", "seed_everything", "EpochSampler", "build_optimizer", "build_lr_lambda",
            "make_loader", "RESUMABLE_KEYS", "data_fingerprint"]
 
 log = logging.getLogger("gkd")
@@ -48,16 +52,6 @@ RESUMABLE_KEYS = ("train.epochs", "train.eval_interval", "train.threads", "data.
                   "train.dist_backend", "train.dist_timeout_s", "train.find_unused_parameters", "runs_dir", "name")
 #: where the data is may change on resume when the run recorded its data's SHA-256 and the data still has it
 DATA_LOCATION_KEYS = ("data.root", "data.train", "data.val", "data.images")
-
-
-def select_device(name: str, option: str = "train.device") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU. Asking for ``cuda`` without a GPU is a user error naming
-    ``option`` (the key or command-line option the user set)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise GkdError(f"{option}: 'cuda' requested but torch sees no CUDA GPU on this machine; use 'auto' or 'cpu'")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -143,7 +137,7 @@ def _restore_rng(state: dict[str, Any]) -> None:
 def data_fingerprint(cfg: RunConfig) -> dict[str, str]:
     """The SHA-256 of the run's train and val JSON: recorded in ``last.pt`` and compared on ``--resume`` (a run
     continued on other data would mix two datasets without a word)."""
-    from .io import file_sha256
+    from gkd.core.io import file_sha256
 
     return {split: file_sha256(cfg.data.path(split)) for split in ("train", "val") if cfg.data.path(split).is_file()}
 
@@ -253,12 +247,12 @@ def fit(task: nn.Module, cfg: RunConfig, train_set, val_set, *, resume: bool = F
         progress: bool = True) -> dict[str, Any]:
     """Train ``task`` according to ``cfg`` and keep ``cfg.run_dir`` up to date, owning the folder while it does.
 
-    The folder is locked (``.lock``, see :class:`gkd.kd.io.RunLock`): a second run into it is refused with the
+    The folder is locked (``.lock``, see :class:`gkd.core.io.RunLock`): a second run into it is refused with the
     owner's pid. Temporary files left by a process killed mid-write are removed first. In a process group only
     rank 0 takes the lock and writes; the other ranks get its verdict (or its error) and train alongside it.
     """
-    from .distributed import current_context, run_on_main
-    from .io import RunLock, ensure_writable_folder, remove_stale_temporaries
+    from gkd.core.io import RunLock, ensure_writable_folder, remove_stale_temporaries
+
 
     ctx = current_context()
     with contextlib.ExitStack() as stack:
@@ -346,7 +340,6 @@ def _val_loader(val_set, cfg: RunConfig, ctx):
     if not ctx.enabled:
         return make_loader(val_set, cfg.eval.batch_size, cfg.data.num_workers)
     from .data import collate
-    from .distributed import ShardedBatchSampler
 
     sampler = ShardedBatchSampler(len(val_set), cfg.eval.batch_size, ctx.rank, ctx.world_size)
     return torch.utils.data.DataLoader(val_set, batch_sampler=sampler, num_workers=cfg.data.num_workers,
@@ -543,7 +536,6 @@ def _check_finite(out, step, epoch, task, cfg, optimizer, scheduler, scaler, cla
                   ctx=None, device=None) -> None:
     """Stop at a non-finite loss term after saving the last good state. In a process group every rank learns that
     one rank's loss is bad (one small all-reduce per step) and all stop together; rank 0 saves."""
-    from .distributed import DistContext, SharedRankError, any_rank
 
     ctx = ctx or DistContext()
     bad = [k for k, v in out.items() if "loss" in k and not torch.isfinite(v.detach()).all()]

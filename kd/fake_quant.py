@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import GkdError
+from gkd.core.errors import GkdError
 
 __all__ = ["QFORMATS", "QFormat", "FakeQuantState", "install_fake_quant", "calibrate_fake_quant",
            "fake_quant_state", "head_output_layers", "quantized_layers", "freeze_batchnorm", "fake_quant_disabled",

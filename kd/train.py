@@ -7,8 +7,9 @@ from typing import Any
 
 import torch
 
+from gkd.core.errors import GkdError
+
 from .config import RunConfig
-from .errors import GkdError
 
 __all__ = ["load_splits", "check_num_classes", "build_model", "train_detector"]
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from gkd.api import RunResult, distill, evaluate, export, run, synth, train
-from gkd.kd.errors import GkdError
+from gkd.core.errors import GkdError
 from tests.helpers import TEST_THREADS
 
 MODEL = {"backbone": "resnet18", "min_size": 64, "max_size": 64, "anchor_sizes": [8, 16, 32, 64, 128],

@@ -35,7 +35,7 @@ def _imported_names(path: Path) -> list[tuple[int, str]]:
 
 
 def test_import_kd_loads_no_optional_backend():
-    mods = _modules_after("import gkd.kd, gkd.kd.config, gkd.kd.io")
+    mods = _modules_after("import gkd.kd, gkd.kd.config, gkd.core.io")
     loaded = sorted(m for m in mods if m.split(".")[0] in HEAVY or m.startswith(("gkd.export", "gkd.bench")))
     assert loaded == [], f"import gkd.kd pulled in {loaded}"
 

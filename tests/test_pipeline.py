@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from gkd.cli import main
+from gkd.core.errors import GkdError
 from gkd.kd.checkpoint import load_checkpoint
-from gkd.kd.errors import GkdError
 from gkd.pipeline import load_pipeline_config, run_pipeline
 from tests.helpers import TEST_THREADS
 
@@ -46,7 +46,8 @@ def world(tmp_path_factory):
 
 def config(world, name, *overrides):
     """The tiny profile in ``world`` under run name ``name``, with command-line style overrides on top."""
-    from gkd.kd.config import load_config, merge_dicts
+    from gkd.core.config import merge_dicts
+    from gkd.kd.config import load_config
     from gkd.pipeline import PipelineConfig
 
     base = merge_dicts(TINY, {"name": name, "runs_dir": world["runs_dir"], "data_root": world["data_root"]})
@@ -73,7 +74,7 @@ def first_run(world):
 
 
 def test_end_to_end_runs_every_stage_and_records_artifacts(first_run, world):
-    from gkd.kd.io import file_sha256
+    from gkd.core.io import file_sha256
 
     assert actions(first_run) == {s: ("ran", "not run before") for s in STAGES}
     stages = first_run["stages"]

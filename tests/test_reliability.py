@@ -8,7 +8,7 @@ import json
 import pytest
 
 from gkd.cli import main
-from gkd.kd.errors import GkdError
+from gkd.core.errors import GkdError
 
 
 def _users_run(folder):
@@ -116,7 +116,7 @@ def test_int8_quantization_on_a_full_disk_says_so(tmp_path, monkeypatch):
     import onnxruntime.quantization as ort_q
     import torch
 
-    import gkd.kd.io as kio
+    import gkd.core.io as kio
     from gkd.export.quantize import quantize_int8
 
     def truncated(*args, **kwargs):

@@ -184,9 +184,9 @@ def test_micro_study_blind_control(tmp_path):
 def test_quick_preset_and_default_stage_configs_are_valid():
     """The presets name real keys, and the study's stage configs load: the teacher is independent of the students
     (its own seed and width), the initialisation has its own seed, the students share its architecture."""
-    from gkd.study import QUICK_OVERRIDES, StudyConfig
     from gkd.kd.config import load_config
     from gkd.kd.distill.config import DistillRunConfig
+    from gkd.study import QUICK_OVERRIDES, StudyConfig
 
     quick = load_config(None, list(QUICK_OVERRIDES), cls=StudyConfig)
     default = StudyConfig()
@@ -228,7 +228,7 @@ def test_student_runs_cover_the_grid_ablations_and_control():
 
 
 def test_corrupted_labels_are_seeded_and_touch_one_class(tmp_path):
-    from gkd.kd.errors import GkdError
+    from gkd.core.errors import GkdError
     from gkd.study import corrupt_labels
 
     anns = [{"id": i, "image_id": 1, "category_id": 1 + i % 3, "bbox": [0, 0, 5, 5]} for i in range(30)]
@@ -288,7 +288,7 @@ def test_confidence_intervals_and_detectable_effect():
 
 
 def test_blind_labels_delete_a_seeded_share_of_one_tag_and_keep_every_image(tmp_path):
-    from gkd.kd.errors import GkdError
+    from gkd.core.errors import GkdError
     from gkd.study import blind_labels
 
     # image 1: boxes 0-3, of which 1 and 3 are blurred; image 2: box 4 only, blurred; box 5 has no attributes

@@ -61,7 +61,8 @@ def synth(out: Path, n_images: int, seed: int, image_size: int, val_fraction: fl
     Example:
       gkd data synth --out data/synth --images 800 --seed 0
     """
-    from ..logs import setup_console_logging
+    from gkd.core.logs import setup_console_logging
+
     from .synth import generate_synthetic
 
     setup_console_logging()
@@ -112,9 +113,10 @@ def convert_voc(voc_root: Path | None, annotations_dir: Path | None, images_dir:
       gkd data convert voc ~/VOCdevkit/VOC2007 --split trainval --out data/voc07/trainval.json
       gkd data convert voc --annotations mine/annotations --images mine/images --out mine/all.json
     """
-    from ..errors import GkdError
-    from ..io import atomic_write_json
-    from ..logs import setup_console_logging
+    from gkd.core.errors import GkdError
+    from gkd.core.io import atomic_write_json
+    from gkd.core.logs import setup_console_logging
+
     from .convert import voc_to_coco
 
     setup_console_logging()
@@ -144,8 +146,9 @@ def convert_yolo(images_dir: Path, labels_dir: Path, names: Path, out: Path) -> 
     Example:
       gkd data convert yolo ds/images/val ds/labels/val --names ds/data.yaml --out data/mine/val.json
     """
-    from ..io import atomic_write_json
-    from ..logs import setup_console_logging
+    from gkd.core.io import atomic_write_json
+    from gkd.core.logs import setup_console_logging
+
     from .convert import yolo_to_coco
 
     setup_console_logging()
@@ -157,7 +160,7 @@ def convert_yolo(images_dir: Path, labels_dir: Path, names: Path, out: Path) -> 
 
 def _check_out(out: Path) -> None:
     """An existing --out is replaced only if gkd data convert wrote it (its info says "converted from ...")."""
-    from ..io import json_field_is, refuse_foreign_file
+    from gkd.core.io import json_field_is, refuse_foreign_file
 
     refuse_foreign_file(out, "--out", json_field_is(
         "info.description", lambda d: isinstance(d, str) and d.startswith("converted from ")))
@@ -196,7 +199,8 @@ def split(file: Path, out: Path, val_fraction: float, seed: int, images: Path | 
       gkd data convert voc --annotations mine/annotations --images mine/images --out mine/all.json
       gkd data split mine/all.json --out data/mine && gkd run data_root=data/mine
     """
-    from ..logs import setup_console_logging
+    from gkd.core.logs import setup_console_logging
+
     from .split import split_coco
 
     setup_console_logging()
@@ -232,7 +236,8 @@ def check(file: Path, images: Path | None, no_images: bool) -> None:
     Example:
       gkd data check data/synth/train.json
     """
-    from ..logs import setup_console_logging
+    from gkd.core.logs import setup_console_logging
+
     from .coco import check_image_files, load_coco
 
     setup_console_logging()

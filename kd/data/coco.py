@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import GkdError
-from ..io import read_json
+from gkd.core.errors import GkdError
+from gkd.core.io import read_json
+
 from .transforms import flip_decision, hflip, resize
 
 __all__ = ["CocoIndex", "CocoDetection", "load_coco", "load_image", "image_size", "collate", "default_image_root",

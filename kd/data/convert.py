@@ -23,7 +23,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import GkdError
+from gkd.core.errors import GkdError
+
 from .coco import image_size
 
 __all__ = ["voc_to_coco", "yolo_to_coco", "read_class_names", "IMAGE_EXTENSIONS", "DIFFICULT_POLICIES"]

@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ..errors import GkdError
+from gkd.core.errors import GkdError
 
 __all__ = ["split_coco"]
 
@@ -27,7 +27,8 @@ def split_coco(json_path: str | os.PathLike, out_dir: str | os.PathLike, *, val_
     Raises:
         GkdError: bad fraction, an unreadable JSON, or ``out_dir`` already holding a train.json / val.json.
     """
-    from ..io import atomic_write_json, read_json
+    from gkd.core.io import atomic_write_json, read_json
+
     from .coco import load_coco
 
     if not 0.0 < val_fraction < 1.0:

@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from ..errors import GkdError
-from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from gkd.core.errors import GkdError
+from gkd.core.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 __all__ = ["generate_synthetic", "render_image", "SYNTH_CLASSES", "GENERATOR_VERSION", "SMALL_AREA",
            "OCCLUDED_ABOVE", "PRESETS", "DEFAULT_PRESET"]

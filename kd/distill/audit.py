@@ -134,12 +134,13 @@ def audit_robust_weights(cfg: Any, student_checkpoint: str | Path | None = None,
     Returns:
         ``{"images", "instances", "groups", "within_level", "student", "teacher"}`` (see :func:`summarize_weights`).
     """
+    from gkd.core.errors import GkdError
+
     from ..data import CocoDetection
     from ..engine import seed_everything
-    from ..errors import GkdError
     from ..train import build_model, load_splits
-    from .levels import assign_levels
     from .config import uses_prototypes
+    from .levels import assign_levels
     from .ops import prototype_project
     from .robust import max_same_class_cos, weight_from_best
     from .run import build_task, load_teacher
@@ -203,9 +204,10 @@ def audit_robust_weights(cfg: Any, student_checkpoint: str | Path | None = None,
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    from gkd.core.errors import GkdError
+    from gkd.core.io import atomic_write_json
+
     from ..config import load_config
-    from ..errors import GkdError
-    from ..io import atomic_write_json
     from .config import DistillRunConfig
 
     ap = argparse.ArgumentParser(prog="python -m gkd.kd.distill.audit", description=__doc__.splitlines()[0])

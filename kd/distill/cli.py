@@ -5,7 +5,9 @@ from pathlib import Path
 
 import click
 
-from ..cli import config_overrides_argument, nproc_option
+from gkd.core.cli import config_overrides_argument
+
+from ..cli import nproc_option
 
 __all__ = ["distill"]
 
@@ -42,15 +44,17 @@ def distill(config: Path | None, overrides: tuple[str, ...], resume: bool, no_pr
       gkd distill kd/configs/distill_gkd.yaml --resume
       gkd distill kd/configs/distill_gkd.yaml --nproc 8      # 8 GPUs of this machine (torchrun)
     """
-    from ..cli import command_argv, echo_on_rank0, launch_or_run, run_summary, split_config_and_overrides
+    from gkd.core.cli import split_config_and_overrides
+    from gkd.core.logs import setup_console_logging
+
+    from ..cli import command_argv, echo_on_rank0, launch_or_run, run_summary
     from ..config import load_config
-    from ..logs import setup_console_logging
     from .config import DistillRunConfig
     from .run import run_distillation
 
     setup_console_logging(verbose)
     config, overrides = split_config_and_overrides(config, overrides)
-    cfg = load_config(*split_config_and_overrides(config, overrides), cls=DistillRunConfig)
+    cfg = load_config(config, overrides, cls=DistillRunConfig)
 
     def work() -> None:
         record = run_distillation(cfg, resume=resume, progress=not no_progress)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import GkdError
+from gkd.core.errors import GkdError
 
 __all__ = ["LevelPair", "pair_levels", "assign_levels"]
 

@@ -9,8 +9,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from gkd.core.errors import GkdError
+
 from ..config import ModelConfig
-from ..errors import GkdError
 from .config import DistillRunConfig, TeacherConfig, method_parts, uses_prototypes
 
 __all__ = ["run_distillation", "load_teacher", "build_task"]
@@ -32,8 +33,9 @@ def load_teacher(tcfg: TeacherConfig, classes: Sequence[str], student_cfg: Model
     Raises:
         GkdError: no checkpoint, unreadable file, architecture or class mismatch.
     """
+    from gkd.core.config import from_dict
+
     from ..checkpoint import detector_weights, is_gkd_checkpoint, load_checkpoint, load_state_into
-    from ..config import from_dict
     from ..models.detectors import build_detector
 
     if not tcfg.checkpoint:
@@ -178,7 +180,7 @@ def _run_distillation(cfg: DistillRunConfig, resume: bool, progress: bool) -> di
     if cfg.quant.adapters_from and not resume:
         _load_adapters(task, cfg.quant.adapters_from)
     if teacher is not None:  # checked on --resume: the teacher read on the run's behalf must be the same file
-        from ..io import file_sha256
+        from gkd.core.io import file_sha256
 
         task.teacher_sha256 = file_sha256(cfg.distill.teacher.checkpoint)
     train_set = CocoDetection(train_index, train=True, min_size=cfg.model.min_size, max_size=cfg.model.max_size,

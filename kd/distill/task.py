@@ -23,7 +23,8 @@ from typing import Any, Callable, ContextManager, Sequence
 import torch
 from torch import nn
 
-from ..errors import GkdError
+from gkd.core.errors import GkdError
+
 from ..task import loss_terms, with_total
 from .adapters import Adapters
 from .config import DistillConfig, method_parts, resolve_scale, uses_prototypes

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from ..errors import GkdError
+from gkd.core.errors import GkdError
 
 __all__ = ["COCO_SLOTS", "coco_slots_for", "remap_coco_heads", "COCO_HEAD_KEYS"]
 

@@ -24,8 +24,9 @@ from functools import partial
 import torch
 from torch import nn
 
+from gkd.core.errors import GkdError
+
 from ..config import ModelConfig
-from ..errors import GkdError
 
 __all__ = ["build_detector", "head_parameter_prefixes", "slim_resnet", "stage_widths"]
 

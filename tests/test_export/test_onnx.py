@@ -5,12 +5,12 @@ import onnx
 import pytest
 import torch
 
+from gkd.core.errors import GkdError
 from gkd.export.adapters import INPUT_NAME, OUTPUT_NAMES, ExportWrapper
 from gkd.export.images import load_image_set
 from gkd.export.onnx import export_onnx, load_onnx, read_metadata
 from gkd.export.parity import DEFAULT_TOLERANCES, collect_outputs, compare_outputs
 from gkd.export.runtime import OrtRunner, TorchRunner
-from gkd.kd.errors import GkdError
 
 ARCHS = ["faster_rcnn", "retinanet"]
 

@@ -2,6 +2,7 @@
 import onnx
 import pytest
 
+from gkd.core.errors import GkdError
 from gkd.export.adapters import NETWORK_SCOPES
 from gkd.export.fp16 import convert_fp16, count_tensor_types
 from gkd.export.images import load_image_set
@@ -9,7 +10,6 @@ from gkd.export.onnx import load_onnx, read_metadata
 from gkd.export.parity import DEFAULT_TOLERANCES, collect_outputs, compare_outputs
 from gkd.export.quantize import count_qdq, quantizable_nodes, quantize_int8, rank_sensitivity
 from gkd.export.runtime import OrtRunner, TorchRunner
-from gkd.kd.errors import GkdError
 from tests.detectors import FIT_SCORE
 
 ARCHS = ["faster_rcnn", "retinanet"]

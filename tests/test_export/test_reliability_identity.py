@@ -104,7 +104,7 @@ def _export_folder_with_a_changed_file(exported, tmp_path):
     import onnx
     from onnx import numpy_helper
 
-    from gkd.kd.io import file_sha256
+    from gkd.core.io import file_sha256
 
     folder = tmp_path / "export"
     folder.mkdir()

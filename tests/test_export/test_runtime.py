@@ -2,8 +2,8 @@
 import pytest
 import torch
 
+from gkd.core.errors import GkdError
 from gkd.export.runtime import OrtRunner, TorchRunner
-from gkd.kd.errors import GkdError
 
 
 def test_provider_is_read_back_not_requested(exported):
@@ -42,7 +42,7 @@ import sys, torch
 from gkd.export.images import load_image_set
 from gkd.export.parity import collect_outputs
 from gkd.export.runtime import OvRunner
-from gkd.kd.errors import GkdError
+from gkd.core.errors import GkdError
 what, model, arg, out = sys.argv[1:5]
 if what == "outputs":
     with OvRunner(model) as r:

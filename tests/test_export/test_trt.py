@@ -4,9 +4,9 @@ import json
 
 import pytest
 
+from gkd.core.errors import GkdError
 from gkd.export.trt import (check_stamp, compute_profile, dominant_precision, load_stamp, make_stamp, onnx_for_build,
-                        parse_shapes, stamp_path, summarize_layer_precisions, verify_precision, write_stamp)
-from gkd.kd.errors import GkdError
+                            parse_shapes, stamp_path, summarize_layer_precisions, verify_precision, write_stamp)
 
 CONTRACT = {"in_graph": {"resize": {"min_size": 256, "max_size": 320}}}
 MACHINE = {"tensorrt_version": "10.3.0", "gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}

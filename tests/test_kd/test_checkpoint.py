@@ -3,9 +3,9 @@ import dataclasses
 import pytest
 import torch
 
+from gkd.core.errors import GkdError
 from gkd.kd.checkpoint import detector_checkpoint, load_checkpoint, load_detector, save_checkpoint
 from gkd.kd.config import ModelConfig
-from gkd.kd.errors import GkdError
 from gkd.kd.models.detectors import build_detector
 
 CFG = ModelConfig(arch="faster_rcnn", backbone="resnet18", min_size=64, max_size=64)

@@ -3,9 +3,9 @@ torchvision's exact key names and shapes, built locally with weights=None (nothi
 import pytest
 import torch
 
+from gkd.core.errors import GkdError
 from gkd.kd.checkpoint import load_state_into
 from gkd.kd.config import ModelConfig, RunConfig
-from gkd.kd.errors import GkdError
 from gkd.kd.models.coco_transfer import coco_slots_for
 from gkd.kd.models.detectors import build_detector
 

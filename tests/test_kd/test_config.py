@@ -1,7 +1,8 @@
 import pytest
 
-from gkd.kd.config import RunConfig, apply_overrides, dump_config, load_config, to_dict
-from gkd.kd.errors import GkdError
+from gkd.core.config import apply_overrides, dump_config, to_dict
+from gkd.core.errors import GkdError
+from gkd.kd.config import RunConfig, load_config
 
 
 def write(tmp_path, text, name="c.yaml"):
@@ -66,7 +67,7 @@ def test_base_inheritance_and_roundtrip(tmp_path):
 
 
 def test_config_differences_lists_every_differing_leaf_by_dotted_key():
-    from gkd.kd.config import config_differences
+    from gkd.core.config import config_differences
 
     old = {"model": {"backbone": "resnet18", "anchor_sizes": [8, 16]}, "train": {"lr": 0.01, "epochs": 2}}
     new = {"model": {"backbone": "resnet18", "anchor_sizes": [8, 32]}, "train": {"lr": 0.02, "epochs": 2},
@@ -77,7 +78,7 @@ def test_config_differences_lists_every_differing_leaf_by_dotted_key():
 
 
 def test_overrides_never_modify_the_defaults_they_are_applied_to():
-    from gkd.kd.config import apply_overrides, merge_dicts
+    from gkd.core.config import apply_overrides, merge_dicts
 
     defaults = {"train": {"epochs": 2, "steps": [1]}}
     merged = merge_dicts(defaults, {"model": {"arch": "retinanet"}})
@@ -91,7 +92,7 @@ def test_overrides_never_modify_the_defaults_they_are_applied_to():
     ("[8, 11]", [8, 11]), ("{a: 1}", {"a": 1}), ("0.5", 0.5), ("'quoted: yes'", "quoted: yes"), ("a #b", "a #b"),
 ])
 def test_override_values_stay_what_was_typed_where_yaml_would_change_them(raw, value):
-    from gkd.kd.config import parse_override_value
+    from gkd.core.config import parse_override_value
 
     assert parse_override_value(raw) == value
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from gkd.core.errors import GkdError
 from gkd.kd.data import load_coco, voc_to_coco, yolo_to_coco
 from gkd.kd.data.convert import read_class_names
-from gkd.kd.errors import GkdError
 
 # The known COCO set: integer boxes (VOC stores integer pixel indices), one covering the whole image.
 CLASSES = ["cat", "dog", "bird"]

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
+from gkd.core.errors import GkdError
 from gkd.kd.data import CocoDetection, collate, load_coco, load_image
 from gkd.kd.data.transforms import flip_decision, resize_scale
-from gkd.kd.errors import GkdError
 
 # --------------------------------------------------------------------------------------------------------------
 # helpers (also used by test_data_cli.py)

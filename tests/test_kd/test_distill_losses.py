@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
+from gkd.core.errors import GkdError
 from gkd.kd.distill.levels import assign_levels, pair_levels
 from gkd.kd.distill.losses import decoupled_imitation, global_relation_loss, pkd_loss, soft_label_kl, weighted_box_mask
 from gkd.kd.distill.robust import max_same_class_cos, robust_weights
-from gkd.kd.errors import GkdError
 
 
 def test_mask_takes_max_over_overlaps_whatever_the_order():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import gkd.kd.distill.task as task_mod
+from gkd.core.errors import GkdError
 from gkd.kd.checkpoint import detector_checkpoint, save_checkpoint
 from gkd.kd.config import ModelConfig
 from gkd.kd.distill.config import DistillConfig, PGMConfig, TeacherConfig
@@ -13,7 +14,6 @@ from gkd.kd.distill.ops import prototype_project
 from gkd.kd.distill.robust import robust_weights
 from gkd.kd.distill.run import load_teacher
 from gkd.kd.distill.task import DistillationTask
-from gkd.kd.errors import GkdError
 from gkd.kd.models.detectors import build_detector
 from tests.helpers import TEST_THREADS
 

@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from gkd.cli import main
+from gkd.core.errors import GkdError
 from gkd.kd.checkpoint import detector_checkpoint, load_checkpoint, save_checkpoint
 from gkd.kd.config import ModelConfig, TrainConfig
 from gkd.kd.data import generate_synthetic, load_coco
 from gkd.kd.distill.pgm import PrototypeBank
 from gkd.kd.distributed import ShardedBatchSampler, _backend, effective_lr, shard_batches, torchrun_command
-from gkd.kd.errors import GkdError
 from gkd.kd.models.detectors import build_detector
 from tests.helpers import TEST_THREADS
 
@@ -36,7 +36,7 @@ MODEL = ("{arch: faster_rcnn, backbone: resnet18, min_size: 64, max_size: 64, an
 FAILING_RANK = """
 import os, sys
 from gkd.kd.distill.task import DistillationTask
-from gkd.kd.errors import GkdError
+from gkd.core.errors import GkdError
 if os.environ.get("RANK") == "1":
     def boom(self, images, targets):
         raise GkdError("injected failure in a training step")

@@ -1,9 +1,10 @@
 import pytest
 import torch
 
+from gkd.core.errors import GkdError
 from gkd.kd.config import TrainConfig
-from gkd.kd.engine import EpochSampler, build_lr_lambda, select_device
-from gkd.kd.errors import GkdError
+from gkd.kd.distributed import select_device
+from gkd.kd.engine import EpochSampler, build_lr_lambda
 
 
 def test_warmup_then_steps():

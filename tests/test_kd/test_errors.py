@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from gkd.kd.errors import GkdError
+from gkd.core.errors import GkdError
 
 
 class BrokenImages(torch.utils.data.Dataset):

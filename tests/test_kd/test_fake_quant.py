@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
+from gkd.core.errors import GkdError
 from gkd.kd.checkpoint import detector_checkpoint, load_detector, save_checkpoint
 from gkd.kd.config import ModelConfig
-from gkd.kd.errors import GkdError
 from gkd.kd.fake_quant import (QFORMATS, activation_fake_quant, calibrate_fake_quant, fake_quant_disabled,
                                fake_quant_state, freeze_batchnorm, head_output_layers, quantized_layers,
                                resolve_onnx_layer, weight_fake_quant)

@@ -1,10 +1,10 @@
-"""gkd.kd.io atomic writes: the permissions a plain write would give, and nothing left behind on failure."""
+"""gkd.core.io atomic writes: the permissions a plain write would give, and nothing left behind on failure."""
 import os
 import stat
 
 import pytest
 
-from gkd.kd.io import atomic_write, atomic_write_text
+from gkd.core.io import atomic_write, atomic_write_text
 
 
 def _mode(path):
@@ -47,8 +47,8 @@ def test_failed_writer_leaves_the_old_file_and_no_temporary(tmp_path):
 def test_a_full_disk_is_one_line_naming_the_file_and_the_old_file_stays(tmp_path):
     import errno
 
-    from gkd.kd.errors import GkdError
-    from gkd.kd.io import atomic_write, atomic_write_text
+    from gkd.core.errors import GkdError
+    from gkd.core.io import atomic_write, atomic_write_text
 
     target = atomic_write_text(tmp_path / "metrics.csv", "old\n")
 
@@ -62,8 +62,8 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_old_file_stays(tmp_path
 
 
 def test_unwritable_folders_are_found_before_any_work(tmp_path):
-    from gkd.kd.errors import GkdError
-    from gkd.kd.io import RunLock, ensure_writable_folder
+    from gkd.core.errors import GkdError
+    from gkd.core.io import RunLock, ensure_writable_folder
 
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -78,8 +78,8 @@ def test_appending_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
     import builtins
     import errno
 
-    from gkd.kd.errors import GkdError
-    from gkd.kd.io import append_jsonl
+    from gkd.core.errors import GkdError
+    from gkd.core.io import append_jsonl
 
     log = tmp_path / "metrics.jsonl"
     append_jsonl(log, {"epoch": 0})

@@ -79,7 +79,7 @@ def test_narrow_fpn_and_box_head(arch, tmp_path):
 
 
 def test_mobilenet_fpn_width_is_fixed():
-    from gkd.kd.errors import GkdError
+    from gkd.core.errors import GkdError
 
     with pytest.raises(GkdError, match="model.fpn_channels"):
         build_detector(ModelConfig(backbone="mobilenet_v3_large", min_size=64, max_size=64, fpn_channels=128), 2)
@@ -110,9 +110,9 @@ def test_backbone_width_scales_every_resnet_stage_and_keeps_torchvision_layout(t
     a checkpoint of a slim model loads back; MobileNetV3 and out-of-range widths are refused by name."""
     from torchvision.models import resnet18, resnet50
 
+    from gkd.core.config import from_dict
+    from gkd.core.errors import GkdError
     from gkd.kd.checkpoint import detector_checkpoint, load_detector, save_checkpoint
-    from gkd.kd.config import from_dict
-    from gkd.kd.errors import GkdError
     from gkd.kd.models.detectors import slim_resnet, stage_widths
 
     for name, ref in (("resnet18", resnet18), ("resnet50", resnet50)):

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from gkd.cli import main
+from gkd.core.errors import GkdError
 from gkd.kd.checkpoint import detector_checkpoint, load_checkpoint, load_detector, save_checkpoint
 from gkd.kd.config import ModelConfig, load_config
 from gkd.kd.data import generate_synthetic
-from gkd.kd.errors import GkdError
 from tests.helpers import TEST_THREADS
 
 TINY = ["model.backbone=resnet18", "model.backbone_width=0.25", "model.fpn_channels=16", "model.box_head_dim=32",
@@ -65,7 +65,7 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line(tmp_path, monkeypatch
     __exit__, 'unexpected pos N vs M' (no errno): the user gets "No space left on device" and the earlier file."""
     import collections
 
-    import gkd.kd.io as io
+    import gkd.core.io as io
 
     path = tmp_path / "model.pt"
     save_checkpoint({"format": "gkd-checkpoint", "version": 1, "epoch": 0}, path)
@@ -91,7 +91,7 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line(tmp_path, monkeypatch
 def test_a_torch_write_error_on_a_disk_with_room_is_not_called_a_full_disk(tmp_path, monkeypatch):
     import collections
 
-    import gkd.kd.io as io
+    import gkd.core.io as io
 
     def failing_save(obj, f):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1 vs 2")

@@ -4,9 +4,9 @@ import json
 import numpy as np
 import pytest
 
+from gkd.core.errors import GkdError
 from gkd.kd.data import SYNTH_CLASSES, generate_synthetic, load_coco, render_image
 from gkd.kd.data.synth import MIN_VISIBLE, OCCLUDED_ABOVE, SMALL_AREA
-from gkd.kd.errors import GkdError
 
 
 def _files(root):

@@ -188,7 +188,7 @@ def test_leftovers_of_a_killed_write_are_cleaned_and_not_counted(tmp_path, data_
 
 
 def test_an_unwritable_checkpoint_folder_stops_before_any_step(tmp_path, data_dir, monkeypatch):
-    from gkd.kd.errors import GkdError
+    from gkd.core.errors import GkdError
 
     steps = []
     original = DetectionTask.forward

@@ -15,7 +15,7 @@ class GkdError(Exception):
         message = str(message)
         if "Original Traceback" in message:
             # Re-raised by a DataLoader worker: torch wraps the worker's traceback into the message. Keep only the
-            # original one-line message (the last line, "gkd.kd.errors.GkdError: <message>").
+            # original one-line message (the last line, "gkd.core.errors.GkdError: <message>").
             last = [line for line in message.splitlines() if line.strip()][-1]
             message = last.split("GkdError: ", 1)[-1]
         # Keep it one line whatever the caller formatted.

@@ -1,18 +1,20 @@
-"""A click group whose subcommands are imported only when invoked (click docs, "Lazily Loading Subcommands").
+"""What every command line of gkd shares: the lazily loaded command group and the ``[CONFIG] [KEY=VALUE]...`` arguments.
 
-One class for every command table of the house (``gkd``'s root in ``gkd/cli.py``, ``gkd bench`` in
-``bench/cli.py``): listing commands or printing ``--help`` must not import torch-heavy modules.
+:class:`LazyGroup` is a click group whose subcommands are imported only when invoked (click docs, "Lazily Loading
+Subcommands"): one class for every command table of the house (``gkd``'s root in ``gkd/cli.py``, ``gkd bench`` in
+``bench/cli.py``), so that listing commands or printing ``--help`` imports no torch-heavy module.
 """
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import click
 
-__all__ = ["LazyGroup"]
+__all__ = ["LazyGroup", "config_overrides_argument", "split_config_and_overrides"]
 
 #: top-level packages of gkd: a missing one means the stage is not built, not a bug in a third-party import
-_OWN_PACKAGES = {"gkd", "kd", "export", "bench"}
+_OWN_PACKAGES = {"gkd", "core", "kd", "export", "bench"}
 
 
 class LazyGroup(click.Group):
@@ -51,3 +53,16 @@ def _unavailable(name: str, help_: str) -> click.Command:
         raise click.ClickException(f"'gkd {name}' is not available in this version of gkd")
 
     return _cmd
+
+
+def config_overrides_argument(f):
+    """The ``[KEY=VALUE]...`` argument of a command that reads a config."""
+    return click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")(f)
+
+
+def split_config_and_overrides(config: Path | None, overrides: tuple[str, ...]) -> tuple[Path | None, list[str]]:
+    """CONFIG is optional: when the first argument looks like KEY=VALUE (and is no file), it is an override."""
+    text = str(config) if config is not None else ""
+    if "=" in text and "/" not in text.split("=", 1)[0] and not config.exists():
+        return None, [text, *overrides]
+    return config, list(overrides)
