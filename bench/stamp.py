@@ -13,7 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["cpu_name", "machine_stamp", "gpu_stamp", "throttle_warnings"]
+__all__ = ["cpu_name", "machine_stamp", "machine_summary", "gpu_stamp", "throttle_warnings"]
 
 _LIBRARIES = ("torch", "torchvision", "onnxruntime-gpu", "onnxruntime", "onnx", "numpy", "tensorrt",
               "tensorrt-rtx", "pycocotools", "faster-coco-eval", "gkd")
@@ -98,3 +98,12 @@ def throttle_warnings(before: dict[str, Any], after: dict[str, Any]) -> list[str
     if b.get("sm_clock_mhz") and a.get("sm_clock_mhz") and b["sm_clock_mhz"] != a["sm_clock_mhz"]:
         out.append(f"GPU SM clock changed during timing ({b['sm_clock_mhz']} -> {a['sm_clock_mhz']} MHz)")
     return out
+
+
+def machine_summary() -> dict[str, Any]:
+    """The machine a study ran on, as its report states it."""
+    import torch
+
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpus": os.cpu_count(), "processor": cpu_name(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}

@@ -171,7 +171,7 @@ def to_dict(obj: Any) -> Any:
 def config_differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
     """``(dotted key, old value, new value)`` for every leaf where two plain config dicts differ, sorted by key.
 
-    Used to refuse resuming or reusing a run made with another config (gkd.kd.engine, gkd.stages)."""
+    Used to refuse resuming or reusing a run made with another config (gkd.kd.resume)."""
     out = []
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)

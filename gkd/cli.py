@@ -23,8 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("gkd.export.cli:export", "Export a checkpoint to ONNX (FP32/FP16/INT8) and TensorRT, with parity checks."),
     "predict": ("gkd.export.predict:predict", "Detect objects in images with a checkpoint or ONNX file; draw the boxes."),
     "bench": ("gkd.bench.cli:bench", "Benchmarks: latency and accuracy of exported models, the custom operator, KD steps."),
-    "study": ("gkd.study:study", "Compare distillation methods over seeds on equal budgets (the paper's tables)."),
-    "run": ("gkd.pipeline:run", "The whole pipeline in one command: data -> teacher -> distill -> export -> bench."),
+    "study": ("gkd.commands:study", "Compare distillation methods over seeds on equal budgets (the paper's tables)."),
+    "run": ("gkd.commands:run", "The whole pipeline in one command: data -> teacher -> distill -> export -> bench."),
 }
 
 

@@ -1,9 +1,10 @@
 """``gkd run``: the one-command pipeline, data -> teacher -> students -> exports -> bench -> report.
 
-Each stage writes into ``runs/<name>/<stage>/`` and is recorded in ``runs/<name>/manifest.json``; the stages, their
-content keys, reuse and resume are :mod:`gkd.stages` (shared with ``gkd study``). Here: what gkd run's stages are
-and what each depends on. The distilled and the baseline student train side by side (two 1-thread processes) when
-two cores are free.
+Each stage writes into ``runs/<name>/<stage>/`` and is recorded in ``runs/<name>/manifest.json``; each is a function
+of the package that owns it, taking a typed spec and returning a frozen result (:mod:`gkd.kd.data.prepare`,
+:mod:`gkd.kd.stage`, :mod:`gkd.export.stage`, :mod:`gkd.bench.stage`), keyed, reused and resumed by
+:mod:`gkd.runner` (shared with ``gkd study``). Here: which stages gkd run chains and what each depends on. The
+distilled and the baseline student train side by side (two 1-thread processes) when two cores are free.
 
 **Configs are resolved before anything runs.** The teacher and student configs (with this run's ``teacher.*`` /
 ``student.*`` sections merged in as data) are validated first, so a misspelt key stops the run with a one-line error
@@ -11,21 +12,16 @@ naming it and the closest valid key, before any stage starts.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional
 
-import click
-
 from gkd.kd import CONFIG_DIR
 from gkd.kd.config import SynthPreset
-from gkd.report import STUDENTS, accuracy_gate, render_report, report_json, summary_text, write_plots
-from gkd.stages import (Job, Manifest, StageRunner, artifact, data_stage, free_cores, output_sha, train_images,
-                        train_student, train_teacher_processes, training_inputs, training_work, with_threads)
 
-__all__ = ["PipelineConfig", "run_pipeline", "resolve_stage_configs", "run", "QUICK", "QAD_SCHEDULE"]
+__all__ = ["PipelineConfig", "run_pipeline", "resolve_stage_configs", "load_pipeline_config", "QUICK",
+           "QAD_SCHEDULE"]
 
 log = logging.getLogger("gkd")
 
@@ -150,28 +146,14 @@ def teacher_processes(cfg: PipelineConfig) -> int:
     return cfg.teacher_processes or min(2, available_cores())
 
 
-def _split_batch(run_cfg, processes: int):
-    """The teacher's config per process: ``train.batch_size`` split between ``processes`` (the global batch, and so
-    the lr's meaning, stay the config's), one thread each."""
-    from gkd.core.errors import GkdError
-
-    if processes <= 1:
-        return run_cfg
-    batch = run_cfg.train.batch_size
-    if batch % processes:
-        raise GkdError(f"teacher.train.batch_size {batch} cannot be split between teacher_processes={processes} "
-                       f"processes; give a multiple of {processes}, or teacher_processes=1")
-    return with_threads(dataclasses.replace(run_cfg, train=dataclasses.replace(
-        run_cfg.train, batch_size=batch // processes)), 1)
-
-
 def resolve_stage_configs(cfg: PipelineConfig) -> StageConfigs:
     """Validate and resolve every training stage's config before any stage runs (one-line errors name the key)."""
     from gkd.core.config import merge_dicts
     from gkd.core.errors import GkdError
     from gkd.export.pipeline import PRECISIONS
     from gkd.kd.config import RunConfig, load_config
-    from gkd.kd.distill.config import DistillRunConfig
+    from gkd.kd.distill.config import DistillRunConfig, method_parts, teacher_section
+    from gkd.kd.stage import per_process
 
     bad = [p for p in cfg.precisions if p not in PRECISIONS]
     if bad:
@@ -180,13 +162,11 @@ def resolve_stage_configs(cfg: PipelineConfig) -> StageConfigs:
 
     teacher = None
     if not cfg.teacher_checkpoint:
-        teacher = _split_batch(load_config(cfg.teacher_config, cls=RunConfig, key_prefix="teacher.",
-                                           updates=_stage_updates(cfg, "teacher", cfg.teacher, "teacher.")),
-                               teacher_processes(cfg))
+        teacher = per_process(load_config(cfg.teacher_config, cls=RunConfig, key_prefix="teacher.",
+                                          updates=_stage_updates(cfg, "teacher", cfg.teacher, "teacher.")),
+                              teacher_processes(cfg), "teacher_processes", "teacher.")
     teacher_ckpt = cfg.teacher_checkpoint or str(cfg.run_dir / "teacher" / "checkpoints" / "model.pt")
-    # a teacher trained here is a gkd checkpoint that names its own architecture
-    declared = {} if cfg.teacher_checkpoint else {"arch": None, "backbone": None}
-    teacher_keys = {"distill": {"teacher": {"checkpoint": teacher_ckpt, **declared}}}
+    teacher_keys = {"distill": {"teacher": teacher_section(teacher_ckpt, trained_here=not cfg.teacher_checkpoint)}}
     # the distill stage is the full method unless the user names another (student.distill.method=...)
     section = merge_dicts({"distill": {"method": "gkd"}}, cfg.student)
 
@@ -198,8 +178,6 @@ def resolve_stage_configs(cfg: PipelineConfig) -> StageConfigs:
 
     qad = None
     if cfg.qad:
-        from gkd.kd.distill.config import method_parts
-
         ckpts = cfg.run_dir / "distill" / "checkpoints"
         quant = {"int8_format": cfg.qad}
         if method_parts(section["distill"]["method"]).local:  # the distilled run's adapters, not fresh ones
@@ -224,183 +202,12 @@ def _checked_section(section: dict, prefix: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the stages
+# the chain
 
 
 def _synth_params(cfg: PipelineConfig) -> dict[str, Any]:
     return {"n_images": cfg.synth_images, "seed": cfg.seed, "image_size": cfg.synth_size, "val_fraction": 0.2,
             "preset": cfg.synth_preset}
-
-
-def _data_inputs(cfg: PipelineConfig) -> dict[str, Any]:
-    # what the stage would generate; the data's own content is keyed through its outputs' SHA-256 (a changed
-    # train.json or val.json reruns the stages after it)
-    return {"data_root": str(Path(cfg.data_root)), "synthetic": _synth_params(cfg)}
-
-
-def _export_stage(cfg: PipelineConfig, student_ckpt: Path, out: Path, shipped: bool = True,
-                  precisions: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """``gkd export`` of one student. The shipped (distilled) student also gets the static, TensorRT-ready graph
-    and its TensorRT-RTX parse/build check; the baseline only the onnxruntime files (it is compared, not shipped,
-    and its graph is the distilled student's: building it twice on a CPU costs a minute)."""
-    from gkd.export.pipeline import ExportOptions, export_checkpoint
-
-    data = Path(cfg.data_root)
-    manifest = export_checkpoint(ExportOptions(checkpoint=student_ckpt, out=out,
-                                               precisions=tuple(precisions or cfg.precisions),
-                                               calib_data=data / "train.json", val_data=data / "val.json",
-                                               int8_target=cfg.gate_min_ratio or 0.99, seed=cfg.seed,
-                                               static=shipped, tensorrt_rtx="auto" if shipped else "off"),
-                                 log=log.info)
-    files = {p: {"onnx": artifact(out / f["onnx"]), "verified": f["verified"]} for p, f in manifest["files"].items()}
-    int8 = (manifest["files"].get("int8") or {}).get("details") or {}
-    keep = ("is_int8", "floor", "macs_int8_share", "weights_int8_share", "counts", "activations", "weights", "bias",
-            "blocking")
-    return {"dir": str(out), "outputs": {"files": files}, "parity": manifest["parity"]["results"],
-            "int8": {k: int8.get(k) for k in keep} if int8 else None, "speed": manifest.get("speed"),
-            "tensorrt": manifest.get("tensorrt"), "tensorrt_rtx": manifest.get("tensorrt_rtx_check"),
-            "trtexec": manifest.get("trtexec"), "tensorrt_profile": manifest.get("tensorrt_profile")}
-
-
-#: the val objects' attributes (the synthetic generator's hard cases) that the report gives AP on
-HARD_SUBSETS = ("small", "occluded", "blurred")
-#: CPU threads of the latency measurement (batch 1 on one core: the number an edge device's single stream sees)
-BENCH_THREADS = 1
-#: threads of the mAP evaluation (not timed: it may use both cores of the reference machine)
-ACCURACY_THREADS = 2
-
-
-def _bench_models(teacher_ckpt: Path, students: dict[str, tuple[Path, dict]]) -> list[tuple[str, Path, str]]:
-    """``(group, path, precision)`` of every model the bench stage measures: the teacher's checkpoint, then each
-    student's checkpoint and exported files (``students``: group -> (checkpoint, its export stage record))."""
-    models = [("teacher", teacher_ckpt, "fp32")]
-    for group, (ckpt, exported) in students.items():
-        models.append((group, ckpt, "fp32"))
-        models += [(group, Path(f["onnx"]["path"]), p) for p, f in exported["outputs"]["files"].items()]
-    return models
-
-
-def _eval_stage(cfg: PipelineConfig, models: list[tuple[str, Path]], name: str) -> dict[str, Any]:
-    """Val mAP of ``(group, path)`` models (overall, per class, on the hard subsets): ``runs/<name>/bench/
-    accuracy-<name>.json``. A model outside the data's label space (a given COCO teacher) is skipped with why."""
-    from gkd.bench.accuracy import evaluate_models
-    from gkd.core.errors import GkdError
-    from gkd.core.io import atomic_write_json
-
-    val = Path(cfg.data_root) / "val.json"
-    subsets = HARD_SUBSETS if _has_attributes(val) else ()
-    import torch
-
-    threads = torch.get_num_threads()  # 1 beside a training student, both cores otherwise
-    try:
-        acc = evaluate_models([p for _, p in models], val, groups=[g for g, _ in models], threads=threads,
-                              subsets=subsets, log=log.info)
-    except GkdError as exc:
-        if name != "teacher":
-            raise
-        acc = {"models": {}, "skipped": {"teacher": str(exc)}}
-        log.info("teacher: not evaluated on %s (%s)", val, exc)
-    for r in acc["models"].values():
-        r.pop("detections", None)  # ~100 boxes per image per model: `gkd eval` writes them when asked
-    out = cfg.run_dir / "bench" / f"accuracy-{name}.json"
-    atomic_write_json(out, acc)
-    return {"outputs": {"accuracy": artifact(out)}, "models": acc["models"], "skipped": acc["skipped"]}
-
-
-def _bench_stage(cfg: PipelineConfig, models: list[tuple[str, Path, str]], evals: list[dict]) -> dict[str, Any]:
-    """Latency (round-robin, side by side) of the teacher, both students and their exports; val mAP of the exports
-    not evaluated yet (``evals``: the eval-* stages' records, run while a student still trained)."""
-    from gkd.bench.accuracy import evaluate_models
-    from gkd.bench.artifacts import ModelSpec, model_kind
-    from gkd.bench.harness import TimingPolicy
-    from gkd.bench.latency import benchmark_models
-    from gkd.core.io import atomic_write_json
-    from gkd.export.manifest import parity_verdict
-
-    out = cfg.run_dir / "bench"
-    val = Path(cfg.data_root) / "val.json"
-    timed, skipped = [], {}
-    for group, path, precision in models:
-        kind = model_kind(path)
-        if kind == "onnx" and precision.endswith("fp16"):
-            # onnxruntime's CPU provider has no FP16 convolution kernels on x86: it inserts casts and computes in
-            # FP32, so an FP16 timing here would measure casts, not FP16 (its accuracy is measured all the same)
-            skipped[f"{group}/onnxruntime-fp16"] = ("onnxruntime's CPU provider has no FP16 kernels on x86 (it "
-                                                    "runs through casts): FP16 is timed on a GPU only")
-            continue
-        timed.append((group, ModelSpec(path, kind)))
-    lat = benchmark_models([s for _, s in timed], val, threads=BENCH_THREADS,
-                           policy=TimingPolicy.fixed(5, cfg.bench_iterations), latency_images=cfg.bench_images,
-                           groups=[g for g, _ in timed], log=log.info)
-    lat["skipped"].update(skipped)
-    evaluated = {r["path"] for e in evals for r in e["models"].values()}
-    exports = [(g, p) for g, p, _ in models if model_kind(p) == "onnx" and str(p) not in evaluated]
-    acc = {"models": {}, "skipped": {}}
-    if exports:
-        acc = evaluate_models([p for _, p in exports], val, groups=[g for g, _ in exports],
-                              threads=ACCURACY_THREADS, subsets=HARD_SUBSETS if _has_attributes(val) else (),
-                              log=log.info)
-        for r in acc["models"].values():
-            r.pop("detections", None)
-    for e in evals:  # one table of every model's accuracy, whichever stage scored it
-        acc["models"].update(e["models"])
-        acc["skipped"].update(e["skipped"])
-    atomic_write_json(out / "latency.json", lat)
-    atomic_write_json(out / "accuracy.json", acc)
-    runners: dict[str, dict[str, Any]] = {}
-    for name, r in lat["runners"].items():
-        runners[name] = {"p50_ms": r["latency"]["p50"], "p90_ms": r["latency"]["p90"], "provider": r["provider"],
-                         "verified": r["verified"], "bbox_mAP": None}
-    for name, r in acc["models"].items():
-        runners.setdefault(name, {"p50_ms": None, "p90_ms": None, "provider": r["provider"], "verified": None})
-        runners[name]["bbox_mAP"] = r["metrics"]["bbox_mAP"]
-        if r["kind"] == "onnx" and runners[name]["verified"] is None:
-            runners[name]["verified"] = parity_verdict(r["path"])
-    # the students' PyTorch mAP is their FP32 export's (parity-checked against it); not evaluated twice
-    for group in STUDENTS.values():
-        pt, onnx = runners.get(f"{group}/pytorch-fp32"), runners.get(f"{group}/onnxruntime-fp32") or {}
-        if pt is not None and pt["bbox_mAP"] is None:
-            pt["bbox_mAP_source"] = f"{group}/onnxruntime-fp32 (verified export of this checkpoint)"
-            pt["bbox_mAP"] = onnx.get("bbox_mAP") if onnx.get("verified") else None
-    teacher, student = runners.get("teacher/pytorch-fp32") or {}, runners.get("distilled/pytorch-fp32") or {}
-    speed = {}
-    if teacher.get("p50_ms") and student.get("p50_ms"):
-        speed = {"teacher_p50_ms": teacher["p50_ms"], "student_p50_ms": student["p50_ms"],
-                 "teacher_over_student_p50": teacher["p50_ms"] / student["p50_ms"]}
-    keep = ("teacher/pytorch-fp32", "distilled/onnxruntime-fp32", "baseline/onnxruntime-fp32")
-    return {"outputs": {"latency": artifact(out / "latency.json"), "accuracy": artifact(out / "accuracy.json")},
-            "device": "cpu", "threads": BENCH_THREADS, "runners": runners, "skipped": lat["skipped"], "speed": speed,
-            "subsets": {n: {k: v["bbox_mAP"] for k, v in acc["models"][n]["subsets"].items()}
-                        for n in keep if n in acc["models"] and acc["models"][n]["subsets"]},
-            "per_class": {n: acc["models"][n]["per_class_AP"] for n in keep if n in acc["models"]},
-            "samples_ms": {n: r["raw_times_ms"] for n, r in lat["runners"].items()}}
-
-
-def _qad_stages(cfg: PipelineConfig, run_cfg, stage, data_shas: dict, teacher_sha: str, distilled: dict,
-                n_train: int | None) -> dict[str, Any] | None:
-    """The quantization-aware distillation stage (the distilled student fine-tuned with fake INT8) and its export
-    (FP32 and INT8 from the learned scales, the static graph and its TensorRT-RTX check); returns the export's
-    record, or None when ``qad`` is off."""
-    if run_cfg is None:
-        return None
-    from gkd.export.pipeline import EXPORT_RECORD_VERSION
-
-    record = stage("qad", training_inputs(run_cfg, data=data_shas, teacher=teacher_sha,
-                                          student=output_sha(distilled, "checkpoint")),
-                   lambda: train_student(run_cfg), "qad_student.", training_work(run_cfg, n_train))
-    if not cfg.precisions or "int8" not in cfg.precisions:
-        return None
-    ckpt = Path(record["outputs"]["checkpoint"]["path"])
-    inputs = {"config": {"precisions": ["fp32", "int8"], "seed": cfg.seed}, "record": EXPORT_RECORD_VERSION,
-              "student": output_sha(record, "checkpoint"), "data": data_shas}
-    return stage("export-qad", inputs, lambda: _export_stage(cfg, ckpt, cfg.run_dir / "export-qad",
-                                                             precisions=("fp32", "int8")))
-
-
-def _has_attributes(val: Path) -> bool:
-    from gkd.kd.data.coco import load_coco
-
-    return any("attributes" in a for anns in load_coco(val).anns_by_image.values() for a in anns)
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
@@ -409,6 +216,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     ``manifest["invocation"]`` lists what each stage did this time (reused / ran / resumed, and why).
     """
     from gkd.core.errors import GkdError
+    from gkd.core.io import RunLock
 
     stage_cfgs = resolve_stage_configs(cfg)  # before anything runs: a bad key costs nothing
     if cfg.teacher_checkpoint and not Path(cfg.teacher_checkpoint).is_file():
@@ -417,104 +225,129 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     if made_by_training and not (cfg.run_dir / "manifest.json").is_file():
         raise GkdError(f"{cfg.run_dir}: holds a training run ({', '.join(made_by_training)}) that gkd run did not "
                        f"make; choose another name=... or runs_dir=...")
-    from gkd.core.io import RunLock
-
     with RunLock(cfg.run_dir):  # one gkd run per run folder at a time
         return _run_stages(cfg, stage_cfgs)
 
 
-def _run_stages(cfg: PipelineConfig, stage_cfgs: StageConfigs) -> dict[str, Any]:
-    from gkd.core.config import to_dict
-    from gkd.core.io import atomic_write_json, atomic_write_text
-
-    manifest = Manifest(cfg.run_dir / "manifest.json", to_dict(cfg))
+def _planned(cfg: PipelineConfig) -> list[str]:
     planned = ["data", "teacher", "distill"] + (["baseline"] if cfg.baseline else []) + (["qad"] if cfg.qad else [])
     if cfg.precisions:
         planned += ["export"] + (["export-baseline"] if cfg.baseline else []) + (["export-qad"] if cfg.qad else [])
         planned += (["eval-teacher"] + (["eval-baseline"] if cfg.baseline else []) + ["bench"]) if cfg.bench else []
-    runner = StageRunner(manifest, planned)
-    stage = runner.run
+    return planned
 
-    root = Path(cfg.data_root)
-    data = stage("data", _data_inputs(cfg), lambda: data_stage(root, _synth_params(cfg)))
-    data_shas = {"train.json": output_sha(data, "train"), "val.json": output_sha(data, "val")}
-    n_train = train_images(Path(data["outputs"]["train"]["path"]))  # read once, for the progress lines
+
+def _run_stages(cfg: PipelineConfig, stage_cfgs: StageConfigs) -> dict[str, Any]:
+    import torch
+
+    from gkd.bench.stage import BenchResult, BenchSpec, EvalSpec, Evaluation, bench_stage, evaluate_stage
+    from gkd.core.config import to_dict
+    from gkd.core.io import atomic_write_json, atomic_write_text
+    from gkd.core.records import Artifact
+    from gkd.export.pipeline import EXPORT_RECORD_VERSION
+    from gkd.export.stage import ExportedModel, ExportSpec, export_stage
+    from gkd.kd.data.prepare import Dataset, DatasetSpec, count_images, prepare_dataset
+    from gkd.kd.stage import (TrainedModel, TrainSpec, distill_stage, train_stage, training_inputs, training_work,
+                              with_threads)
+    from gkd.report import STUDENTS, accuracy_gate, render_report, report_json, write_plots
+    from gkd.runner import Job, Manifest, StageRunner, free_cores
+
+    manifest = Manifest(cfg.run_dir / "manifest.json", to_dict(cfg))
+    runner = StageRunner(manifest, _planned(cfg))
+    root, bench_dir = Path(cfg.data_root), cfg.run_dir / "bench"
+    synthetic = _synth_params(cfg)  # what the stage would generate; the data itself is keyed by its SHA-256
+    data = runner.run("data", {"data_root": str(root), "synthetic": synthetic},
+                      lambda key: prepare_dataset(DatasetSpec(root, synthetic)), Dataset)
+    shas, n_train = data.shas(), count_images(data.train.path)  # the count for the progress lines
     if stage_cfgs.teacher is None:
-        path = Path(cfg.teacher_checkpoint)
-        teacher = stage("teacher", {"given": artifact(path)}, lambda: {"outputs": {"checkpoint": artifact(path)},
-                                                                       "metrics": {}})
+        given = Artifact.of(cfg.teacher_checkpoint)
+        teacher = runner.run("teacher", {"given": given.record()}, lambda key: TrainedModel(given), TrainedModel)
     else:
-        procs = teacher_processes(cfg)
-        work = training_work(stage_cfgs.teacher, n_train, processes=procs)
-        teacher = stage("teacher", {**training_inputs(stage_cfgs.teacher, data=data_shas), "processes": procs},
-                        lambda: train_teacher_processes(stage_cfgs.teacher, procs), "teacher.", work)
-    teacher_sha = output_sha(teacher, "checkpoint")
+        procs, tcfg = teacher_processes(cfg), stage_cfgs.teacher
+        teacher = runner.run("teacher", {**training_inputs(tcfg, data=shas), "processes": procs},
+                             lambda key: train_stage(TrainSpec(tcfg, key, procs)), TrainedModel, "teacher.",
+                             training_work(tcfg, n_train, processes=procs))
     students = [("distill", stage_cfgs.distill)] + ([("baseline", stage_cfgs.baseline)] if cfg.baseline else [])
-    # side by side: two processes of one thread each when two cores are free (progress bars only when sequential)
-    workers = len(students) if cfg.side_by_side and len(students) > 1 and free_cores() >= len(students) else 1
-    teacher_ckpt = Path(teacher["outputs"]["checkpoint"]["path"])
-    followed: dict[str, dict[str, Any]] = {}  # this invocation's export / eval stage records
+    followed: dict[str, Any] = {}  # this invocation's export / eval stage results
 
-    def follow_up(name: str, record: dict[str, Any]) -> None:
+    def evaluate(name: str, models: tuple, inputs: dict[str, Any]) -> Evaluation:
+        spec = EvalSpec(models, data.val.path, bench_dir / f"accuracy-{name}.json", threads=torch.get_num_threads(),
+                        optional=name == "teacher")  # 1 thread beside a training student, both cores otherwise
+        return runner.run(f"eval-{name}", {**inputs, "data": shas}, lambda key: evaluate_stage(spec), Evaluation)
+
+    def follow_up(name: str, student: TrainedModel) -> None:
         """What a trained student's result lets run: its export, then the accuracy of its exports (the baseline's)
         and of the teacher. Run while the other student still trains (one thread: that core is free)."""
         if not cfg.precisions:
             return
         group = STUDENTS[name]
         folder = "export" if group == "distilled" else "export-baseline"
-        ckpt = Path(record["outputs"]["checkpoint"]["path"])
-        from gkd.export.pipeline import EXPORT_RECORD_VERSION
-
-        export_inputs = {"config": {"precisions": list(cfg.precisions), "seed": cfg.seed,
-                                    "int8_target": cfg.gate_min_ratio or 0.99}, "record": EXPORT_RECORD_VERSION,
-                         "student": output_sha(record, "checkpoint"), "data": data_shas}
-        followed[folder] = stage(folder, export_inputs, lambda: _export_stage(
-            cfg, ckpt, cfg.run_dir / folder, shipped=folder == "export"))
+        spec = ExportSpec(student.checkpoint.path, cfg.run_dir / folder, tuple(cfg.precisions), root,
+                          cfg.gate_min_ratio or 0.99, cfg.seed, shipped=folder == "export")
+        followed[folder] = runner.run(folder, {
+            "config": {"precisions": list(cfg.precisions), "seed": cfg.seed, "int8_target": spec.int8_target},
+            "record": EXPORT_RECORD_VERSION, "student": student.checkpoint.sha256, "data": shas},
+            lambda key: export_stage(spec), ExportedModel)
         if not cfg.bench:
             return
         if "eval-teacher" not in followed:
-            followed["eval-teacher"] = stage("eval-teacher", {"teacher": teacher_sha, "data": data_shas},
-                                             lambda: _eval_stage(cfg, [("teacher", teacher_ckpt)], "teacher"))
+            followed["eval-teacher"] = evaluate("teacher", (("teacher", teacher.checkpoint.path),),
+                                                {"teacher": teacher.checkpoint.sha256})
         if group == "baseline":
-            files = followed[folder]["outputs"]["files"]
-            followed["eval-baseline"] = stage(
-                "eval-baseline", {"exports": {p: f["onnx"]["sha256"] for p, f in files.items()}, "data": data_shas},
-                lambda: _eval_stage(cfg, [(group, Path(f["onnx"]["path"])) for f in files.values()], group))
+            files = followed[folder].files
+            followed["eval-baseline"] = evaluate("baseline", tuple((group, f.onnx.path) for f in files.values()),
+                                                 {"exports": {p: f.onnx.sha256 for p, f in files.items()}})
 
-    def beside_training(name: str, record: dict[str, Any]) -> None:
-        import torch
-
+    def beside_training(name: str, student: TrainedModel) -> None:
         before = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            follow_up(name, record)
+            follow_up(name, student)
         finally:
             torch.set_num_threads(before)
 
-    runner.run_parallel([Job(name, training_inputs(run_cfg, data=data_shas, teacher=teacher_sha), train_student,
-                             (run_cfg,), "student.", training_work(run_cfg, n_train),
-                             threads=lambda n, run_cfg=run_cfg: (with_threads(run_cfg, n), False))
-                         for name, run_cfg in students], workers, then=beside_training)
-    trained = {STUDENTS[name]: manifest.stages[name] for name, _ in students}
+    # side by side: two processes of one thread each when two cores are free (progress bars only when sequential)
+    workers = len(students) if cfg.side_by_side and len(students) > 1 and free_cores() >= len(students) else 1
+    trained = runner.run_parallel([Job(
+        name, training_inputs(run_cfg, data=shas, teacher=teacher.checkpoint.sha256), distill_stage,
+        lambda key, n, c=run_cfg: TrainSpec(c, key) if n is None else TrainSpec(with_threads(c, n), key,
+                                                                                 progress=False),
+        TrainedModel, "student.", training_work(run_cfg, n_train)) for name, run_cfg in students], workers,
+        then=beside_training)
     for name, _ in students:  # what did not run beside the other student's training
         if ("export" if name == "distill" else "export-baseline") not in followed:
-            follow_up(name, manifest.stages[name])
-    qad = _qad_stages(cfg, stage_cfgs.qad, stage, data_shas, teacher_sha, manifest.stages["distill"], n_train)
+            follow_up(name, trained[name])
+    exported = {STUDENTS[n]: followed["export" if n == "distill" else "export-baseline"]
+                for n, _ in students if cfg.precisions}
+    qcfg = stage_cfgs.qad
+    if qcfg is not None:  # the distilled student fine-tuned with fake INT8, exported from its learned scales
+        qad = runner.run("qad", training_inputs(qcfg, data=shas, teacher=teacher.checkpoint.sha256,
+                                                student=trained["distill"].checkpoint.sha256),
+                         lambda key: distill_stage(TrainSpec(qcfg, key)), TrainedModel, "qad_student.",
+                         training_work(qcfg, n_train))
+        if "int8" in cfg.precisions:
+            spec = ExportSpec(qad.checkpoint.path, cfg.run_dir / "export-qad", ("fp32", "int8"), root,
+                              cfg.gate_min_ratio or 0.99, cfg.seed)
+            exported["qad"] = runner.run("export-qad", {
+                "config": {"precisions": ["fp32", "int8"], "seed": cfg.seed}, "record": EXPORT_RECORD_VERSION,
+                "student": qad.checkpoint.sha256, "data": shas}, lambda key: export_stage(spec), ExportedModel)
     if cfg.precisions and cfg.bench:
-        exported = {g: followed["export" if g == "distilled" else "export-baseline"] for g in trained}
-        models = _bench_models(teacher_ckpt, {g: (Path(trained[g]["outputs"]["checkpoint"]["path"]), exported[g])
-                                              for g in trained})
-        if qad is not None:  # its INT8 file beside the post-training one (its float network is the distilled one's)
-            models.append(("qad", Path(qad["outputs"]["files"]["int8"]["onnx"]["path"]), "int8"))
-            exported["qad"] = qad
-        evals = [followed[s] for s in ("eval-teacher", "eval-baseline") if s in followed]
-        bench_inputs = {"config": {"bench_iterations": cfg.bench_iterations, "bench_images": cfg.bench_images},
-                        "teacher": teacher_sha,
-                        "student": {g: output_sha(r, "checkpoint") for g, r in trained.items()},
-                        "exports": {f"{g}/{p}": f["onnx"]["sha256"] for g, e in exported.items()
-                                    for p, f in e["outputs"]["files"].items()},
-                        "evals": [output_sha(e, "accuracy") for e in evals], "data": data_shas}
-        stage("bench", bench_inputs, lambda: _bench_stage(cfg, models, evals))
+        models = [("teacher", teacher.checkpoint.path, "fp32")]
+        for n, _ in students:
+            models.append((STUDENTS[n], trained[n].checkpoint.path, "fp32"))
+            models += [(STUDENTS[n], f.onnx.path, p) for p, f in exported[STUDENTS[n]].files.items()]
+        if "qad" in exported:  # its INT8 file beside the post-training one (its float network is the distilled one's)
+            models.append(("qad", exported["qad"].files["int8"].onnx.path, "int8"))
+        evals = tuple(followed[s] for s in ("eval-teacher", "eval-baseline") if s in followed)
+        spec = BenchSpec(tuple(models), evals, data.val.path, bench_dir, cfg.bench_iterations, cfg.bench_images,
+                         students=tuple(STUDENTS.values()))
+        runner.run("bench", {"config": {"bench_iterations": cfg.bench_iterations, "bench_images": cfg.bench_images},
+                             "teacher": teacher.checkpoint.sha256,
+                             "student": {STUDENTS[n]: trained[n].checkpoint.sha256 for n, _ in students},
+                             "exports": {f"{g}/{p}": f.onnx.sha256 for g, e in exported.items()
+                                         for p, f in e.files.items()},
+                             "evals": [e.accuracy.sha256 for e in evals], "data": shas},
+                   lambda key: bench_stage(spec), BenchResult)
     manifest.data["invocation"] = runner.invocation()
     manifest.data["gate"] = accuracy_gate(manifest.stages.get("bench") if cfg.precisions and cfg.bench else None,
                                           cfg.gate_min_ratio, manifest.stages.get("export"),
@@ -526,69 +359,8 @@ def _run_stages(cfg: PipelineConfig, stage_cfgs: StageConfigs) -> dict[str, Any]
     return manifest.data
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# the command
-
-
 def load_pipeline_config(config: Path | None, overrides: list[str], quick: bool = False) -> PipelineConfig:
     """The ``gkd run`` config: the --quick preset (if asked), then the YAML file, then command-line overrides."""
-    from gkd.kd.config import load_config
+    from gkd.core.config import load_config
 
     return load_config(config, overrides, cls=PipelineConfig, updates=QUICK if quick else None)
-
-
-@click.command("run")
-@click.argument("config", type=click.Path(path_type=Path, dir_okay=False), required=False)
-@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
-@click.option("--quick", is_flag=True, help="A few-minute smoke version: small dataset, short schedules.")
-def run(config: Path | None, overrides: tuple[str, ...], quick: bool) -> None:
-    """Run the whole pipeline on the embedded synthetic dataset (or your own, via data_root=...).
-
-    \b
-    Stages, each recorded in runs/<name>/manifest.json:
-      data             generate the synthetic dataset in data_root (if it has no train.json)
-      teacher          train the teacher, its own seed, in 2 processes where 2 cores exist (or
-                       teacher_checkpoint=PATH)                             -> runs/<name>/teacher/
-      distill          distill the student with global knowledge            -> runs/<name>/distill/
-      baseline         the same student without distillation (baseline=false: skip), trained at the same time
-                       in a second process (side_by_side=false: after it)   -> runs/<name>/baseline/
-      export           the distilled student: ONNX FP32/FP16/INT8, parity   -> runs/<name>/export/
-      export-baseline  the baseline student, the same way                   -> runs/<name>/export-baseline/
-      eval-teacher, eval-baseline   val mAP of the teacher and of the baseline's exports (on the free core
-                       while the distilled student trains)                  -> runs/<name>/bench/
-      bench            latency side by side (teacher, students, exports) and val mAP of the distilled exports
-    The report (runs/<name>/report.md, report.json, PNG plots) opens with the deployment table: per precision,
-    the baseline's and the distilled student's mAP on their exported files, the gain, p50/p90 latency. The
-    gate makes the command exit 1 when it fails, naming the model and the numbers: the shipped student's FP32
-    file detects, every file it ships is verified, its INT8 file is INT8 (>= 90% of the MACs) and loses at most
-    1 - gate_min_ratio (default 0.99) of FP32's mAP beyond chance (paired bootstrap on the val split), and INT8
-    p50 <= gate_max_int8_latency_ratio (default 1.0) x FP32 p50. gate_min_ratio=0 turns it off.
-
-    \b
-    Rerunning is cheap and safe. Each stage is keyed by what it depends on (its config, its inputs' SHA-256, gkd's
-    version): an unchanged stage is reused, a changed one runs again with every stage after it, and a training
-    stage interrupted by a kill resumes from its last finished epoch. The report says what ran and why. Every key
-    is checked before any stage runs: a misspelt one is an error naming the closest valid key.
-
-    \b
-    Examples:
-      gkd run
-      gkd run --quick name=smoke
-      gkd run teacher.train.epochs=4 student.model.backbone=resnet34 baseline=false
-      gkd run teacher_checkpoint=my_teacher.pt data_root=data/mine
-    """
-    from gkd.core.cli import split_config_and_overrides
-    from gkd.core.logs import setup_console_logging
-
-    setup_console_logging()
-    config, overrides = split_config_and_overrides(config, overrides)
-    cfg = load_pipeline_config(config, overrides, quick)
-    manifest = run_pipeline(cfg)
-    click.echo(summary_text(manifest))
-    click.echo(f"done: {cfg.run_dir}  (report.md with the plots, report.json, manifest.json)")
-    gate = manifest.get("gate") or {}
-    for line in gate.get("failures", []):
-        click.echo(f"gkd run: gate failed: {line}", err=True)
-    if gate.get("passed") is False:
-        raise click.exceptions.Exit(1)  # the run finished and its files are kept; what it shipped fails the gate
-

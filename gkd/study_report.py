@@ -9,11 +9,13 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from gkd.kd.config import HARD_CASES
+
 __all__ = ["SUBSETS", "PAPER_TABLES", "summarize", "render_report", "t_quantile", "paired_ci",
            "detectable_effect"]
 
 #: hard subsets: name -> annotation attribute (written by `gkd data synth`)
-SUBSETS = ("small", "occluded", "blurred")
+SUBSETS = HARD_CASES
 
 #: The authors' COCO val2017 numbers (ECCV 2022, from their README; docs/method.md, section 4). Theirs,
 #: not ours.

@@ -20,7 +20,7 @@ from gkd.core import config as _core
 __all__ = [
     "DataConfig", "ModelConfig", "TrainConfig", "EvalConfig", "RunConfig",
     "load_config",
-    "ARCHS", "BACKBONES", "Arch", "Backbone", "SYNTH_PRESETS", "SynthPreset",
+    "ARCHS", "BACKBONES", "Arch", "Backbone", "SYNTH_PRESETS", "SynthPreset", "HARD_CASES",
 ]
 
 #: the detector architectures and backbones: one definition, the type of the config fields and the tuples alike
@@ -31,6 +31,8 @@ BACKBONES = typing.get_args(Backbone)
 #: the synthetic generator's worlds (``gkd.kd.data.synth.PRESETS`` holds what each draws)
 SynthPreset = Literal["clean", "cluttered", "quick"]
 SYNTH_PRESETS = typing.get_args(SynthPreset)
+#: the synthetic generator's hard-case tags that reports give AP on (each box's ``attributes`` holds them, with more)
+HARD_CASES = ("small", "occluded", "blurred")
 
 
 @dataclass(frozen=True)

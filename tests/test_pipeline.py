@@ -142,10 +142,8 @@ def test_students_side_by_side_get_the_weights_of_one_after_the_other(first_run,
                                                                      caplog):
     """The default: distill and baseline train at once in two spawned processes; each gets exactly the weights it
     gets alone with the same threads, and its own tagged log lines."""
-    import gkd.pipeline as pipeline
-
     # the machine's momentary load is not what is tested: two free cores per tiny-profile thread
-    monkeypatch.setattr(pipeline, "free_cores", lambda: 2 * TEST_THREADS)
+    monkeypatch.setattr("gkd.runner.free_cores", lambda: 2 * TEST_THREADS)
     teacher = first_run["stages"]["teacher"]["outputs"]["checkpoint"]["path"]
     both = run_pipeline(config(world, "sbs", "side_by_side=true", "precisions=[]", f"teacher_checkpoint={teacher}"))
     assert actions(both) == {s: ("ran", "not run before") for s in ("data", "teacher", "distill", "baseline")}
@@ -395,7 +393,7 @@ def _export(verified=True, int8_passed=True, is_int8=True):
 
 
 def test_accuracy_gate_on_hand_made_numbers():
-    from gkd.pipeline import accuracy_gate
+    from gkd.report import accuracy_gate
 
     ok = accuracy_gate(_bench(0.40, 0.399), 0.99, _export())
     assert ok["passed"] is True and not ok["failures"] and len(ok["checked"]) == 5
@@ -467,12 +465,12 @@ def test_gkd_run_exits_1_when_the_gate_fails_and_0_when_it_passes(first_run, wor
     the test does not depend on what the tiny models learned)."""
     import yaml
 
-    import gkd.pipeline as pipeline
+    import gkd.report as report
 
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text(yaml.safe_dump({**TINY, "name": "a", "runs_dir": world["runs_dir"],
                                         "data_root": world["data_root"]}))
-    monkeypatch.setattr(pipeline, "accuracy_gate", lambda bench, r, *rest: {
+    monkeypatch.setattr(report, "accuracy_gate", lambda bench, r, *rest: {
         "min_ratio": r, "passed": False, "checked": ["x"],
         "failures": ["distilled/onnxruntime-int8: mAP 0.3000 is 75.0% of distilled/onnxruntime-fp32's 0.4000"]})
     assert main(["run", str(cfg_file)]) == 1
@@ -481,7 +479,7 @@ def test_gkd_run_exits_1_when_the_gate_fails_and_0_when_it_passes(first_run, wor
     assert "## Accuracy gate: FAILED" in cap.out
     assert all(a == "reused" for a, _ in actions(json.loads((config(world, "a").run_dir / "manifest.json")
                                                              .read_text())).values())
-    monkeypatch.setattr(pipeline, "accuracy_gate", lambda bench, r, *rest: {"min_ratio": r, "passed": True,
+    monkeypatch.setattr(report, "accuracy_gate", lambda bench, r, *rest: {"min_ratio": r, "passed": True,
                                                                       "checked": ["x"], "failures": []})
     assert main(["run", str(cfg_file)]) == 0
     assert "## Accuracy gate: PASS" in capsys.readouterr().out

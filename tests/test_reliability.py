@@ -31,35 +31,27 @@ def test_gkd_run_with_an_unset_name_stops_before_any_stage(tmp_path, capsys, mon
 
 
 def test_a_training_stage_leaves_a_folder_it_did_not_make(tmp_path):
-    from gkd import stages
     from gkd.kd.config import load_config
+    from gkd.kd.resume import prepare_stage_run
 
     folder = tmp_path / "R" / "teacher"
     before = _users_run(folder)
     cfg = load_config(None, [f"runs_dir={tmp_path / 'R'}", "name=teacher"])
-    token = stages._STAGE_KEY.set("a-stage-key")
-    try:
-        with pytest.raises(GkdError, match="holds files this pipeline did not make"):
-            stages._prepare_run_dir(cfg)
-    finally:
-        stages._STAGE_KEY.reset(token)
+    with pytest.raises(GkdError, match="holds files this pipeline did not make"):
+        prepare_stage_run(cfg, "a-stage-key")
     assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
 
 
 def test_a_training_stage_still_replaces_its_own_superseded_folder(tmp_path):
-    from gkd import stages
     from gkd.kd.config import load_config
+    from gkd.kd.resume import STAGE_KEY_FILE, prepare_stage_run
 
     folder = tmp_path / "R" / "teacher"
     _users_run(folder)
-    (folder / stages.KEY_FILE).write_text("an-older-key\n")
+    (folder / STAGE_KEY_FILE).write_text("an-older-key\n")
     cfg = load_config(None, [f"runs_dir={tmp_path / 'R'}", "name=teacher"])
-    token = stages._STAGE_KEY.set("the-new-key")
-    try:
-        assert stages._prepare_run_dir(cfg) is False
-    finally:
-        stages._STAGE_KEY.reset(token)
-    assert sorted(p.name for p in folder.iterdir()) == [stages.KEY_FILE]
+    assert prepare_stage_run(cfg, "the-new-key") is False
+    assert sorted(p.name for p in folder.iterdir()) == [STAGE_KEY_FILE]
 
 
 def test_bench_op_refuses_zero_instances_in_one_line(capsys):

@@ -229,7 +229,7 @@ def test_student_runs_cover_the_grid_ablations_and_control():
 
 def test_corrupted_labels_are_seeded_and_touch_one_class(tmp_path):
     from gkd.core.errors import GkdError
-    from gkd.study import corrupt_labels
+    from gkd.kd.data.defects import corrupt_labels
 
     anns = [{"id": i, "image_id": 1, "category_id": 1 + i % 3, "bbox": [0, 0, 5, 5]} for i in range(30)]
     src = tmp_path / "train.json"
@@ -248,7 +248,7 @@ def test_corrupted_labels_are_seeded_and_touch_one_class(tmp_path):
 
 
 def test_training_diagnostics_divide_sums_by_counts(tmp_path):
-    from gkd.study import training_diagnostics
+    from gkd.kd.distill.diagnostics import training_diagnostics
 
     epochs = [{"train/kd_instances_s4": 10.0, "train/kd_rw_sum_s4": 8.0, "train/kd_rw_n_s4": 10.0,
                "train/kd_rw_sum_c2": 0.0, "train/kd_rw_n_c2": 0.0, "train/kd_global_discrepancy": 0.2},
@@ -264,7 +264,8 @@ def test_training_diagnostics_divide_sums_by_counts(tmp_path):
 def test_level_histogram_uses_the_resize_and_the_canonical_size(tmp_path):
     from gkd.kd.config import load_config
     from gkd.kd.distill.config import DistillRunConfig
-    from gkd.study import StudyConfig, level_histogram
+    from gkd.kd.distill.levels import level_histogram
+    from gkd.study import StudyConfig
 
     # 320 px images resized to 160: boxes of 40 / 80 / 200 px become 20 / 40 / 100 px, levels floor(log2(
     # (side + 1) / 11.2)) = 0, 1, 3 (and all three on level 0 at 56 px)
@@ -289,7 +290,7 @@ def test_confidence_intervals_and_detectable_effect():
 
 def test_blind_labels_delete_a_seeded_share_of_one_tag_and_keep_every_image(tmp_path):
     from gkd.core.errors import GkdError
-    from gkd.study import blind_labels
+    from gkd.kd.data.defects import blind_labels
 
     # image 1: boxes 0-3, of which 1 and 3 are blurred; image 2: box 4 only, blurred; box 5 has no attributes
     tags = [False, True, False, True, True]

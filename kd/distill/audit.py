@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["teacher_outcome", "audit_robust_weights", "summarize_weights", "within_level", "OUTCOMES"]
+__all__ = ["teacher_outcome", "audit_robust_weights", "summarize_weights", "within_level", "OUTCOMES", "AuditSpec",
+           "Audit", "audit_stage"]
 
 #: what the teacher does with a ground-truth box
 OUTCOMES = ("right", "confused", "missed")
@@ -199,6 +202,36 @@ def audit_robust_weights(cfg: Any, student_checkpoint: str | Path | None = None,
     return {"images": n_images, "instances": len(rows), **summarize_weights(rows),
             "student": str(cfg.model.weights or f"seeded init (seed {cfg.seed})"),
             "teacher": str(cfg.distill.teacher.checkpoint)}
+
+
+@dataclass(frozen=True)
+class AuditSpec:
+    """The audit of ``config``'s teacher at its student's start, on the first ``max_images`` training images (0:
+    all), in ``threads`` threads: ``gkd study``'s audit stage."""
+
+    config: Any
+    max_images: int
+    threads: int = 1
+
+
+@dataclass(frozen=True)
+class Audit:
+    result: dict
+    seconds: float | None
+
+    def record(self) -> dict[str, Any]:
+        return {"audit": self.result, "audit_s": self.seconds, "outputs": {}}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "Audit":
+        return cls(record["audit"], record.get("audit_s"))
+
+
+def audit_stage(spec: AuditSpec) -> Audit:
+    """:func:`audit_robust_weights` as a stage (in a worker process, or in this one)."""
+    t0 = time.perf_counter()
+    result = audit_robust_weights(spec.config, max_images=spec.max_images or None, threads=spec.threads)
+    return Audit(result, round(time.perf_counter() - t0, 1))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar, Literal, Optional
 
 from ..config import Arch, Backbone, RunConfig
 
 __all__ = ["METHODS", "TeacherConfig", "PGMConfig", "DistillConfig", "QuantConfig", "DistillRunConfig",
-           "method_parts", "resolve_scale", "uses_prototypes"]
+           "method_parts", "resolve_scale", "uses_prototypes", "teacher_section"]
 
 #: the method menu (``distill.method``): one definition for the field's type and the tuple
 Method = Literal["none", "local", "robust", "gkd", "pkd", "pkd+global"]
@@ -34,6 +35,13 @@ class TeacherConfig:
     backbone: Optional[Backbone] = None
     #: anchor sizes of a plain-state-dict teacher (gkd checkpoints record their own); empty = torchvision's
     anchor_sizes: tuple[int, ...] = ()
+
+
+def teacher_section(checkpoint: str | Path, trained_here: bool) -> dict:
+    """The ``distill.teacher`` section for a teacher checkpoint. A teacher gkd trained (``trained_here``) is a gkd
+    checkpoint that records its own architecture: ``arch`` and ``backbone`` are null (take what it says), not the
+    config's defaults; a given checkpoint keeps the config's declaration (a plain state dict needs one)."""
+    return {"checkpoint": str(checkpoint), **({"arch": None, "backbone": None} if trained_here else {})}
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,16 @@ trains both backbone stages), and for Faster R-CNN it is the level the RoI head 
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from gkd.core.errors import GkdError
 
-__all__ = ["LevelPair", "pair_levels", "assign_levels"]
+__all__ = ["LevelPair", "pair_levels", "assign_levels", "level_histogram"]
 
 
 @dataclass(frozen=True)
@@ -93,3 +96,25 @@ def assign_levels(boxes: torch.Tensor, num_levels: int, canonical: float = 56.0)
     scale = torch.sqrt((boxes[:, 2] - boxes[:, 0] + 1).clamp_min(0) * (boxes[:, 3] - boxes[:, 1] + 1).clamp_min(0))
     lvl = torch.floor(torch.log2(scale / canonical + 1e-6))
     return lvl.clamp(0, num_levels - 1).long()
+
+
+def level_histogram(train_json: Path, runs: list[dict[str, Any]], run_cfg: Any) -> dict[str, Any]:
+    """How the level rule spreads the training split's boxes over the distilled levels (finest first), under the
+    canonical size of the student runs (``run_cfg``'s, resolved for its input size) and under mmdet's 56 px:
+    ``{"canonical", "levels", "gt", "gt_at_56", "positives_per_step"}``, the last the positive RoIs per step and
+    level that a main `gkd` run logged."""
+    from .config import resolve_scale
+
+    canonical = resolve_scale(run_cfg.distill, run_cfg.model.min_size).level_canonical_size
+    data = json.loads(train_json.read_text())
+    # the detector's resize: the short side to min_size, unless the long side would pass max_size
+    scale = {im["id"]: min(run_cfg.model.min_size / min(im["height"], im["width"]),
+                           run_cfg.model.max_size / max(im["height"], im["width"])) for im in data["images"]}
+    boxes = torch.tensor([[0.0, 0.0, a["bbox"][2] * scale[a["image_id"]], a["bbox"][3] * scale[a["image_id"]]]
+                          for a in data["annotations"]]).reshape(-1, 4)
+    diag = next((r.get("diagnostics", {}) for r in runs if r.get("method") == "gkd" and r.get("kind") == "main"), {})
+    levels = sorted((k[len("instances_"):] for k in diag if k.startswith("instances_")), key=lambda k: int(k[1:]))
+    n = len(levels) or 5
+    count = lambda c: torch.bincount(assign_levels(boxes, n, c), minlength=n).tolist()  # noqa: E731
+    return {"canonical": canonical, "levels": levels or [f"level {i}" for i in range(n)], "gt": count(canonical),
+            "gt_at_56": count(56.0), "positives_per_step": {k: diag[f"instances_{k}"] for k in levels}}
