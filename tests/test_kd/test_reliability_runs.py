@@ -164,22 +164,18 @@ def test_resume_refuses_a_detector_only_checkpoint_as_last_pt(one_epoch_run, dat
 
 
 def test_the_pipeline_stage_reader_applies_the_same_checks(one_epoch_run, tmp_path):
-    from gkd import stages
+    from gkd.kd.resume import STAGE_KEY_FILE, prepare_stage_run
 
     run = tmp_path / "r"
     shutil.copytree(one_epoch_run, run)
-    (run / stages.KEY_FILE).write_text("k\n")
+    (run / STAGE_KEY_FILE).write_text("k\n")
     last = run / "checkpoints" / "last.pt"
     state = load_checkpoint(last)
     state["version"] = 2
     save_checkpoint(state, last)
     cfg = load_config(run / "config.yaml", [f"runs_dir={tmp_path}"])
-    token = stages._STAGE_KEY.set("k")
-    try:
-        with pytest.raises(GkdError, match="newer than this gkd understands"):
-            stages._prepare_run_dir(cfg)
-    finally:
-        stages._STAGE_KEY.reset(token)
+    with pytest.raises(GkdError, match="newer than this gkd understands"):
+        prepare_stage_run(cfg, "k")
     assert last.is_file()
 
 
