@@ -32,26 +32,18 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from gkd.core.config import config_differences, dump_config, to_dict
+from gkd.core.config import dump_config, to_dict
 from gkd.core.errors import GkdError
 from gkd.core.io import append_jsonl, atomic_write_text
 
-from .checkpoint import detector_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import detector_checkpoint, save_checkpoint
 from .config import RunConfig
-from .distributed import (DistContext, ShardedBatchSampler, SharedRankError, any_rank, current_context,
-                          run_on_main)
+from .distributed import DistContext, ShardedBatchSampler, SharedRankError, any_rank, current_context, run_on_main
+from .resume import data_fingerprint, refuse_foreign_files, state_to_resume
 
-__all__ = ["fit", "seed_everything", "EpochSampler", "build_optimizer", "build_lr_lambda",
-           "make_loader", "RESUMABLE_KEYS", "data_fingerprint"]
+__all__ = ["fit", "seed_everything", "EpochSampler", "build_optimizer", "build_lr_lambda", "make_loader"]
 
 log = logging.getLogger("gkd")
-
-#: config keys that may differ between a run and its resume (everything else must match); ``runs_dir`` and
-#: ``name`` say where the run folder is, not what it computes: a run moved to another folder resumes there
-RESUMABLE_KEYS = ("train.epochs", "train.eval_interval", "train.threads", "data.num_workers", "train.device",
-                  "train.dist_backend", "train.dist_timeout_s", "train.find_unused_parameters", "runs_dir", "name")
-#: where the data is may change on resume when the run recorded its data's SHA-256 and the data still has it
-DATA_LOCATION_KEYS = ("data.root", "data.train", "data.val", "data.images")
 
 
 def seed_everything(seed: int) -> None:
@@ -134,55 +126,6 @@ def _restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def data_fingerprint(cfg: RunConfig) -> dict[str, str]:
-    """The SHA-256 of the run's train and val JSON: recorded in ``last.pt`` and compared on ``--resume`` (a run
-    continued on other data would mix two datasets without a word)."""
-    from gkd.core.io import file_sha256
-
-    return {split: file_sha256(cfg.data.path(split)) for split in ("train", "val") if cfg.data.path(split).is_file()}
-
-
-def _check_resume_data(state: dict[str, Any], cfg: RunConfig, path: Path) -> None:
-    saved = state.get("data_sha256")
-    if not isinstance(saved, dict):  # a run saved before gkd recorded its data: its config check still applies
-        return
-    now = data_fingerprint(cfg)
-    for split, sha in saved.items():
-        if now.get(split) != sha:
-            have = f"sha256 {now[split][:12]}" if split in now else "missing"
-            raise GkdError(f"{cfg.data.path(split)}: cannot resume '{cfg.name}' from {path}: the {split} data is not "
-                           f"the data the run started on ({have}, was sha256 {sha[:12]}); restore it, or start a new "
-                           f"run (name=...)")
-
-
-def _check_resume_config(saved: dict, cfg: RunConfig, path: Path, data_checked: bool = False) -> None:
-    defaults = to_dict(type(cfg)())
-    allowed = RESUMABLE_KEYS + (DATA_LOCATION_KEYS if data_checked else ())
-    for key, va, vb in config_differences(saved, to_dict(cfg)):
-        if _absent(saved, key) and vb == _lookup(defaults, key):
-            continue  # a key added to gkd after the run started, left at its default: the run's own behaviour
-        if key not in allowed:
-            raise GkdError(f"{path}: cannot resume: '{key}' was {va!r} in the interrupted run, now {vb!r} "
-                           f"(only {', '.join(allowed)} may change on resume)")
-
-
-def _lookup(d: dict, key: str) -> Any:
-    for part in key.split("."):
-        if not isinstance(d, dict) or part not in d:
-            return None
-        d = d[part]
-    return d
-
-
-def _absent(d: dict, key: str) -> bool:
-    *parents, last = key.split(".")
-    for part in parents:
-        if not isinstance(d, dict) or part not in d:
-            return True
-        d = d[part]
-    return not isinstance(d, dict) or last not in d
-
-
 class _Progress:
     """tqdm bar with total loss and whole-run ETA (steps still to run x mean step time so far)."""
 
@@ -258,7 +201,7 @@ def fit(task: nn.Module, cfg: RunConfig, train_set, val_set, *, resume: bool = F
     with contextlib.ExitStack() as stack:
         def own_folder() -> None:
             if not resume:  # before anything is written there
-                _refuse_foreign_files(cfg.run_dir)
+                refuse_foreign_files(cfg.run_dir)
             stack.enter_context(RunLock(cfg.run_dir))
             ensure_writable_folder(cfg.run_dir / "checkpoints", "the checkpoint folder")  # before an epoch is spent
             for folder in (cfg.run_dir, cfg.run_dir / "checkpoints"):
@@ -272,57 +215,16 @@ def fit(task: nn.Module, cfg: RunConfig, train_set, val_set, *, resume: bool = F
 
 def _open_run(cfg: RunConfig, resume: bool, world_size: int) -> dict[str, Any] | None:
     """Rank 0's checks and first writes: the resumable state (None for a fresh run), config.yaml, log.txt."""
-    run_dir = cfg.run_dir
-    last_path = run_dir / "checkpoints" / "last.pt"
-    metrics_path = run_dir / "metrics.jsonl"
-    state = None
-    if resume:
-        if not last_path.exists():
-            raise GkdError(f"{last_path}: nothing to resume: no epoch of '{cfg.name}' finished (it was stopped before "
-                           f"its first checkpoint, or never ran); run the same command without --resume")
-        state = load_checkpoint(last_path, need="run")
-        _check_resume_data(state, cfg, last_path)
-        _check_resume_config(state["config"], cfg, last_path, data_checked=isinstance(state.get("data_sha256"), dict))
-        _check_resume_world(state, world_size, last_path)
+    state = state_to_resume(cfg, resume, world_size)
+    metrics_path = cfg.run_dir / "metrics.jsonl"
+    if state is not None:
         _truncate_metrics(metrics_path, int(state["epoch"]))
-    elif last_path.exists():
-        raise GkdError(f"{run_dir}: a run named '{cfg.name}' already exists; pass --resume to continue it, or choose "
-                       f"another name (name=...)")
     else:  # a fresh run: records of an earlier attempt killed before its first checkpoint are not this run's
         metrics_path.unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run_dir / "config.yaml")
-    _attach_log_file(run_dir / "log.txt")
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, cfg.run_dir / "config.yaml")
+    _attach_log_file(cfg.run_dir / "log.txt")
     return state
-
-
-#: what a run folder holds (gkd's own files: a fresh run may write over those an attempt killed early left)
-RUN_FOLDER_ENTRIES = ("config.yaml", "log.txt", "metrics.jsonl", "metrics.csv", "checkpoints", ".lock",
-                      "stage_key.txt", "eval", "export", "predictions", "prototypes")
-
-
-def _refuse_foreign_files(run_dir: Path) -> None:
-    """A fresh run writes config.yaml, log.txt and metrics.* into its folder: refuse a folder that holds anything
-    else (a folder of the user's own given as runs_dir/name) rather than replace the user's files there."""
-    if not run_dir.is_dir():
-        return
-    foreign = sorted(p.name for p in run_dir.iterdir()
-                     if p.name not in RUN_FOLDER_ENTRIES and not (p.name.startswith(".") and p.name.endswith(".tmp")))
-    if foreign:
-        raise GkdError(f"{run_dir}: holds files that are not a gkd run's ({', '.join(foreign[:3])}"
-                       f"{', ...' if len(foreign) > 3 else ''}); a run writes config.yaml, log.txt, metrics.* and "
-                       f"checkpoints/ there: choose another name=... or runs_dir=...")
-
-
-def _check_resume_world(state: dict[str, Any], world_size: int, path: Path) -> None:
-    """Resuming is refused at another process count: the per-rank data order, the steps per epoch (and so the lr
-    schedule's position) and the per-rank RNG states all depend on it."""
-    saved = int(state.get("world_size", 1))
-    if saved != world_size:
-        raise GkdError(f"{path}: cannot resume on {world_size} process(es): the run was trained on {saved}, and its "
-                       f"data order, steps per epoch and lr schedule depend on the process count; resume with "
-                       f"{saved} process(es) (torchrun --nnodes x --nproc_per_node = {saved}, or gkd --nproc "
-                       f"{saved}), or start a new run (name=...)")
 
 
 def _train_sampler(train_set, seed: int, ctx):
