@@ -132,6 +132,7 @@ def export(checkpoint: str | Path, out: str | Path, *, precisions: Sequence[str]
 def run(config: Config = None, overrides: Overrides = (), *, quick: bool = False) -> dict[str, Any]:
     """``gkd run``: the whole pipeline; returns the manifest (``manifest["invocation"]``: what each stage did and
     why). ``quick``: the ``--quick`` preset under ``config`` and ``overrides``."""
-    from gkd.pipeline import QUICK, PipelineConfig, run_pipeline
+    from gkd.pipeline import run_pipeline
+    from gkd.run_config import QUICK, PipelineConfig
 
     return run_pipeline(_load(config, overrides, PipelineConfig, preset=QUICK if quick else None))

@@ -54,8 +54,9 @@ def run(config: Path | None, overrides: tuple[str, ...], quick: bool) -> None:
     """
     from gkd.core.cli import split_config_and_overrides
     from gkd.core.logs import setup_console_logging
-    from gkd.pipeline import load_pipeline_config, run_pipeline
+    from gkd.pipeline import run_pipeline
     from gkd.report import summary_text
+    from gkd.run_config import load_pipeline_config
 
     setup_console_logging()
     config, overrides = split_config_and_overrides(config, overrides)
@@ -93,7 +94,8 @@ def study(config: Path | None, overrides: tuple[str, ...], quick: bool) -> None:
     from gkd.core.cli import split_config_and_overrides
     from gkd.core.config import load_config
     from gkd.core.logs import setup_console_logging
-    from gkd.study import QUICK_OVERRIDES, StudyConfig, run_study
+    from gkd.study import run_study
+    from gkd.study_config import QUICK_OVERRIDES, StudyConfig
 
     setup_console_logging()
     config, rest = split_config_and_overrides(config, overrides)

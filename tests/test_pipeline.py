@@ -15,7 +15,8 @@ import torch
 from gkd.cli import main
 from gkd.core.errors import GkdError
 from gkd.kd.checkpoint import load_checkpoint
-from gkd.pipeline import load_pipeline_config, run_pipeline
+from gkd.pipeline import run_pipeline
+from gkd.run_config import load_pipeline_config
 from tests.helpers import TEST_THREADS
 
 TINY_MODEL = {"backbone": "resnet18", "min_size": 64, "max_size": 64, "anchor_sizes": [8, 16, 32, 64, 128],
@@ -48,7 +49,7 @@ def config(world, name, *overrides):
     """The tiny profile in ``world`` under run name ``name``, with command-line style overrides on top."""
     from gkd.core.config import merge_dicts
     from gkd.kd.config import load_config
-    from gkd.pipeline import PipelineConfig
+    from gkd.run_config import PipelineConfig
 
     base = merge_dicts(TINY, {"name": name, "runs_dir": world["runs_dir"], "data_root": world["data_root"]})
     return load_config(None, list(overrides), cls=PipelineConfig, updates=base)
@@ -204,7 +205,7 @@ def test_qad_ships_a_quantization_aware_student_beside_post_training_int8(world)
     again = run_pipeline(cfg)
     assert actions(again)["qad"] == ("reused", "unchanged") and actions(again)["export-qad"][0] == "reused"
     # a changed QAD schedule reruns the QAD stage alone (keys resolved, no stage run: the plan is the test)
-    from gkd.pipeline import resolve_stage_configs
+    from gkd.run_config import resolve_stage_configs
 
     changed = resolve_stage_configs(config(world, "qad", "qad=tensorrt", "qad_student.train.lr=0.0002"))
     assert changed.qad.train.lr == 0.0002 and changed.distill.train.lr == TINY_TRAIN["lr"]
@@ -214,7 +215,7 @@ def test_teacher_processes_auto_follows_the_cores(monkeypatch):
     """teacher_processes=0 (the default): 2 processes where the machine has 2 or more cores, 1 on one core (the
     batch is split only then); an explicit count is kept."""
     import gkd.kd.cpu_share as cpu_share
-    from gkd.pipeline import resolve_stage_configs, teacher_processes
+    from gkd.run_config import resolve_stage_configs, teacher_processes
 
     for cores, want in ((1, 1), (2, 2), (16, 2)):
         monkeypatch.setattr(cpu_share, "available_cores", lambda cores=cores: cores)
@@ -227,7 +228,7 @@ def test_teacher_processes_auto_follows_the_cores(monkeypatch):
 def test_quick_preset_resolves_to_the_quick_world():
     """``gkd run --quick``: its keys are real, its stage configs resolve, and every model trains on the quick world
     at its size (the students keep the default recipe's architecture)."""
-    from gkd.pipeline import QUICK, resolve_stage_configs
+    from gkd.run_config import QUICK, resolve_stage_configs
 
     cfg = load_pipeline_config(None, [], quick=True)
     assert (cfg.synth_preset, cfg.synth_size, cfg.data_root) == ("quick", 96, QUICK["data_root"])
@@ -259,7 +260,7 @@ def test_bad_key_is_refused_before_any_stage_runs(world, tmp_path, capsys, overr
 @pytest.mark.parametrize("odd", ["#ckpts/t.pt", "data/a: b/t.pt", "it's \"quoted\" /with spaces.pt"])
 def test_values_travel_as_data_not_reparsed(odd):
     """A value with YAML syntax in it (#, ': ', quotes, spaces) reaches the stage configs unchanged."""
-    from gkd.pipeline import resolve_stage_configs
+    from gkd.run_config import resolve_stage_configs
 
     cfg = load_pipeline_config(None, [f"teacher_checkpoint={odd}", f"student.data.images={odd}",
                                       "student.train.lr=1e-4"])
@@ -343,7 +344,7 @@ def test_modified_output_is_detected_and_remade(killed_then_resumed, world):
 
 
 def test_stage_methods_and_the_teacher_they_read():
-    from gkd.pipeline import resolve_stage_configs
+    from gkd.run_config import resolve_stage_configs
 
     stages = resolve_stage_configs(load_pipeline_config(None, ["name=m"]))  # the baseline is on by default
     assert stages.distill.distill.method == "gkd" and stages.baseline.distill.method == "none"

@@ -186,7 +186,7 @@ def test_quick_preset_and_default_stage_configs_are_valid():
     (its own seed and width), the initialisation has its own seed, the students share its architecture."""
     from gkd.kd.config import load_config
     from gkd.kd.distill.config import DistillRunConfig
-    from gkd.study import QUICK_OVERRIDES, StudyConfig
+    from gkd.study_config import QUICK_OVERRIDES, StudyConfig
 
     quick = load_config(None, list(QUICK_OVERRIDES), cls=StudyConfig)
     default = StudyConfig()
@@ -204,10 +204,10 @@ def test_quick_preset_and_default_stage_configs_are_valid():
 
 
 def test_student_runs_cover_the_grid_ablations_and_control():
-    from gkd.study import StudyConfig, _student_runs
+    from gkd.study_config import StudyConfig, student_runs
 
     cfg = StudyConfig()
-    runs = {name: (run, meta) for name, run, meta in _student_runs(cfg, Path("t.pt"), Path("i.pt"), Path("c.pt"))}
+    runs = {name: (run, meta) for name, run, meta in student_runs(cfg, Path("t.pt"), Path("i.pt"), Path("c.pt"))}
     n_ablations = len(cfg.ablation_prototypes) + len(cfg.ablation_global_weight) + len(cfg.ablation_bn_modes) + \
         len(cfg.ablation_refresh_steps)
     assert len(runs) == len(cfg.methods) * len(cfg.seeds) + n_ablations * len(cfg.ablation_seeds) + \
@@ -265,7 +265,7 @@ def test_level_histogram_uses_the_resize_and_the_canonical_size(tmp_path):
     from gkd.kd.config import load_config
     from gkd.kd.distill.config import DistillRunConfig
     from gkd.kd.distill.levels import level_histogram
-    from gkd.study import StudyConfig
+    from gkd.study_config import StudyConfig
 
     # 320 px images resized to 160: boxes of 40 / 80 / 200 px become 20 / 40 / 100 px, levels floor(log2(
     # (side + 1) / 11.2)) = 0, 1, 3 (and all three on level 0 at 56 px)

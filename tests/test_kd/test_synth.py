@@ -129,7 +129,8 @@ def test_never_writes_into_a_folder_of_someone_elses_files(tmp_path):
     assert (user / "images" / "000000.png").read_bytes() == b"my photo"
     assert sorted(p.name for p in user.rglob("*")) == ["000000.png", "images", "labels.json"]
 
-    from gkd.pipeline import load_pipeline_config, run_pipeline
+    from gkd.pipeline import run_pipeline
+    from gkd.run_config import load_pipeline_config
 
     cfg = load_pipeline_config(None, [f"data_root={user}", f"runs_dir={tmp_path / 'runs'}", "precisions=[]"])
     with pytest.raises(GkdError, match="holds files that are not gkd's synthetic data"):
