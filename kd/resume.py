@@ -60,7 +60,7 @@ def state_to_resume(cfg: RunConfig, resume: bool, world_size: int) -> dict[str, 
     """The training state in ``cfg.run_dir/checkpoints/last.pt`` to continue from, or None for a fresh run.
 
     With ``resume`` the file must exist and pass :func:`check_resumable`; without it, a finished epoch there means
-    the run exists already: both refusals are one-line :class:`GkdError`\\ s that say what to do instead.
+    the run exists already: each refusal is a one-line :class:`GkdError` that says what to do instead.
     """
     last_path = cfg.run_dir / "checkpoints" / "last.pt"
     if resume:
