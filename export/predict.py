@@ -245,10 +245,7 @@ def _write_json(path: Path, obj: Any, indent: int | None) -> None:
 def _predict_all(runner, files, names, classes, category_ids, score_thresh, staging: Path, log) -> dict[str, Any]:
     """Detections of every readable image (drawn into ``staging/drawn`` when it has a name); unreadable ones are
     listed in ``failed``."""
-    import numpy as np
-    import torch
-
-    from gkd.kd.data.coco import load_image
+    from gkd.kd.data.coco import image_to_tensor, load_image
 
     n_classes = len(classes) if classes else None
     images, detections, failed = [], [], []
@@ -259,8 +256,7 @@ def _predict_all(runner, files, names, classes, category_ids, score_thresh, stag
             failed.append({"file": str(path), "reason": str(exc)})
             log(f"skipped: {exc}")
             continue
-        tensor = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1)  # [3, H, W]
-        result = runner.detect(tensor.float().div_(255.0))
+        result = runner.detect(image_to_tensor(pil))  # [3, H, W]
         keep = result["scores"] >= score_thresh
         boxes, scores, labels = result["boxes"][keep], result["scores"][keep], result["labels"][keep]
         entry = {"id": image_id, "file_name": str(path), "width": pil.width, "height": pil.height,
