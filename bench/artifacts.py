@@ -1,11 +1,6 @@
-"""Every model a user may benchmark or evaluate, opened as a runner: PyTorch checkpoints, ONNX files (any precision)
-and TensorRT engines.
-
-The kind comes from the file name (``.pt``/``.pth``, ``.onnx``, ``.engine``/``.plan``/``.trt``) and is checked
-against the content's first bytes (a checkpoint is a zip, an engine is not a protobuf...), so a renamed file is
-refused in one line instead of failing deep inside a loader. What a runner reports (provider, precision) is read
-back from the runtime or the file, never the request: asking onnxruntime for CUDA on a machine without it runs on
-the CPU, and the report says so.
+"""The models a benchmark or evaluation runs: :class:`ModelSpec` (a file and its kind), the checks made before any
+work (devices and providers this machine has, no file given twice), and the runner of each, opened by
+:func:`gkd.export.model_files.open_model` (which also decides a file's kind: :func:`model_kind`).
 """
 from __future__ import annotations
 
@@ -14,21 +9,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from gkd.core.errors import GkdError
+from gkd.export.model_files import KINDS, ORT_PROVIDERS, Unavailable, model_kind, open_model
 
 __all__ = ["KINDS", "ModelSpec", "model_kind", "open_runner", "ORT_PROVIDERS", "Unavailable", "check_distinct_files",
            "check_device_request"]
-
-KINDS = {".pt": "pytorch", ".pth": "pytorch", ".onnx": "onnx", ".engine": "tensorrt", ".plan": "tensorrt",
-         ".trt": "tensorrt"}
-
-#: ``--provider`` -> onnxruntime providers to ask for, best first
-ORT_PROVIDERS = {"cpu": ("CPUExecutionProvider",),
-                 "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
-                 "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")}
-
-
-class Unavailable(GkdError):
-    """The runtime or device a model needs is missing here (reported, and the model skipped, by the callers)."""
 
 
 @dataclass
@@ -38,25 +22,6 @@ class ModelSpec:
 
     path: Path
     kind: str
-
-
-def model_kind(path: str | Path) -> str:
-    """``"pytorch"``, ``"onnx"`` or ``"tensorrt"`` for ``path``; a one-line GkdError for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise GkdError(f"{path}: model file not found")
-    kind = KINDS.get(path.suffix.lower())
-    if kind is None:
-        raise GkdError(f"{path}: unknown model kind (suffix {path.suffix or 'none'!r}); expected a checkpoint "
-                       f"(.pt, .pth), an ONNX file (.onnx) or a TensorRT engine (.engine, .plan, .trt)")
-    head = path.read_bytes()[:4] if path.stat().st_size else b""
-    is_zip = head[:2] == b"PK"
-    if kind == "pytorch" and not is_zip:
-        raise GkdError(f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive; this file is not one)")
-    if kind in ("onnx", "tensorrt") and (is_zip or not head):
-        raise GkdError(f"{path}: {'empty file' if not head else 'a zip archive (a PyTorch checkpoint?)'}, "
-                       f"not {'an ONNX model' if kind == 'onnx' else 'a TensorRT engine'}")
-    return kind
 
 
 def check_device_request(device: str | None, provider: str | None) -> None:
@@ -101,71 +66,26 @@ def check_distinct_files(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def open_runner(spec: ModelSpec, *, device: str = "cpu", provider: str | None = None, threads: int = 1):
-    """An activated runner for ``spec`` and a note (what was used instead of what was asked, or "").
+    """An activated runner for ``spec`` and a note (what was used instead of what was asked, or ""): see
+    :func:`gkd.export.model_files.open_model`.
 
     Args:
         spec: the model.
         device: ``cpu`` or ``cuda`` (PyTorch checkpoints; ONNX picks its provider from it unless ``provider``).
         provider: onnxruntime provider key (:data:`ORT_PROVIDERS`); default: ``cuda`` on ``--device cuda``.
-        threads: CPU threads (PyTorch's intra-op and onnxruntime's intra-op alike).
+        threads: CPU threads (PyTorch's intra-op and onnxruntime's intra-op alike). A checkpoint sets torch's for
+            the whole process: a benchmark or evaluation owns its process.
 
     Raises:
         Unavailable: the model's runtime or device is missing (tensorrt not installed, no CUDA GPU).
         GkdError: the file is not a usable model.
     """
-    import torch
-
-    from gkd.export.runtime import OrtRunner, TorchRunner, TrtRunner
-
+    runner, note = open_model(spec.path, spec.kind, device=device, provider=provider, threads=threads)
     if spec.kind == "pytorch":
-        if device == "cuda" and not torch.cuda.is_available():
-            raise Unavailable(f"{spec.path}: --device cuda asked for, but torch sees no CUDA GPU")
-        from gkd.kd.checkpoint import load_detector
+        import torch
 
         torch.set_num_threads(threads)
-        model, info = load_detector(spec.path)
-        runner = TorchRunner(model, device=device)
-        runner.precision = "fp32"
-        runner.info = info
-        return runner.__enter__(), ""
-    if spec.kind in ("onnx", "openvino"):
-        from gkd.export.integrity import check_unchanged_since_export
-
-        check_unchanged_since_export(spec.path)  # a file its export folder no longer vouches for is refused
-    if spec.kind == "openvino":
-        import importlib.util
-
-        from gkd.export.runtime import OvRunner
-
-        if importlib.util.find_spec("openvino") is None:
-            raise Unavailable(f"{spec.path}: running ONNX with OpenVINO needs the openvino package (pip install "
-                              f"'gkd[openvino]'); it is not installed here")
-        if device == "cuda":
-            raise Unavailable(f"{spec.path}: gkd runs OpenVINO on the CPU only; --device cuda asked for")
-        return OvRunner(spec.path, threads=threads).__enter__(), ""
-    if spec.kind == "onnx":
-        key = provider or ("cuda" if device == "cuda" else "cpu")
-        asked = ORT_PROVIDERS[key]
-        runner = OrtRunner(spec.path, providers=asked, threads=threads).__enter__()
-        note = ""
-        if runner.provider != asked[0]:
-            note = (f"{spec.path.name}: asked onnxruntime for {asked[0]}, it runs on {runner.provider} "
-                    f"({asked[0]} is not usable here)")
-        if runner.precision == "fp16" and runner.provider == "CPUExecutionProvider":
-            note = (note + "; " if note else "") + (
-                f"{spec.path.name}: FP16 on onnxruntime's CPU provider runs through casts to FP32 (no FP16 kernels "
-                f"on x86): its time is not an FP16 time")
-        return runner, note
-    if spec.kind == "tensorrt":
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError:
-            raise Unavailable(f"{spec.path}: running a TensorRT engine needs the tensorrt Python package (pip "
-                              f"install 'gkd[trt]' on a machine with an NVIDIA GPU); it is not installed here") from None
-        if not torch.cuda.is_available():
-            raise Unavailable(f"{spec.path}: running a TensorRT engine needs a CUDA GPU; torch sees none")
-        return TrtRunner(spec.path).__enter__(), ""
-    raise GkdError(f"{spec.path}: unknown model kind {spec.kind!r}")
+    return runner, note
 
 
 def runner_label(spec: ModelSpec, runner: Any) -> str:

@@ -84,14 +84,11 @@ def compute_call(runner, images: Sequence[torch.Tensor]):
 
 def e2e_call(runner, files: Sequence[Path], clock: Callable[[], float] = time.perf_counter):
     """The end-to-end view: ``fn(i)`` decodes image file ``i % n`` and runs it through; phase times in ms."""
-    import numpy as np
-
-    from gkd.kd.data.coco import load_image
+    from gkd.kd.data.coco import load_image_tensor
 
     def call(i: int):
         t0 = clock()
-        arr = np.asarray(load_image(files[i % len(files)]), dtype=np.uint8)
-        x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0).unsqueeze(0)
+        x = load_image_tensor(files[i % len(files)]).unsqueeze(0)  # [1, 3, H, W], handed over as decoded (HWC order)
         t1 = clock()
         p = runner.prepare(x)
         t2 = clock()

@@ -1,7 +1,7 @@
 """Real images for calibration, parity and benchmarks, read from a COCO-format JSON file through ``gkd.kd.data``.
 
-Images load as the evaluation path loads them (``gkd.kd.data.coco.load_image``: EXIF orientation applied, converted to
-8-bit RGB), as float32 ``[3, H, W]`` in [0, 1] at their original size: the exported graph does the resize.
+Images load as the evaluation path loads them (``gkd.kd.data.coco.load_image_tensor``: EXIF orientation applied,
+converted to 8-bit RGB), as float32 ``[3, H, W]`` in [0, 1] at their original size: the exported graph does the resize.
 """
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 __all__ = ["ImageSet", "load_image_set"]
@@ -59,14 +58,6 @@ class ImageSet:
     failed: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _to_tensor(path: Path) -> torch.Tensor:
-    """One image file -> ``[3, H, W]`` float32 RGB in [0, 1] (EXIF orientation applied)."""
-    from gkd.kd.data.coco import load_image
-
-    arr = np.asarray(load_image(path), dtype=np.uint8).copy()
-    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
-
-
 def load_image_set(json_path: str | Path, *, limit: int | None = None, seed: int = 0,
                    image_root: str | Path | None = None, skip_unreadable: bool = False, lazy: bool = False
                    ) -> ImageSet:
@@ -83,7 +74,7 @@ def load_image_set(json_path: str | Path, *, limit: int | None = None, seed: int
             photos; an unreadable image then fails when it is reached.
     """
     from gkd.core.errors import GkdError
-    from gkd.kd.data.coco import load_coco
+    from gkd.kd.data.coco import load_coco, load_image_tensor
 
     index = load_coco(json_path, image_root=image_root)
     entries = list(index.images)
@@ -93,14 +84,14 @@ def load_image_set(json_path: str | Path, *, limit: int | None = None, seed: int
     if lazy:
         if skip_unreadable:
             raise ValueError("skip_unreadable needs every image decoded up front (lazy=False)")
-        images = LazyImages([(int(im["id"]), index.image_path(im)) for im in entries], _to_tensor)
+        images = LazyImages([(int(im["id"]), index.image_path(im)) for im in entries], load_image_tensor)
         annotated = any(index.anns_by_image.get(i) for i, _ in images._items)
         return ImageSet(Path(json_path), images, index.gt_json, list(index.category_ids), list(index.classes),
                         annotated)
     images, failed = [], []
     for im in entries:
         try:
-            tensor = _to_tensor(index.image_path(im))
+            tensor = load_image_tensor(index.image_path(im))
         except GkdError as exc:
             if not skip_unreadable:
                 raise

@@ -1,7 +1,8 @@
 """``gkd predict``: what a model detects on your images, as COCO results and as pictures with the boxes drawn.
 
 Any model ``gkd eval`` and ``gkd export`` deal in: a gkd checkpoint (PyTorch) or an exported ONNX file (onnxruntime),
-run through the same runners as parity and benchmarks, so a checkpoint and its export give the same detections.
+opened as ``gkd eval`` opens it (:func:`gkd.export.model_files.open_model`) and run through the same runners as parity
+and benchmarks, so a checkpoint and its export give the same detections.
 Images load as everywhere in gkd (EXIF orientation applied, converted to RGB) and are given at their own size: the
 model resizes them itself.
 
@@ -100,35 +101,33 @@ def drawn_names(files: Sequence[Path], image_format: str) -> list[str]:
     return names
 
 
-def _model_kind(model: Path) -> str:
-    """``"onnx"`` or ``"checkpoint"``, from the suffix and checked against the content (a checkpoint is a zip)."""
-    if not model.is_file():
-        raise GkdError(f"{model}: model file not found")
-    with open(model, "rb") as fh:
-        is_zip = fh.read(2) == b"PK"
-    if model.suffix.lower() == ".onnx":
-        if is_zip:
-            raise GkdError(f"{model}: a zip archive (a PyTorch checkpoint?), not an ONNX model")
-        return "onnx"
-    return "checkpoint"
+def _open(model: Path):
+    """``(runner, classes, category_ids)`` for a checkpoint (.pt, .pth) or an ONNX file, opened on the CPU as
+    ``gkd eval`` opens it; the runner is activated (deactivate it when done).
 
+    Raises:
+        GkdError: not a checkpoint or an ONNX file, or an ONNX file whose labels mean nothing known.
+    """
+    from .integrity import require_label_space
+    from .model_files import model_kind, open_model
 
-def _runner(model: Path):
-    """``(runner, classes, category_ids)`` for a checkpoint (.pt) or an ONNX file."""
-    from .integrity import check_unchanged_since_export, require_label_space
-    from .runtime import OrtRunner, TorchRunner
+    kind = model_kind(model)
+    if kind not in ("pytorch", "onnx"):
+        raise GkdError(f"{model}: gkd predict runs checkpoints (.pt, .pth) and ONNX files (.onnx), not TensorRT "
+                       f"engines; gkd eval and gkd bench latency run engines")
+    # on the CPU provider asked for here the only possible note is that FP16 times are not FP16 times: not ours
+    runner, _ = open_model(model, kind)
+    if kind == "pytorch":
+        return runner, runner.info.get("classes"), runner.info.get("category_ids")
+    from .onnx import read_metadata
 
-    if _model_kind(model) == "onnx":
-        from .onnx import read_metadata
-
-        check_unchanged_since_export(model)
-        contract = read_metadata(model).get("contract") or {}
+    contract = read_metadata(model).get("contract") or {}
+    try:
         require_label_space(model, contract.get("classes"), contract.get("category_ids"))
-        return OrtRunner(model), contract.get("classes"), contract.get("category_ids")
-    from gkd.kd.checkpoint import load_detector
-
-    detector, info = load_detector(model)
-    return TorchRunner(detector), info.get("classes"), info.get("category_ids")
+    except GkdError:
+        runner.deactivate()
+        raise
+    return runner, contract.get("classes"), contract.get("category_ids")
 
 
 def _earlier_outputs(out: Path) -> set[str] | None:
@@ -219,12 +218,14 @@ def predict_images(model: str | Path, inputs: Sequence[str | Path], out: str | P
         log(line)
     names = drawn_names(files, image_format) if draw else [""] * len(files)
     earlier = _check_outputs(out, [n for n in names if n])
-    runner, classes, category_ids = _runner(model)
+    runner, classes, category_ids = _open(model)
     _remove_abandoned_staging(out)
     staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING}{os.getpid()}-", dir=out))
     try:
-        with runner:
+        try:
             rep = _predict_all(runner, files, names, classes, category_ids, score_thresh, staging, log)
+        finally:
+            runner.deactivate()  # _open hands it over activated: entering it again would load the model twice
         record = {"made_by": MADE_BY, "model": str(model), "model_sha256": file_sha256(model),
                   "score_thresh": score_thresh, "images": rep["images"], "failed": rep["failed"]}
         _write_json(staging / "detections.json", rep["detections"], indent=None)
@@ -245,10 +246,7 @@ def _write_json(path: Path, obj: Any, indent: int | None) -> None:
 def _predict_all(runner, files, names, classes, category_ids, score_thresh, staging: Path, log) -> dict[str, Any]:
     """Detections of every readable image (drawn into ``staging/drawn`` when it has a name); unreadable ones are
     listed in ``failed``."""
-    import numpy as np
-    import torch
-
-    from gkd.kd.data.coco import load_image
+    from gkd.kd.data.coco import image_to_tensor, load_image
 
     n_classes = len(classes) if classes else None
     images, detections, failed = [], [], []
@@ -259,8 +257,7 @@ def _predict_all(runner, files, names, classes, category_ids, score_thresh, stag
             failed.append({"file": str(path), "reason": str(exc)})
             log(f"skipped: {exc}")
             continue
-        tensor = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1)  # [3, H, W]
-        result = runner.detect(tensor.float().div_(255.0))
+        result = runner.detect(image_to_tensor(pil))  # [3, H, W]
         keep = result["scores"] >= score_thresh
         boxes, scores, labels = result["boxes"][keep], result["scores"][keep], result["labels"][keep]
         entry = {"id": image_id, "file_name": str(path), "width": pil.width, "height": pil.height,

@@ -30,8 +30,8 @@ from gkd.core.io import read_json
 
 from .transforms import flip_decision, hflip, resize
 
-__all__ = ["CocoIndex", "CocoDetection", "load_coco", "load_image", "image_size", "collate", "default_image_root",
-           "check_image_files", "summarize"]
+__all__ = ["CocoIndex", "CocoDetection", "load_coco", "load_image", "image_to_tensor", "load_image_tensor",
+           "image_size", "collate", "default_image_root", "check_image_files", "summarize"]
 
 log = logging.getLogger("gkd")
 
@@ -127,6 +127,30 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise GkdError(f"{path}: image too large to decode safely ({exc})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise GkdError(f"{path}: corrupt or truncated image ({exc})") from None
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """A decoded 8-bit RGB image (:func:`load_image`) -> the detector's input: ``[3, H, W]`` float32 in [0, 1].
+
+    The one conversion every model input goes through: the dataset's items, the image sets of parity, calibration,
+    evaluation and benchmarks, ``gkd predict`` and the end-to-end latency view. A checkpoint and its ONNX, OpenVINO
+    and TensorRT files all take this float tensor (the exported graph resizes and normalises it itself), so no
+    caller keeps uint8 input of its own: the bit-identical input is what makes their outputs comparable.
+
+    The result keeps the image's HWC memory order (strides ``(1, 3W, 3)``, not C-contiguous), as every caller had it:
+    :meth:`gkd.export.runtime.Runner.infer` and the compute latency view make it contiguous before the runtime sees
+    it, while the end-to-end latency view hands it over as it is, so the layout copy stays inside the timed runner
+    phases there and out of the decode phase. Add the batch dimension with ``unsqueeze(0)`` (a view, no copy).
+    """
+    arr = np.asarray(image, dtype=np.uint8)  # [H, W, 3]
+    # the copy owns its memory: torch.from_numpy refuses (warns on) PIL's read-only buffer
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)  # [3, H, W]
+
+
+def load_image_tensor(path: str | os.PathLike) -> torch.Tensor:
+    """An image file as the detector's input: :func:`load_image` then :func:`image_to_tensor`, ``[3, H, W]`` float32
+    in [0, 1]. Failures are :func:`load_image`'s one-line ``GkdError`` naming the file."""
+    return image_to_tensor(load_image(path))
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -478,8 +502,7 @@ class CocoDetection(torch.utils.data.Dataset):
             img, boxes, scale = resize(img, boxes, self.min_size, self.max_size)
             if flip_decision(self.seed, self.epoch, i, self.hflip):
                 img, boxes = hflip(img, boxes)
-        arr = np.asarray(img, dtype=np.uint8)  # [H, W, 3]
-        image = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)  # [3, H, W]
+        image = image_to_tensor(img)  # [3, H, W]
         target = {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels), "image_id": info["id"],
                   "orig_size": (info["height"], info["width"]), "scale": float(scale)}
         return image, target
