@@ -13,7 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["nearly_full", "refuse_foreign_file", "json_field_is", "atomic_write", "atomic_write_bytes",
+__all__ = ["nearly_full", "refuse_foreign_file", "json_field_is", "ensure_writable_folder", "created_folders",
+           "remove_empty_created_folders", "atomic_write", "atomic_write_bytes",
            "atomic_write_text", "atomic_write_json", "atomic_torch_save", "append_jsonl", "read_json"]
 
 
@@ -138,20 +139,49 @@ def _out_of_space(exc: BaseException, path: Path) -> bool:
     return nearly_full(path.parent)
 
 
+#: folders :func:`ensure_writable_folder` created in this process (deepest last): an error's cleanup removes those
+#: still empty, so that a command refused after its first check leaves no empty output folder behind
+_CREATED: list[Path] = []
+
+
 def ensure_writable_folder(folder: str | os.PathLike, what: str = "output folder") -> Path:
     """Create ``folder`` if needed and prove a file can be written in it, before any work starts (one line
     otherwise: a run that would train an epoch and then fail to save it stops at once)."""
     from .errors import GkdError
 
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise GkdError(f"{folder}: {what} is a file; expected a folder (or a path that does not exist yet)")
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        _CREATED.extend(reversed(missing))
         fd, probe = tempfile.mkstemp(prefix=".gkd-probe-", dir=folder)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
         raise GkdError(f"{folder}: {what} is not writable ({exc.strerror or exc})") from None
     return folder
+
+
+def created_folders() -> int:
+    """How many folders :func:`ensure_writable_folder` has created in this process (a mark for
+    :func:`remove_empty_created_folders`)."""
+    return len(_CREATED)
+
+
+def remove_empty_created_folders(since: int = 0) -> list[Path]:
+    """Remove the folders :func:`ensure_writable_folder` created after the mark ``since`` that are still empty
+    (deepest first); returns them. A folder that holds anything, or that existed before, is never touched."""
+    removed = []
+    while len(_CREATED) > since:
+        folder = _CREATED.pop()
+        try:
+            folder.rmdir()  # only an empty folder can go
+            removed.append(folder)
+        except OSError:
+            pass
+    return removed
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

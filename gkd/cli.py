@@ -81,12 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     import threading
 
     from gkd.core.errors import GkdError
+    from gkd.core.io import created_folders, remove_empty_created_folders
 
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    mark = created_folders()
     try:
         rv = cli.main(args=argv, prog_name="gkd", standalone_mode=False)
     except GkdError as exc:
+        remove_empty_created_folders(since=mark)  # an output folder made for work that was then refused
         click.echo(f"gkd: error: {exc}", err=True)
         return 2
     except (click.exceptions.Abort, KeyboardInterrupt) as exc:  # click turns Ctrl-C into Abort

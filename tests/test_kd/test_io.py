@@ -103,3 +103,48 @@ def test_appending_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
         append_jsonl(log, {"epoch": 1})
     monkeypatch.undo()
     assert log.read_text() == '{"epoch": 0}\n'
+
+
+def test_an_output_folder_that_is_a_file_says_so(tmp_path):
+    from gkd.core.errors import GkdError
+    from gkd.core.io import ensure_writable_folder
+
+    blocker = tmp_path / "report.json"
+    blocker.write_text("the user's file")
+    with pytest.raises(GkdError, match=r"report.json: --out folder is a file; expected a folder"):
+        ensure_writable_folder(blocker, "--out folder")
+    assert blocker.read_text() == "the user's file"
+
+
+def test_a_refused_command_leaves_no_empty_folder_it_made(tmp_path):
+    from gkd.core.io import created_folders, ensure_writable_folder, remove_empty_created_folders
+
+    existed = tmp_path / "existed"
+    existed.mkdir()
+    mark = created_folders()
+    ensure_writable_folder(existed, "--out folder")  # there before: never removed
+    ensure_writable_folder(tmp_path / "a" / "b" / "c", "--out folder")
+    ensure_writable_folder(tmp_path / "kept", "--out folder")
+    (tmp_path / "kept" / "result.json").write_text("{}")
+    removed = remove_empty_created_folders(since=mark)
+    assert set(removed) == {tmp_path / "a", tmp_path / "a" / "b", tmp_path / "a" / "b" / "c"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existed", "kept"]
+    assert remove_empty_created_folders(since=mark) == []
+
+
+def test_a_command_refused_after_making_its_out_folder_leaves_none(tmp_path, capsys):
+    """`gkd predict` and `gkd eval` create --out before they open the model (an unwritable --out costs nothing);
+    a refusal then removes the empty folder they made."""
+    from PIL import Image
+
+    from gkd.cli import main
+
+    bogus = tmp_path / "model.pt"
+    bogus.write_bytes(b"not a checkpoint")
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (64, 48)).save(tmp_path / "photos" / "a.png")
+    rc = main(["predict", str(bogus), str(tmp_path / "photos"), "--out", str(tmp_path / "new" / "pred")])
+    assert rc == 2 and "not a PyTorch checkpoint" in capsys.readouterr().err
+    rc = main(["eval", str(bogus), "--data", str(tmp_path / "val.json"), "--out", str(tmp_path / "new2" / "ev")])
+    assert rc == 2 and "gkd: error:" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "photos"]
