@@ -24,7 +24,7 @@ from functools import lru_cache
 from typing import Any, Sequence
 
 __all__ = ["latency_stats", "percentile", "early_stopping_min_queries", "early_stopping_estimate", "headline",
-           "COV_WARN_THRESHOLD"]
+           "median_ratio_interval", "COV_WARN_THRESHOLD"]
 
 #: trtexec warns "GPU compute time is unstable" above a coefficient of variation of 1% (seen in TensorRT 10.9's
 #: trtexec output: a warning at CoV 1.087%); gkd uses the same threshold for every runner.
@@ -125,3 +125,25 @@ def headline(times_ms: Sequence[float]) -> dict[str, Any]:
     need = early_stopping_min_queries()
     return {"value": latency_stats(times_ms)["p90"],
             "label": f"p90 (plain: {len(times_ms)} queries, early stopping needs {need})", "early_stopping": None}
+
+
+def median_ratio_interval(a_ms: Sequence[float], b_ms: Sequence[float], confidence: float = 0.95,
+                          resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """``median(a) / median(b)`` for two runners timed in the same rounds (sample ``i`` of each in round ``i``, as
+    the harness times them round-robin), with a paired bootstrap interval over the rounds: how much the ratio moves
+    by chance on this machine in this measurement. Returns ``{"ratio", "low", "high", "rounds", "confidence"}``."""
+    import random
+
+    n = min(len(a_ms), len(b_ms))
+    if n == 0:
+        raise ValueError("median_ratio_interval needs at least one round of each runner")
+    a, b = list(a_ms[:n]), list(b_ms[:n])
+    rng = random.Random(seed)
+    ratios = []
+    for _ in range(resamples):
+        idx = [rng.randrange(n) for _ in range(n)]
+        ratios.append(statistics.median(a[i] for i in idx) / statistics.median(b[i] for i in idx))
+    ratios.sort()
+    tail = (1 - confidence) / 2
+    return {"ratio": statistics.median(a) / statistics.median(b), "low": percentile(ratios, tail * 100),
+            "high": percentile(ratios, (1 - tail) * 100), "rounds": n, "confidence": confidence}

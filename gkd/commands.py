@@ -36,8 +36,9 @@ def run(config: Path | None, overrides: tuple[str, ...], quick: bool) -> None:
     the baseline's and the distilled student's mAP on their exported files, the gain, p50/p90 latency. The
     gate makes the command exit 1 when it fails, naming the model and the numbers: the shipped student's FP32
     file detects, every file it ships is verified, its INT8 file is INT8 (>= 90% of the MACs) and loses at most
-    1 - gate_min_ratio (default 0.99) of FP32's mAP beyond chance (paired bootstrap on the val split), and INT8
-    p50 <= gate_max_int8_latency_ratio (default 1.0) x FP32 p50. gate_min_ratio=0 turns it off.
+    1 - gate_min_ratio (default 0.99) of FP32's mAP beyond chance (paired bootstrap on the val split), and its
+    INT8 p50 is not above gate_max_int8_latency_ratio (default 1.0) x FP32 p50 beyond chance (paired bootstrap over
+    the timing rounds). gate_min_ratio=0 turns it off.
 
     \b
     Rerunning is cheap and safe. Each stage is keyed by what it depends on (its config, its inputs' SHA-256, gkd's

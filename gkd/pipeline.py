@@ -15,7 +15,21 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from gkd import report
+from gkd import runner as runner_module
+from gkd.bench.stage import BenchResult, BenchSpec, EvalSpec, Evaluation, bench_stage, evaluate_stage
+from gkd.core.config import to_dict
+from gkd.core.io import atomic_write_json, atomic_write_text
+from gkd.core.records import Artifact
+from gkd.export.pipeline import EXPORT_RECORD_VERSION
+from gkd.export.stage import ExportedModel, ExportSpec, export_stage
+from gkd.kd.data.prepare import Dataset, DatasetSpec, count_images, prepare_dataset
+from gkd.kd.stage import (TrainedModel, TrainSpec, distill_stage, train_stage, training_inputs, training_work,
+                          with_threads)
 from gkd.run_config import PipelineConfig, StageConfigs, resolve_stage_configs, teacher_processes
+from gkd.runner import Job, Manifest, StageRunner
 
 __all__ = ["run_pipeline"]
 
@@ -59,122 +73,138 @@ def _planned(cfg: PipelineConfig) -> list[str]:
 
 
 def _run_stages(cfg: PipelineConfig, stage_cfgs: StageConfigs) -> dict[str, Any]:
-    import torch
-
-    from gkd.bench.stage import BenchResult, BenchSpec, EvalSpec, Evaluation, bench_stage, evaluate_stage
-    from gkd.core.config import to_dict
-    from gkd.core.io import atomic_write_json, atomic_write_text
-    from gkd.core.records import Artifact
-    from gkd.export.pipeline import EXPORT_RECORD_VERSION
-    from gkd.export.stage import ExportedModel, ExportSpec, export_stage
-    from gkd.kd.data.prepare import Dataset, DatasetSpec, count_images, prepare_dataset
-    from gkd.kd.stage import (TrainedModel, TrainSpec, distill_stage, train_stage, training_inputs, training_work,
-                              with_threads)
-    from gkd.report import STUDENTS, accuracy_gate, render_report, report_json, write_plots
-    from gkd.runner import Job, Manifest, StageRunner, free_cores
-
     manifest = Manifest(cfg.run_dir / "manifest.json", to_dict(cfg))
-    runner = StageRunner(manifest, _planned(cfg))
-    root, bench_dir = Path(cfg.data_root), cfg.run_dir / "bench"
-    synthetic = _synth_params(cfg)  # what the stage would generate; the data itself is keyed by its SHA-256
-    data = runner.run("data", {"data_root": str(root), "synthetic": synthetic},
-                      lambda key: prepare_dataset(DatasetSpec(root, synthetic)), Dataset)
-    shas, n_train = data.shas(), count_images(data.train.path)  # the count for the progress lines
-    if stage_cfgs.teacher is None:
-        given = Artifact.of(cfg.teacher_checkpoint)
-        teacher = runner.run("teacher", {"given": given.record()}, lambda key: TrainedModel(given), TrainedModel)
-    else:
-        procs, tcfg = teacher_processes(cfg), stage_cfgs.teacher
-        teacher = runner.run("teacher", {**training_inputs(tcfg, data=shas), "processes": procs},
-                             lambda key: train_stage(TrainSpec(tcfg, key, procs)), TrainedModel, "teacher.",
-                             training_work(tcfg, n_train, processes=procs))
+    chain = _Chain(cfg, StageRunner(manifest, _planned(cfg)))
+    chain.data_and_teacher(stage_cfgs.teacher)
     students = [("distill", stage_cfgs.distill)] + ([("baseline", stage_cfgs.baseline)] if cfg.baseline else [])
-    followed: dict[str, Any] = {}  # this invocation's export / eval stage results
+    trained = chain.students(students)
+    if stage_cfgs.qad is not None:
+        chain.qad(stage_cfgs.qad, trained["distill"])
+    if cfg.precisions and cfg.bench:
+        chain.bench(trained)
+    manifest.data["invocation"] = chain.runner.invocation()
+    manifest.data["gate"] = report.accuracy_gate(
+        manifest.stages.get("bench") if cfg.precisions and cfg.bench else None, cfg.gate_min_ratio,
+        manifest.stages.get("export"), cfg.gate_max_int8_latency_ratio, manifest.stages.get("export-qad"))
+    manifest.data["plots"] = report.write_plots(manifest.data, cfg.run_dir) if cfg.plots else {}
+    manifest.save()
+    atomic_write_text(cfg.run_dir / "report.md", report.render_report(manifest.data))
+    atomic_write_json(cfg.run_dir / "report.json", report.report_json(manifest.data))
+    return manifest.data
 
-    def evaluate(name: str, models: tuple, inputs: dict[str, Any]) -> Evaluation:
-        spec = EvalSpec(models, data.val.path, bench_dir / f"accuracy-{name}.json", threads=torch.get_num_threads(),
-                        optional=name == "teacher")  # 1 thread beside a training student, both cores otherwise
-        return runner.run(f"eval-{name}", {**inputs, "data": shas}, lambda key: evaluate_stage(spec), Evaluation)
 
-    def follow_up(name: str, student: TrainedModel) -> None:
-        """What a trained student's result lets run: its export, then the accuracy of its exports (the baseline's)
-        and of the teacher. Run while the other student still trains (one thread: that core is free)."""
-        if not cfg.precisions:
+class _Chain:
+    """gkd run's stages and what each depends on: each method runs (or reuses) stages and keeps their results."""
+
+    def __init__(self, cfg: PipelineConfig, runner: StageRunner):
+        self.cfg, self.runner = cfg, runner
+        self.root, self.bench_dir = Path(cfg.data_root), cfg.run_dir / "bench"
+        self.exported: dict[str, ExportedModel] = {}  # group -> its export
+        self.evaluated: dict[str, Evaluation] = {}  # eval stage -> its result
+
+    def data_and_teacher(self, tcfg: Any) -> None:
+        synthetic = _synth_params(self.cfg)  # what the stage would generate; the data is keyed by its SHA-256
+        self.data = self.runner.run("data", {"data_root": str(self.root), "synthetic": synthetic},
+                                    lambda key: prepare_dataset(DatasetSpec(self.root, synthetic)), Dataset)
+        self.shas, self.n_train = self.data.shas(), count_images(self.data.train.path)  # count: progress lines
+        if tcfg is None:
+            given = Artifact.of(self.cfg.teacher_checkpoint)
+            self.teacher = self.runner.run("teacher", {"given": given.record()}, lambda key: TrainedModel(given),
+                                           TrainedModel)
             return
-        group = STUDENTS[name]
-        folder = "export" if group == "distilled" else "export-baseline"
-        spec = ExportSpec(student.checkpoint.path, cfg.run_dir / folder, tuple(cfg.precisions), root,
-                          cfg.gate_min_ratio or 0.99, cfg.seed, shipped=folder == "export")
-        followed[folder] = runner.run(folder, {
-            "config": {"precisions": list(cfg.precisions), "seed": cfg.seed, "int8_target": spec.int8_target},
-            "record": EXPORT_RECORD_VERSION, "student": student.checkpoint.sha256, "data": shas},
-            lambda key: export_stage(spec), ExportedModel)
-        if not cfg.bench:
-            return
-        if "eval-teacher" not in followed:
-            followed["eval-teacher"] = evaluate("teacher", (("teacher", teacher.checkpoint.path),),
-                                                {"teacher": teacher.checkpoint.sha256})
-        if group == "baseline":
-            files = followed[folder].files
-            followed["eval-baseline"] = evaluate("baseline", tuple((group, f.onnx.path) for f in files.values()),
-                                                 {"exports": {p: f.onnx.sha256 for p, f in files.items()}})
+        procs = teacher_processes(self.cfg)
+        self.teacher = self.runner.run("teacher", {**training_inputs(tcfg, data=self.shas), "processes": procs},
+                                       lambda key: train_stage(TrainSpec(tcfg, key, procs)), TrainedModel,
+                                       "teacher.", training_work(tcfg, self.n_train, processes=procs))
 
-    def beside_training(name: str, student: TrainedModel) -> None:
+    def students(self, students: list[tuple[str, Any]]) -> dict[str, TrainedModel]:
+        """The distilled student and the baseline, side by side in two 1-thread processes when two cores are free
+        (progress bars only when one after the other); each one's export and evaluations run as soon as it is
+        trained, on the core it freed."""
+        free = runner_module.free_cores()
+        workers = len(students) if self.cfg.side_by_side and len(students) > 1 and free >= len(students) else 1
+        teacher = self.teacher.checkpoint.sha256
+        trained = self.runner.run_parallel([Job(
+            name, training_inputs(run_cfg, data=self.shas, teacher=teacher), distill_stage,
+            lambda key, n, c=run_cfg: TrainSpec(c, key) if n is None else TrainSpec(with_threads(c, n), key,
+                                                                                     progress=False),
+            TrainedModel, "student.", training_work(run_cfg, self.n_train)) for name, run_cfg in students],
+            workers, then=self._beside_training)
+        for name, _ in students:  # what did not run beside the other student's training
+            if report.STUDENTS[name] not in self.exported:
+                self._follow_up(name, trained[name])
+        self.trained = trained
+        return trained
+
+    def _beside_training(self, name: str, student: TrainedModel) -> None:
         before = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            follow_up(name, student)
+            self._follow_up(name, student)
         finally:
             torch.set_num_threads(before)
 
-    # side by side: two processes of one thread each when two cores are free (progress bars only when sequential)
-    workers = len(students) if cfg.side_by_side and len(students) > 1 and free_cores() >= len(students) else 1
-    trained = runner.run_parallel([Job(
-        name, training_inputs(run_cfg, data=shas, teacher=teacher.checkpoint.sha256), distill_stage,
-        lambda key, n, c=run_cfg: TrainSpec(c, key) if n is None else TrainSpec(with_threads(c, n), key,
-                                                                                 progress=False),
-        TrainedModel, "student.", training_work(run_cfg, n_train)) for name, run_cfg in students], workers,
-        then=beside_training)
-    for name, _ in students:  # what did not run beside the other student's training
-        if ("export" if name == "distill" else "export-baseline") not in followed:
-            follow_up(name, trained[name])
-    exported = {STUDENTS[n]: followed["export" if n == "distill" else "export-baseline"]
-                for n, _ in students if cfg.precisions}
-    qcfg = stage_cfgs.qad
-    if qcfg is not None:  # the distilled student fine-tuned with fake INT8, exported from its learned scales
-        qad = runner.run("qad", training_inputs(qcfg, data=shas, teacher=teacher.checkpoint.sha256,
-                                                student=trained["distill"].checkpoint.sha256),
-                         lambda key: distill_stage(TrainSpec(qcfg, key)), TrainedModel, "qad_student.",
-                         training_work(qcfg, n_train))
-        if "int8" in cfg.precisions:
-            spec = ExportSpec(qad.checkpoint.path, cfg.run_dir / "export-qad", ("fp32", "int8"), root,
-                              cfg.gate_min_ratio or 0.99, cfg.seed)
-            exported["qad"] = runner.run("export-qad", {
-                "config": {"precisions": ["fp32", "int8"], "seed": cfg.seed}, "record": EXPORT_RECORD_VERSION,
-                "student": qad.checkpoint.sha256, "data": shas}, lambda key: export_stage(spec), ExportedModel)
-    if cfg.precisions and cfg.bench:
-        models = [("teacher", teacher.checkpoint.path, "fp32")]
-        for n, _ in students:
-            models.append((STUDENTS[n], trained[n].checkpoint.path, "fp32"))
-            models += [(STUDENTS[n], f.onnx.path, p) for p, f in exported[STUDENTS[n]].files.items()]
-        if "qad" in exported:  # its INT8 file beside the post-training one (its float network is the distilled one's)
-            models.append(("qad", exported["qad"].files["int8"].onnx.path, "int8"))
-        evals = tuple(followed[s] for s in ("eval-teacher", "eval-baseline") if s in followed)
-        spec = BenchSpec(tuple(models), evals, data.val.path, bench_dir, cfg.bench_iterations, cfg.bench_images,
-                         students=tuple(STUDENTS.values()))
-        runner.run("bench", {"config": {"bench_iterations": cfg.bench_iterations, "bench_images": cfg.bench_images},
-                             "teacher": teacher.checkpoint.sha256,
-                             "student": {STUDENTS[n]: trained[n].checkpoint.sha256 for n, _ in students},
-                             "exports": {f"{g}/{p}": f.onnx.sha256 for g, e in exported.items()
-                                         for p, f in e.files.items()},
-                             "evals": [e.accuracy.sha256 for e in evals], "data": shas},
-                   lambda key: bench_stage(spec), BenchResult)
-    manifest.data["invocation"] = runner.invocation()
-    manifest.data["gate"] = accuracy_gate(manifest.stages.get("bench") if cfg.precisions and cfg.bench else None,
-                                          cfg.gate_min_ratio, manifest.stages.get("export"),
-                                          cfg.gate_max_int8_latency_ratio, manifest.stages.get("export-qad"))
-    manifest.data["plots"] = write_plots(manifest.data, cfg.run_dir) if cfg.plots else {}
-    manifest.save()
-    atomic_write_text(cfg.run_dir / "report.md", render_report(manifest.data))
-    atomic_write_json(cfg.run_dir / "report.json", report_json(manifest.data))
-    return manifest.data
+    def _follow_up(self, name: str, student: TrainedModel) -> None:
+        """What a trained student's result lets run: its export, then the accuracy of its exports (the baseline's)
+        and of the teacher."""
+        if not self.cfg.precisions:
+            return
+        group = report.STUDENTS[name]
+        folder = "export" if group == "distilled" else "export-baseline"
+        self.exported[group] = self._export(folder, student, tuple(self.cfg.precisions), shipped=folder == "export")
+        if not self.cfg.bench:
+            return
+        if "teacher" not in self.evaluated:
+            self._evaluate("teacher", (("teacher", self.teacher.checkpoint.path),),
+                           {"teacher": self.teacher.checkpoint.sha256})
+        if group == "baseline":
+            files = self.exported[group].files
+            self._evaluate("baseline", tuple((group, f.onnx.path) for f in files.values()),
+                           {"exports": {p: f.onnx.sha256 for p, f in files.items()}})
+
+    def _export(self, folder: str, student: TrainedModel, precisions: tuple[str, ...], shipped: bool,
+                keyed: dict[str, Any] | None = None) -> ExportedModel:
+        cfg = self.cfg
+        spec = ExportSpec(student.checkpoint.path, cfg.run_dir / folder, precisions, self.root,
+                          cfg.gate_min_ratio or 0.99, cfg.seed, shipped=shipped)
+        config = keyed or {"precisions": list(precisions), "seed": cfg.seed, "int8_target": spec.int8_target}
+        return self.runner.run(folder, {"config": config, "record": EXPORT_RECORD_VERSION,
+                                        "student": student.checkpoint.sha256, "data": self.shas},
+                               lambda key: export_stage(spec), ExportedModel)
+
+    def _evaluate(self, name: str, models: tuple, inputs: dict[str, Any]) -> None:
+        spec = EvalSpec(models, self.data.val.path, self.bench_dir / f"accuracy-{name}.json",
+                        threads=torch.get_num_threads(),  # 1 beside a training student, both cores otherwise
+                        optional=name == "teacher")
+        self.evaluated[name] = self.runner.run(f"eval-{name}", {**inputs, "data": self.shas},
+                                               lambda key: evaluate_stage(spec), Evaluation)
+
+    def qad(self, qcfg: Any, distilled: TrainedModel) -> None:
+        """The distilled student fine-tuned with fake INT8 (QAD), exported from its learned scales."""
+        qad = self.runner.run("qad", training_inputs(qcfg, data=self.shas, teacher=self.teacher.checkpoint.sha256,
+                                                     student=distilled.checkpoint.sha256),
+                              lambda key: distill_stage(TrainSpec(qcfg, key)), TrainedModel, "qad_student.",
+                              training_work(qcfg, self.n_train))
+        if "int8" in self.cfg.precisions:
+            self.exported["qad"] = self._export("export-qad", qad, ("fp32", "int8"), shipped=True,
+                                                keyed={"precisions": ["fp32", "int8"], "seed": self.cfg.seed})
+
+    def bench(self, trained: dict[str, TrainedModel]) -> None:
+        """Latency of the teacher, the students and every export side by side; val mAP of what is not scored yet.
+        The QAD student's INT8 file stands beside the post-training one (its float network is the distilled one's)."""
+        cfg, groups = self.cfg, {report.STUDENTS[n]: m for n, m in trained.items()}
+        models = [("teacher", self.teacher.checkpoint.path, "fp32")]
+        for group, model in groups.items():
+            models.append((group, model.checkpoint.path, "fp32"))
+            models += [(group, f.onnx.path, p) for p, f in self.exported[group].files.items()]
+        if "qad" in self.exported:
+            models.append(("qad", self.exported["qad"].files["int8"].onnx.path, "int8"))
+        evals = tuple(self.evaluated[s] for s in ("teacher", "baseline") if s in self.evaluated)
+        spec = BenchSpec(tuple(models), evals, self.data.val.path, self.bench_dir, cfg.bench_iterations,
+                         cfg.bench_images, students=tuple(report.STUDENTS.values()))
+        inputs = {"config": {"bench_iterations": cfg.bench_iterations, "bench_images": cfg.bench_images},
+                  "teacher": self.teacher.checkpoint.sha256,
+                  "student": {g: m.checkpoint.sha256 for g, m in groups.items()},
+                  "exports": {f"{g}/{p}": f.onnx.sha256 for g, e in self.exported.items() for p, f in e.files.items()},
+                  "evals": [e.accuracy.sha256 for e in evals], "data": self.shas}
+        self.runner.run("bench", inputs, lambda key: bench_stage(spec), BenchResult)

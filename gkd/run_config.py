@@ -70,8 +70,8 @@ class PipelineConfig:
     #: the accuracy gate: the shipped student's INT8 mAP must be at least this fraction of its FP32 mAP, and its
     #: FP32 export must detect (mAP > 0); `gkd run` exits 1 naming the model and the numbers otherwise (0: no gate)
     gate_min_ratio: float = 0.99
-    #: the gate also requires the shipped INT8 file's p50 latency to be at most this x FP32's (bench stage, side by
-    #: side, onnxruntime CPU, one thread); 0: not checked. INT8's speed-up depends on the CPU's integer dot-product
+    #: the gate also requires the shipped INT8 file's p50 latency not to be above this x FP32's beyond chance (bench
+    #: stage, side by side, onnxruntime CPU, one thread; paired bootstrap over the rounds); 0: not checked. INT8's speed-up depends on the CPU's integer dot-product
     #: instructions (VNNI, AMX), so the default asks only that INT8 be faster
     gate_max_int8_latency_ratio: float = 1.0
 

@@ -18,14 +18,12 @@ an interrupted one resumes from its last epoch, so a killed study loses at most 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gkd.kd.config import RunConfig
-from gkd.study_config import StudyConfig, check_grid, student_runs
+from gkd.study_config import StudyConfig, StudyStageConfigs, control_key, resolve_stage_configs, student_runs
 from gkd.study_report import PAPER_TABLES, SUBSETS, portable_paths, render_report
 
 __all__ = ["run_study", "study_run", "SUBSETS", "PAPER_TABLES"]
@@ -98,101 +96,93 @@ def run_study(cfg: StudyConfig, command: str = "") -> dict[str, Any]:
     The stages are keyed by :mod:`gkd.runner` in ``runs/<name>/manifest.json``: a rerun reuses every stage whose key
     is unchanged and resumes an interrupted one; a stage whose key changed is refused with a one-line error (a new
     design gets a new name). Returns study.json."""
-    from gkd.bench.stage import evaluate_checkpoint
-    from gkd.bench.stamp import machine_summary
-    from gkd.core.config import load_config, merge_dicts, to_dict
-    from gkd.core.errors import GkdError
-    from gkd.core.io import atomic_write_json, atomic_write_text
-    from gkd.core.records import Artifact
-    from gkd.kd.data.defects import DefectiveSplit, DefectSpec, make_defective_split
+    from gkd.core.config import to_dict
     from gkd.kd.data.prepare import Dataset, DatasetSpec, count_images, prepare_dataset
-    from gkd.kd.distill.levels import level_histogram
-    from gkd.kd.stage import TrainedModel, training_inputs, training_work
+    from gkd.kd.stage import training_inputs, training_work
     from gkd.runner import Manifest, StageRunner
 
     t_start = time.perf_counter()
-    root = Path(cfg.data_root)
-    val_json = root / "val.json"
-    if cfg.synth_val_images >= cfg.synth_images:
-        raise GkdError(f"synth_val_images is {cfg.synth_val_images}; expected fewer than synth_images "
-                       f"({cfg.synth_images}): the rest is the training split")
-    check_grid(cfg)
-    fixed = {"runs_dir": str(cfg.run_dir), "data": {"root": cfg.data_root}}
-    tcfg = None if cfg.teacher_checkpoint else load_config(
-        cfg.teacher_config, cls=RunConfig, key_prefix="teacher.",
-        updates=merge_dicts(cfg.teacher, {**fixed, "name": "teacher"}))
-    icfg = None if cfg.student_init_epochs <= 0 else load_config(
-        cfg.student_init_config, cls=RunConfig, key_prefix="student_init.", updates=merge_dicts(cfg.student_init, {
-            **fixed, "name": "student-init",
-            "train": {"epochs": cfg.student_init_epochs, "max_steps_per_epoch": None, "steps": []}}))
-    control_json = cfg.run_dir / "control" / "train.json"
-    ccfg = None if cfg.control_fraction <= 0 or not cfg.control_methods else load_config(
-        cfg.teacher_config, cls=RunConfig, key_prefix="teacher.", updates=merge_dicts(cfg.teacher, {
-            **fixed, "name": "teacher-control",
-            "data": {"root": cfg.data_root, "train": os.path.relpath(control_json, root)}}))
+    stages = resolve_stage_configs(cfg)  # before anything runs: a bad key or grid costs nothing
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(cfg.run_dir / "manifest.json", to_dict(cfg))
-    planned = ["data", *(["control-data", "teacher-control"] if ccfg else []), "teacher",
-               *(["student-init"] if icfg else [])]  # the students are named once known
-    runner = StageRunner(manifest, planned, on_change="refuse", refuse_hint=REFUSE_HINT)
-
+    planned = ["data", *(["control-data", "teacher-control"] if stages.control else []), "teacher",
+               *(["student-init"] if stages.init else [])]  # the students are named once known
+    runner = StageRunner(Manifest(cfg.run_dir / "manifest.json", to_dict(cfg)), planned, on_change="refuse",
+                         refuse_hint=REFUSE_HINT)
+    root = Path(cfg.data_root)
     synth = {"n_images": cfg.synth_images, "seed": cfg.data_seed, "image_size": cfg.synth_size,
              "val_fraction": cfg.synth_val_images / cfg.synth_images, "preset": cfg.synth_preset}
     data = runner.run("data", {"data_root": str(root), "synthetic": synth},
                       lambda key: prepare_dataset(DatasetSpec(root, synth)), Dataset)
-    shas, n_train = data.shas(), count_images(root / "train.json")
-    jobs = []  # the teachers and the student initialisation are independent of each other: side by side
-    if ccfg is not None:
-        if cfg.control == "blind":
-            spec = {"control": "blind", "tag": cfg.control_tag, "fraction": cfg.control_fraction, "seed": cfg.data_seed}
-        else:  # the key of the first control ("labels"), unchanged so that its finished studies stay reusable
-            spec = {"class": cfg.control_class, "fraction": cfg.control_fraction, "seed": cfg.data_seed}
-        defect = DefectSpec(cfg.control, root / "train.json", control_json,
-                            cfg.control_tag if cfg.control == "blind" else cfg.control_class, cfg.control_fraction,
-                            cfg.data_seed)
-        control = runner.run("control-data", {"data": shas["train.json"], **spec},
-                             lambda key: make_defective_split(defect), DefectiveSplit)
-        jobs.append(_job("teacher-control", training_inputs(ccfg, data={**shas, "train.json": control.train.sha256}),
-                         ccfg, val_json, {"kind": "teacher_control"}, "teacher.", training_work(ccfg, n_train), True))
-    if tcfg is not None:
-        jobs.append(_job("teacher", training_inputs(tcfg, data=shas), tcfg, val_json, {"kind": "teacher"},
-                         "teacher.", training_work(tcfg, n_train), True))
-    if icfg is not None:
-        jobs.append(_job("student-init", training_inputs(icfg, data=shas), icfg, val_json, {"kind": "student_init"},
-                         "student_init.", training_work(icfg, n_train), True))
-    if tcfg is None:
-        given = Artifact.of(cfg.teacher_checkpoint)
-        runner.run("teacher", {"given": given.record()}, lambda key: TrainedModel(
-            given, evaluate_checkpoint(given.path, val_json, threads=2),
-            {"kind": "teacher", "checkpoint": str(given.path), "config": None, "train_s": 0.0}), TrainedModel)
-    trained = runner.run_parallel(jobs, cfg.jobs, threads=1)
-    teacher = trained.get("teacher") or TrainedModel.from_record(runner.record("teacher"))
-    inputs = {"data": shas, "teacher": teacher.checkpoint.sha256}
-    init = trained.get("student-init")
-    control_teacher = trained.get("teacher-control")
-    if init is not None:
-        inputs["init"] = init.checkpoint.sha256
+    shas, n_train = data.shas(), count_images(data.train.path)
+    teacher, init, control_teacher = _teachers(cfg, stages, runner, shas, n_train)
+    inputs = {"data": shas, "teacher": teacher.checkpoint.sha256,
+              **({"init": init.checkpoint.sha256} if init is not None else {})}
     students = student_runs(cfg, teacher.checkpoint.path, init and init.checkpoint.path,
-                             control_teacher and control_teacher.checkpoint.path)
+                            control_teacher and control_teacher.checkpoint.path)
     runner.progress.stages += [name for name, _, _ in students]
     log.info("study: %d student runs on %d worker(s)", len(students), cfg.jobs)
     control_sha = control_teacher.checkpoint.sha256 if control_teacher else None
     runner.run_parallel([_job(name, training_inputs(run_cfg, **{**inputs, **(
-        {"teacher": control_sha} if meta["kind"] == "control" else {})}), run_cfg, val_json, meta, "student.",
+        {"teacher": control_sha} if meta["kind"] == "control" else {})}), run_cfg, data.val.path, meta, "student.",
         training_work(run_cfg, n_train)) for name, run_cfg, meta in students], cfg.jobs, threads=1)
     audits = _audits(cfg, runner, students, inputs, control_sha)
     runner.flush()
-    teacher_row = {**_strip(runner.record("teacher")),
-                   **({"student_init": _strip(runner.record("student-init"))} if init is not None else {}),
-                   **({"control": {**_strip(runner.record("teacher-control")),
-                                   "corruption": _strip(runner.record("control-data"))}} if ccfg else {})}
-    results = [_strip(runner.record(name)) for name, _, _ in students]
+    return _write_study(cfg, stages, runner, students, audits, command, time.perf_counter() - t_start)
+
+
+def _teachers(cfg: StudyConfig, stages: StudyStageConfigs, runner: Any, shas: dict[str, str],
+              n_train: int | None) -> tuple[Any, Any, Any]:
+    """The control's defective split, then the teacher, the control teacher and the student initialisation side by
+    side (a given teacher is only evaluated): their :class:`gkd.kd.stage.TrainedModel` (None where not asked)."""
+    from gkd.bench.stage import evaluate_checkpoint
+    from gkd.core.records import Artifact
+    from gkd.kd.data.defects import DefectiveSplit, make_defective_split
+    from gkd.kd.stage import TrainedModel, training_inputs, training_work
+
+    val = Path(cfg.data_root) / "val.json"
+    jobs = []
+    if stages.control is not None:
+        defect = stages.defect
+        control = runner.run("control-data", {"data": shas["train.json"], **control_key(cfg)},
+                             lambda key: make_defective_split(defect), DefectiveSplit)
+        ccfg = stages.control
+        jobs.append(_job("teacher-control", training_inputs(ccfg, data={**shas, "train.json": control.train.sha256}),
+                         ccfg, val, {"kind": "teacher_control"}, "teacher.", training_work(ccfg, n_train), True))
+    for stage, run_cfg, kind, prefix in (("teacher", stages.teacher, "teacher", "teacher."),
+                                         ("student-init", stages.init, "student_init", "student_init.")):
+        if run_cfg is not None:
+            jobs.append(_job(stage, training_inputs(run_cfg, data=shas), run_cfg, val, {"kind": kind}, prefix,
+                             training_work(run_cfg, n_train), True))
+    if stages.teacher is None:
+        given = Artifact.of(cfg.teacher_checkpoint)
+        runner.run("teacher", {"given": given.record()}, lambda key: TrainedModel(
+            given, evaluate_checkpoint(given.path, val, threads=2),
+            {"kind": "teacher", "checkpoint": str(given.path), "config": None, "train_s": 0.0}), TrainedModel)
+    trained = runner.run_parallel(jobs, cfg.jobs, threads=1)
+    teacher = trained.get("teacher") or TrainedModel.from_record(runner.record("teacher"))
+    return teacher, trained.get("student-init"), trained.get("teacher-control")
+
+
+def _write_study(cfg: StudyConfig, stages: StudyStageConfigs, runner: Any, students: list[tuple[str, Any, dict]],
+                 audits: dict[str, Any], command: str, wall_s: float) -> dict[str, Any]:
+    """study.json (the records of every run, as the manifest holds them) and the report."""
+    from gkd.bench.stamp import machine_summary
+    from gkd.core.config import to_dict
+    from gkd.core.io import atomic_write_json, atomic_write_text
+    from gkd.kd.distill.levels import level_histogram
+
+    done = runner.manifest.stages
+    teacher_row = {**_strip(done["teacher"]),
+                   **({"student_init": _strip(done["student-init"])} if stages.init is not None else {}),
+                   **({"control": {**_strip(done["teacher-control"]), "corruption": _strip(done["control-data"])}}
+                      if stages.control is not None else {})}
+    results = [_strip(done[name]) for name, _, _ in students]
+    train_json = Path(cfg.data_root) / "train.json"
     # the config as data with the shipped config files named relative to the package: study.json is committed as a
     # record (docs/measurements/) and must not hold one machine's checkout path
     study = {"format": "gkd-study", "version": 3, "command": command, "config": portable_paths(to_dict(cfg)),
-             "machine": machine_summary(), "wall_s": round(time.perf_counter() - t_start, 1), "teacher": teacher_row,
-             "runs": results, "audits": audits,
-             "levels": level_histogram(root / "train.json", results, students[0][1]) if students else {},
+             "machine": machine_summary(), "wall_s": round(wall_s, 1), "teacher": teacher_row, "runs": results,
+             "audits": audits, "levels": level_histogram(train_json, results, students[0][1]) if students else {},
              "invocation": runner.invocation()}
     atomic_write_json(cfg.run_dir / "study.json", study)
     atomic_write_text(cfg.report, render_report(study))

@@ -8,7 +8,8 @@ from typing import Any, ClassVar, Literal
 from gkd.kd import CONFIG_DIR
 from gkd.kd.config import SynthPreset
 
-__all__ = ["StudyConfig", "QUICK_OVERRIDES", "STUDY_METHODS", "student_runs", "check_grid"]
+__all__ = ["StudyConfig", "StudyStageConfigs", "QUICK_OVERRIDES", "STUDY_METHODS", "student_runs", "check_grid",
+           "resolve_stage_configs", "control_key"]
 
 STUDY_CONFIG_DIR = CONFIG_DIR / "study"
 
@@ -163,3 +164,56 @@ def check_grid(cfg: StudyConfig) -> None:
         raise GkdError("methods: empty; expected at least one method, e.g. methods=[none,gkd]")
     if not cfg.seeds:
         raise GkdError("seeds: empty; expected at least one seed, e.g. seeds=[0]")
+
+
+@dataclass(frozen=True)
+class StudyStageConfigs:
+    """The resolved configs of the study's teachers (None where not trained: a given teacher, no initialisation,
+    no control) and the control's defective split."""
+
+    teacher: Any
+    init: Any
+    control: Any
+    defect: Any  # gkd.kd.data.defects.DefectSpec, or None
+
+
+def resolve_stage_configs(cfg: StudyConfig) -> StudyStageConfigs:
+    """Check the grid and resolve every teacher's config before anything runs (one-line errors name the key)."""
+    import os
+
+    from gkd.core.config import load_config, merge_dicts
+    from gkd.core.errors import GkdError
+    from gkd.kd.config import RunConfig
+    from gkd.kd.data.defects import DefectSpec
+
+    if cfg.synth_val_images >= cfg.synth_images:
+        raise GkdError(f"synth_val_images is {cfg.synth_val_images}; expected fewer than synth_images "
+                       f"({cfg.synth_images}): the rest is the training split")
+    check_grid(cfg)
+    root = Path(cfg.data_root)
+    fixed = {"runs_dir": str(cfg.run_dir), "data": {"root": cfg.data_root}}
+    tcfg = None if cfg.teacher_checkpoint else load_config(
+        cfg.teacher_config, cls=RunConfig, key_prefix="teacher.",
+        updates=merge_dicts(cfg.teacher, {**fixed, "name": "teacher"}))
+    icfg = None if cfg.student_init_epochs <= 0 else load_config(
+        cfg.student_init_config, cls=RunConfig, key_prefix="student_init.", updates=merge_dicts(cfg.student_init, {
+            **fixed, "name": "student-init",
+            "train": {"epochs": cfg.student_init_epochs, "max_steps_per_epoch": None, "steps": []}}))
+    if cfg.control_fraction <= 0 or not cfg.control_methods:
+        return StudyStageConfigs(tcfg, icfg, None, None)
+    control_json = cfg.run_dir / "control" / "train.json"
+    ccfg = load_config(cfg.teacher_config, cls=RunConfig, key_prefix="teacher.", updates=merge_dicts(cfg.teacher, {
+        **fixed, "name": "teacher-control", "data": {"root": cfg.data_root,
+                                                     "train": os.path.relpath(control_json, root)}}))
+    defect = DefectSpec(cfg.control, root / "train.json", control_json,
+                        cfg.control_tag if cfg.control == "blind" else cfg.control_class, cfg.control_fraction,
+                        cfg.data_seed)
+    return StudyStageConfigs(tcfg, icfg, ccfg, defect)
+
+
+def control_key(cfg: StudyConfig) -> dict[str, Any]:
+    """What the control's defective split is keyed on (with the training split's SHA-256)."""
+    if cfg.control == "blind":
+        return {"control": "blind", "tag": cfg.control_tag, "fraction": cfg.control_fraction, "seed": cfg.data_seed}
+    # the key of the first control ("labels"), unchanged so that its finished studies stay reusable
+    return {"class": cfg.control_class, "fraction": cfg.control_fraction, "seed": cfg.data_seed}

@@ -49,3 +49,15 @@ def test_headline_is_plain_p90_below_64_queries_and_labelled_so():
     h = headline(few + [63.0])
     assert h["early_stopping"] is not None and "early-stopping" in h["label"]
     assert h["value"] == 63.0  # 64 queries: the estimate is the slowest (t = 1, nothing discarded)
+
+
+def test_median_ratio_interval_on_known_series():
+    from gkd.bench.stats import median_ratio_interval
+
+    a = [10.0, 11.0, 12.0, 13.0, 50.0]
+    same = median_ratio_interval(a, a)
+    assert (same["ratio"], same["low"], same["high"], same["rounds"]) == (1.0, 1.0, 1.0, 5)
+    half = median_ratio_interval(a, [2 * x for x in a])  # paired by round: every resample's ratio is 0.5
+    assert half["ratio"] == half["low"] == half["high"] == 0.5
+    noisy = median_ratio_interval([10.0, 30.0, 10.0, 30.0, 20.0], [20.0] * 5)
+    assert noisy["low"] < noisy["ratio"] == 1.0 < noisy["high"]
