@@ -1,8 +1,8 @@
 """Package layout and the optional C++/CUDA extension ``gkd.kd._C``; the metadata lives in setup.cfg.
 
-Layout: the repository keeps its three parts as top-level folders (``kd/``, ``export/``, ``bench/``) beside the CLI
-package ``gkd/``, and installs all of them under the one import name ``gkd``: ``gkd.kd``, ``gkd.export``,
-``gkd.bench`` (``package_dir`` maps each folder). Generic top-level names such as ``export`` would collide with other
+Layout: the repository keeps its parts as top-level folders (``core/``, ``kd/``, ``export/``, ``bench/``) beside the
+CLI package ``gkd/``, and installs all of them under the one import name ``gkd``: ``gkd.core``, ``gkd.kd``,
+``gkd.export``, ``gkd.bench`` (``package_dir`` maps each folder). Generic top-level names such as ``export`` would collide with other
 projects' modules (YOLOv5 has an ``export.py`` at its root). Packages are discovered, not listed.
 
 Build matrix (each case keeps the package installable):
