@@ -74,20 +74,26 @@ def _in_openvino_child(tmp_path, *args):
 @pytest.mark.parametrize("arch", ["faster_rcnn", "retinanet"])
 def test_openvino_runs_the_onnx_files_with_parity_against_pytorch(exported, trained, rect_data, arch, tmp_path):
     """OpenVINO's CPU plugin runs the same ONNX files (FP32 at FP32 even on CPUs with bf16 units) and finds what
-    PyTorch finds: FP32 at the product's FP32 detection tolerances, INT8 at its INT8 ones."""
+    the reference finds: the FP32 file what PyTorch finds, at the product's FP32 detection tolerances; the INT8 file
+    what onnxruntime finds on the same file, at its INT8 ones. (The INT8 file against PyTorch measures the tiny
+    detector's quantization error, not the runtime: on an AVX-512 VNNI EPYC the tiny Faster R-CNN's INT8 file gave a
+    mean score delta of 0.064 on onnxruntime and 0.060 on OpenVINO against PyTorch, 0.034 between the two.)"""
     pytest.importorskip("openvino")
     from gkd.export.images import load_image_set
     from gkd.export.parity import DEFAULT_TOLERANCES, collect_outputs, compare_outputs
     from tests.detectors import FIT_SCORE
 
     images = load_image_set(rect_data["val"]).images
-    ref = collect_outputs(TorchRunner(trained[arch]["model"]), images)
+    with OrtRunner(exported[arch]["int8"]) as ort_int8:
+        refs = {"fp32": collect_outputs(TorchRunner(trained[arch]["model"]), images),
+                "int8": collect_outputs(ort_int8, images)}
     for precision in ("fp32", "int8"):
         got = _in_openvino_child(tmp_path, "outputs", exported[arch][precision], rect_data["val"])
         assert got["provider"].startswith("OpenVINO ") and got["precision"] == precision
         tol = DEFAULT_TOLERANCES[precision].replace(score_floor=FIT_SCORE, tensor_gate=False)
-        rep = compare_outputs(ref, got["outputs"], tol)
+        rep = compare_outputs(refs[precision], got["outputs"], tol)
         assert rep["passed"], (precision, rep["failures"])
+        assert rep["detection"]["matched"] > 0
         if precision == "fp32":
             assert rep["tensor"]["boxes"]["max_abs"] < 0.05 and rep["detection"]["max_score_delta"] < 1e-3
 

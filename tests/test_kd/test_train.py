@@ -196,7 +196,7 @@ def test_an_unwritable_checkpoint_folder_stops_before_any_step(tmp_path, data_di
     run = tmp_path / "blocked"
     run.mkdir()
     (run / "checkpoints").write_text("a file where the folder should be")  # unwritable even for root
-    with pytest.raises(GkdError, match="the checkpoint folder is not writable"):
+    with pytest.raises(GkdError, match="checkpoints: the checkpoint folder is a file; expected a folder"):
         train_detector(cfg_for(tmp_path, data_dir, "blocked", "train.epochs=1"), progress=False)
     assert steps == [] and not (run / ".lock").exists()
 
