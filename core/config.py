@@ -23,7 +23,7 @@ from typing import Any, Literal, Union
 from gkd.core.errors import GkdError
 
 __all__ = ["load_config", "from_dict", "to_dict", "config_differences", "merge_dicts", "apply_overrides",
-           "parse_override_value", "flatten_overrides", "dump_config", "check_run_name"]
+           "parse_override_value", "flatten_overrides", "dump_config", "check_run_name", "parse_yaml"]
 
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -197,8 +197,6 @@ def merge_dicts(base: dict, over: dict) -> dict:
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    import yaml
-
     path = Path(path)
     if path in seen:
         raise GkdError(f"{path}: _base_ chain loops back to itself")
@@ -213,12 +211,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         raise GkdError(f"{path}: a folder, not a config file{referrer}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise GkdError(f"{path}: cannot read config{referrer} ({exc})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise GkdError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    data = parse_yaml(text, path)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -230,6 +223,18 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         base_path = Path(base) if Path(base).is_absolute() else path.parent / base
         data = merge_dicts(_read_yaml(base_path, seen + (path,)), data)
     return data
+
+
+def parse_yaml(text: str, path: str | Path) -> Any:
+    """YAML text read from ``path``; invalid YAML is a one-line ``GkdError`` naming the file, the line and why."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise GkdError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
 
 
 _NULLS = ("null", "Null", "NULL", "~")

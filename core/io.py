@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 __all__ = ["nearly_full", "refuse_foreign_file", "json_field_is", "ensure_writable_folder", "created_folders",
            "remove_empty_created_folders", "atomic_write", "atomic_write_bytes",
-           "atomic_write_text", "atomic_write_json", "atomic_torch_save", "append_jsonl", "read_json"]
+           "atomic_write_text", "atomic_write_json", "atomic_torch_save", "append_jsonl", "read_text", "read_json"]
 
 
 def _current_umask() -> int:
@@ -224,17 +224,26 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
         raise GkdError(f"{path}: cannot append to it ({exc.strerror or exc})") from None
 
 
+def read_text(path: str | os.PathLike, what: str = "file") -> str:
+    """A UTF-8 text file's content; a missing or unreadable file is a one-line ``GkdError`` naming it and ``what``
+    it was expected to be."""
+    from .errors import GkdError
+
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise GkdError(f"{path}: {what} not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GkdError(f"{path}: cannot read {what} ({exc})") from None
+
+
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     """Read a JSON file, turning every failure into a one-line ``GkdError`` naming the file."""
     from .errors import GkdError
 
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise GkdError(f"{path}: {what} not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise GkdError(f"{path}: cannot read {what} ({exc})") from None
+    text = read_text(path, what)
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:

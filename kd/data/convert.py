@@ -23,7 +23,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Sequence
 
+from gkd.core.config import parse_yaml
 from gkd.core.errors import GkdError
+from gkd.core.io import read_text
 
 from .coco import image_size
 
@@ -199,12 +201,7 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
     """Class names from a ``names.txt`` (one per line) or an Ultralytics ``data.yaml`` (``names:`` list or
     ``{index: name}`` map; ``nc`` checked when present)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise GkdError(f"{path}: class-name file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise GkdError(f"{path}: cannot read class names ({exc})") from None
+    text = read_text(path, "class-name file")
     if path.suffix.lower() in (".yaml", ".yml"):
         names = _names_from_yaml(text, path)
     else:
@@ -218,14 +215,7 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
 
 
 def _names_from_yaml(text: str, path: Path) -> list[str]:
-    import yaml
-
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise GkdError(f"{path}: malformed YAML{where}") from None
+    data = parse_yaml(text, path)
     names = data.get("names") if isinstance(data, dict) else None
     if isinstance(names, dict):
         keys = sorted(names)

@@ -200,7 +200,7 @@ def test_yolo_bad_label_line_names_file_and_line(tmp_path, line, expected):
 
 @pytest.mark.parametrize("name, text, expected", [
     ("data.yaml", "names: [a, b]\nnc: 3\n", "nc is 3 but 'names' has 2"),
-    ("data.yaml", "names: [a, b\n", "malformed YAML"),
+    ("data.yaml", "names: [a, b\n", "invalid YAML at line"),
     ("data.yaml", "names:\n  0: a\n  2: b\n", "expected the class indices 0..1"),
     ("data.yaml", "train: x\n", "'names' is None"),
     ("names.txt", "\n\n", "no class names"),
