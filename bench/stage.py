@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gkd.core.io import atomic_write_json
-from gkd.core.records import Artifact
+from gkd.core.records import Artifact, result_fields
 from gkd.kd.config import HARD_CASES
 
 __all__ = ["evaluate_checkpoint", "EvalSpec", "Evaluation", "evaluate_stage", "BenchSpec", "BenchResult", "bench_stage", "hard_cases_of",
@@ -125,8 +125,7 @@ class BenchResult:
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> "BenchResult":
         out = record["outputs"]
-        details = {k: v for k, v in record.items() if k not in ("outputs", "status", "key", "inputs", "command",
-                                                              "seconds")}
+        details = result_fields(record, "outputs")
         return cls(Artifact.from_record(out["latency"]), Artifact.from_record(out["accuracy"]), details)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from gkd.core.io import file_sha256
 
-__all__ = ["Artifact", "artifacts_in"]
+__all__ = ["Artifact", "artifacts_in", "RUNNER_FIELDS", "result_fields"]
 
 
 @dataclass(frozen=True)
@@ -43,3 +43,14 @@ def artifacts_in(record: Any) -> list[Artifact]:
     if isinstance(record, list):
         return [a for v in record for a in artifacts_in(v)]
     return []
+
+
+#: what the stage runner writes into every record beside a result's own fields (gkd.runner)
+RUNNER_FIELDS = ("status", "key", "inputs", "command", "seconds")
+
+
+def result_fields(record: dict[str, Any], *own: str) -> dict[str, Any]:
+    """A stage record's fields that are neither the runner's (:data:`RUNNER_FIELDS`) nor those named in ``own`` (the
+    ones a result's ``from_record`` reads itself): what it keeps as its other details."""
+    skip = set(RUNNER_FIELDS) | set(own)
+    return {k: v for k, v in record.items() if k not in skip}

@@ -37,7 +37,8 @@ def model_kind(path: str | Path) -> str:
     if kind is None:
         raise GkdError(f"{path}: unknown model kind (suffix {path.suffix or 'none'!r}); expected a checkpoint "
                        f"(.pt, .pth), an ONNX file (.onnx) or a TensorRT engine (.engine, .plan, .trt)")
-    head = path.read_bytes()[:4] if path.stat().st_size else b""
+    with open(path, "rb") as fh:  # the first bytes only: checkpoints and engines are tens of MB
+        head = fh.read(4)
     is_zip = head[:2] == b"PK"
     if kind == "pytorch" and not is_zip:
         raise GkdError(f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive; this file is not one)")

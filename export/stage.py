@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gkd.core.records import Artifact
+from gkd.core.records import Artifact, result_fields
 
 __all__ = ["ExportSpec", "ExportedFile", "ExportedModel", "export_stage"]
 
@@ -57,8 +57,7 @@ class ExportedModel:
     def from_record(cls, record: dict[str, Any]) -> "ExportedModel":
         files = {p: ExportedFile(Artifact.from_record(f["onnx"]), f["verified"])
                  for p, f in record["outputs"]["files"].items()}
-        details = {k: v for k, v in record.items()
-                   if k not in ("dir", "outputs", "status", "key", "inputs", "command", "seconds")}
+        details = result_fields(record, "dir", "outputs")
         return cls(Path(record["dir"]), files, details)
 
 

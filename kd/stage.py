@@ -16,7 +16,7 @@ from typing import Any
 
 from gkd.core.config import to_dict
 from gkd.core.errors import GkdError
-from gkd.core.records import Artifact
+from gkd.core.records import Artifact, result_fields
 
 from .resume import RESULT_NEUTRAL_KEYS, prepare_stage_run
 
@@ -55,8 +55,7 @@ class TrainedModel:
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> "TrainedModel":
-        extra = {k: v for k, v in record.items()
-                 if k not in ("outputs", "metrics", "status", "key", "inputs", "command", "seconds")}
+        extra = result_fields(record, "outputs", "metrics")
         return cls(Artifact.from_record(record["outputs"]["checkpoint"]), record.get("metrics") or {}, extra)
 
 

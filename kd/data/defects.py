@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from gkd.core.errors import GkdError
 from gkd.core.io import atomic_write_json
-from gkd.core.records import Artifact
+from gkd.core.records import Artifact, result_fields
 
 __all__ = ["DefectSpec", "DefectiveSplit", "make_defective_split", "corrupt_labels", "blind_labels"]
 
@@ -40,8 +40,7 @@ class DefectiveSplit:
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> "DefectiveSplit":
-        changes = {k: v for k, v in record.items()
-                   if k not in ("outputs", "status", "key", "inputs", "command", "seconds")}
+        changes = result_fields(record, "outputs")
         return cls(Artifact.from_record(record["outputs"]["train"]), changes)
 
 
